@@ -1,0 +1,55 @@
+"""Causal self-attention with GQA and packed-row segment ids; backends chosen by name.
+
+A query attends to a key iff it is not in the future and both carry the same segment id, so
+attention never crosses packed samples. Segment id 0 marks padding (it attends only to other
+padding, which keeps its softmax finite; the loss masks it out).
+
+Axes: B batch, T query length, S key length, N query heads, K kv heads, G = N // K, H head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
+    """[B, T, S] boolean: causal and same segment."""
+    t = segment_ids_BT.shape[1]
+    causal_TS = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return causal_TS[None] & same_segment_BTS
+
+
+def naive_attention(
+    q_BTNH: jnp.ndarray, k_BSKH: jnp.ndarray, v_BSKH: jnp.ndarray, segment_ids_BT: jnp.ndarray
+) -> jnp.ndarray:
+    """The reference: materialises [B, N, T, S] scores (fine for short rows and tests)."""
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
+    scores_BKGTS = scores_BKGTS * (h**-0.5)
+    mask_B11TS = attention_mask(segment_ids_BT)[:, None, None]
+    scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(b, t, n, h)
+
+
+AttentionFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+_BACKENDS: dict[str, AttentionFn] = {"naive": naive_attention}
+
+
+def register_backend(name: str, fn: AttentionFn) -> None:
+    _BACKENDS[name] = fn
+
+
+def get_backend(name: str) -> AttentionFn:
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"attention backend {name!r} is not available; choose one of {sorted(_BACKENDS)}"
+        )
+    return _BACKENDS[name]
