@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from covenant_jax.errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -30,7 +32,7 @@ _ROPE_KNOBS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json (or recipe) field is missing, unsupported or inconsistent."""
 
 

@@ -87,9 +87,9 @@ class Attention(nnx.Module):
         self.attend = attention_lib.get_backend(opts.attention)
 
     def _project(self, x_BTD, name: str) -> jnp.ndarray:
-        out = jnp.einsum("BTD,DNH->BTNH", x_BTD, getattr(self, name).value.astype(self.dtype))
+        out = jnp.einsum("BTD,DNH->BTNH", x_BTD, getattr(self, name)[...].astype(self.dtype))
         if self.has_bias:
-            out = out + getattr(self, f"{name}_bias").value.astype(self.dtype)
+            out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT) -> jnp.ndarray:
@@ -99,9 +99,9 @@ class Attention(nnx.Module):
         q_BTNH = rope_lib.apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = rope_lib.apply_rope(k_BTKH, cos_BTH, sin_BTH)
         out_BTNH = self.attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o.value.astype(self.dtype))
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(self.dtype))
         if self.has_bias:
-            out_BTD = out_BTD + self.o_bias.value.astype(self.dtype)
+            out_BTD = out_BTD + self.o_bias[...].astype(self.dtype)
         return out_BTD
 
 
@@ -119,9 +119,9 @@ class MLP(nnx.Module):
         self.dtype = opts.dtype
 
     def _dense(self, x, name: str, spec: str) -> jnp.ndarray:
-        out = jnp.einsum(spec, x, getattr(self, name).value.astype(self.dtype))
+        out = jnp.einsum(spec, x, getattr(self, name)[...].astype(self.dtype))
         if self.has_bias:
-            out = out + getattr(self, f"{name}_bias").value.astype(self.dtype)
+            out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
 
     def __call__(self, x_BTD) -> jnp.ndarray:
@@ -140,9 +140,9 @@ class DecoderLayer(nnx.Module):
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT) -> jnp.ndarray:
-        h_BTD = rms_norm(x_BTD, self.input_norm.value.astype(x_BTD.dtype), self.eps)
+        h_BTD = rms_norm(x_BTD, self.input_norm[...].astype(x_BTD.dtype), self.eps)
         x_BTD = x_BTD + self.attn(h_BTD, cos_BTH, sin_BTH, segment_ids_BT)
-        h_BTD = rms_norm(x_BTD, self.post_attention_norm.value.astype(x_BTD.dtype), self.eps)
+        h_BTD = rms_norm(x_BTD, self.post_attention_norm[...].astype(x_BTD.dtype), self.eps)
         x_BTD = x_BTD + self.mlp(h_BTD)
         return shard(x_BTD, ("batch", "seq", "act_embed"))
 
@@ -177,7 +177,7 @@ class Llama(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-        x_BTD = jnp.take(self.embed.value, tokens_BT, axis=0).astype(dtype)
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
         x_BTD = shard(x_BTD, ("batch", "seq", "act_embed"))
         cos_BTH, sin_BTH = rope_lib.rope_cos_sin(positions_BT, jnp.asarray(self.rope_inv_freq, jnp.float32), self.rope_scale, dtype)
 
@@ -190,13 +190,13 @@ class Llama(nnx.Module):
         if self.options.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
         x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state)
-        return rms_norm(x_BTD, self.final_norm.value.astype(dtype), self.config.rms_norm_eps)
+        return rms_norm(x_BTD, self.final_norm[...].astype(dtype), self.config.rms_norm_eps)
 
     def output_kernel(self) -> jnp.ndarray:
         """[D, V] in the compute dtype (the embedding, transposed, when tied)."""
         if self.config.tie_word_embeddings:
-            return self.embed.value.T.astype(self.options.dtype)
-        return self.lm_head.value.astype(self.options.dtype)
+            return self.embed[...].T.astype(self.options.dtype)
+        return self.lm_head[...].astype(self.options.dtype)
 
     def logits(self, hidden_BTD) -> jnp.ndarray:
         """float32 logits; the matmul runs in the compute dtype with float32 accumulation."""

@@ -22,6 +22,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from covenant_jax.errors import UserError
+
+
+class MeshError(UserError):
+    """A mesh that does not fit the devices or names an unknown axis."""
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical axis name -> mesh axes (a tuple shards over several; None replicates)
@@ -53,18 +59,18 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
     sizes["fsdp"] = -1
     for name, size in (shape or {}).items():
         if name not in MESH_AXES:
-            raise ValueError(f"unknown mesh axis {name!r}; mesh axes are {MESH_AXES}")
+            raise MeshError(f"unknown mesh axis {name!r}; mesh axes are {MESH_AXES}")
         sizes[name] = int(size)
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {free}")
+        raise MeshError(f"at most one mesh axis may be -1, got {free}")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if len(devices) % fixed:
-            raise ValueError(f"mesh {sizes} does not divide {len(devices)} devices")
+            raise MeshError(f"mesh {sizes} does not divide {len(devices)} devices")
         sizes[free[0]] = len(devices) // fixed
     if math.prod(sizes.values()) != len(devices):
-        raise ValueError(
+        raise MeshError(
             f"mesh {sizes} has {math.prod(sizes.values())} devices but {len(devices)} are present"
         )
     grid = np.asarray(devices).reshape([sizes[n] for n in MESH_AXES])
@@ -90,15 +96,15 @@ def logical_to_spec(
 
 def _axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     axes = variable.get_metadata().get("axes")
-    if axes is None or len(axes) != variable.value.ndim:
-        raise ValueError(f"parameter of shape {variable.value.shape} has no matching logical axes: {axes}")
+    if axes is None or len(axes) != variable.get_value().ndim:
+        raise ValueError(f"parameter of shape {variable.get_value().shape} has no matching logical axes: {axes}")
     return tuple(axes)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> nnx.State:
     """The NamedSharding of every variable in an (abstract or concrete) nnx state."""
     return jax.tree.map(
-        lambda v: NamedSharding(mesh, logical_to_spec(_axes_of(v), v.value.shape, mesh, rules)),
+        lambda v: NamedSharding(mesh, logical_to_spec(_axes_of(v), v.get_value().shape, mesh, rules)),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )

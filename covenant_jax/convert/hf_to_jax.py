@@ -1,0 +1,90 @@
+"""HF folder -> Llama whose parameters are created directly on their mesh shardings.
+
+Decision 4: the model is built abstractly (``nnx.eval_shape``), shardings are derived from
+the logical axes, and each array is made with ``jax.make_array_from_callback``: each device's
+callback reads just that device's slice from the memory-mapped file. With several processes,
+each process only reads the slices its own devices hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from covenant_jax.config import ModelConfig
+from covenant_jax.convert import keymap
+from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
+from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+
+
+def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
+    """Every expected tensor present with its config.json shape, nothing unexpected."""
+    expected = keymap.expected_hf_shapes(cfg)
+    present = set(source.keys())
+    problems = [f"missing tensor {k!r} (expected shape {list(s)})" for k, s in expected.items() if k not in present]
+    problems += [
+        f"unexpected tensor {k!r} {list(source.shape(k))}: not part of a {cfg.architecture} "
+        "with this config.json" for k in sorted(present - expected.keys()) if not keymap.is_ignored(cfg, k)
+    ]
+    problems += [
+        f"tensor {k!r} has shape {list(source.shape(k))} but config.json implies {list(s)}"
+        for k, s in expected.items() if k in present and source.shape(k) != s
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(f"checkpoint does not match config.json:\n  {shown}")
+
+
+def source_dtype(source: WeightSource, cfg: ModelConfig) -> str:
+    """The checkpoint's dtype (its embedding's), as a jnp dtype name."""
+    return np.dtype(source.dtype(keymap.tensor_maps(cfg)[0].hf_name())).name
+
+
+def abstract_model(cfg: ModelConfig, opts: ModelOptions) -> Llama:
+    return nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0)))
+
+
+def _place(source: WeightSource, m: keymap.TensorMap, sharding, dtype, num_layers: int) -> jax.Array:
+    shape = ((num_layers,) if m.stacked else ()) + m.shape
+
+    def shard_data(index: tuple[slice, ...]) -> np.ndarray:
+        if not m.stacked:
+            return m.read(source.tensor(m.hf_name()), index).astype(dtype)
+        layers = range(*index[0].indices(num_layers))
+        return np.stack([m.read(source.tensor(m.hf_name(l)), index[1:]).astype(dtype) for l in layers])
+
+    return jax.make_array_from_callback(shape, sharding, shard_data)
+
+
+def load_hf(
+    hf_dir: str | Path, opts: ModelOptions | None = None, mesh: Mesh | None = None,
+    rules: Mapping = DEFAULT_RULES,
+) -> Llama:
+    """Loads an HF folder's weights onto ``mesh``; ``opts.param_dtype`` None keeps the file's dtype."""
+    hf_dir = Path(hf_dir)
+    cfg = ModelConfig.from_json_file(hf_dir / "config.json")
+    source = open_weights(hf_dir)
+    check_weights(source, cfg)
+    opts = opts or ModelOptions(param_dtype=source_dtype(source, cfg), dtype=source_dtype(source, cfg))
+    return load_weights(source, cfg, opts, mesh or make_mesh(), rules)
+
+
+def load_weights(source: WeightSource, cfg: ModelConfig, opts: ModelOptions, mesh: Mesh,
+                 rules: Mapping = DEFAULT_RULES) -> Llama:
+    graphdef, state = nnx.split(abstract_model(cfg, opts))
+    shardings = state_shardings(state, mesh, rules)
+    flat_state, flat_shardings = nnx.to_flat_state(state), dict(nnx.to_flat_state(shardings))
+    by_path = {m.path: m for m in keymap.tensor_maps(cfg)}
+    dtype = jnp.dtype(opts.param_dtype)
+    for path, variable in flat_state:
+        if path not in by_path:
+            raise AssertionError(f"parameter {'.'.join(path)} has no entry in the key map")
+        variable.set_value(_place(source, by_path[path], flat_shardings[path], dtype, cfg.num_hidden_layers))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat_state))

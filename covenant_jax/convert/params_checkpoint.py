@@ -1,0 +1,96 @@
+"""The converted-model folder: an Orbax checkpoint of the parameters plus the HF side files.
+
+Layout::
+
+    CKPT_DIR/params/          Orbax PyTree checkpoint (nested dict of arrays, our param paths)
+    CKPT_DIR/config.json      the HF config (the model's shape; untouched fields survive)
+    CKPT_DIR/covenant.json    {"param_dtype": ...}
+    CKPT_DIR/tokenizer*, chat_template.jinja, generation_config.json   copied from the source
+
+Restores go straight onto the target shardings; :func:`restore_param` reads one parameter at
+a time (Orbax partial restore), which is what export uses to stay at one tensor's memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from covenant_jax.config import ModelConfig
+from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+
+PARAMS = "params"
+META = "covenant.json"
+
+
+def is_params_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / PARAMS).is_dir() and (Path(path) / META).is_file()
+
+
+def save_params(model: Llama, out_dir: Path) -> None:
+    """Writes params/, config.json and covenant.json into ``out_dir`` (which must exist)."""
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save(out_dir / PARAMS, pure)
+    if jax.process_index() == 0:
+        (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+        (out_dir / META).write_text(json.dumps({"param_dtype": model.options.param_dtype}) + "\n")
+
+
+def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
+    ckpt_dir = Path(ckpt_dir)
+    cfg = ModelConfig.from_json_file(ckpt_dir / "config.json")
+    return cfg, json.loads((ckpt_dir / META).read_text())["param_dtype"]
+
+
+def _restore(ckpt_dir: Path, abstract_pure: dict, partial: bool) -> dict:
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_pure)
+    args = ocp.args.PyTreeRestore(item=abstract_pure, restore_args=restore_args, partial_restore=partial)
+    return ocp.PyTreeCheckpointer().restore(Path(ckpt_dir).absolute() / PARAMS, args=args)
+
+
+def _abstract_params(cfg: ModelConfig, opts: ModelOptions, mesh: Mesh, rules: Mapping):
+    model = nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shardings = state_shardings(params, mesh, rules)
+    abstract = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
+        params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return graphdef, params, rest, abstract
+
+
+def load_params_checkpoint(
+    ckpt_dir: str | Path, opts: ModelOptions | None = None, mesh: Mesh | None = None,
+    rules: Mapping = DEFAULT_RULES,
+) -> Llama:
+    """Restores a converted folder onto ``mesh`` (stored dtype unless ``opts`` says otherwise)."""
+    cfg, stored_dtype = read_meta(ckpt_dir)
+    opts = opts or ModelOptions(param_dtype=stored_dtype, dtype=stored_dtype)
+    graphdef, params, rest, abstract = _abstract_params(cfg, opts, mesh or make_mesh(), rules)
+    stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype, sharding=a.sharding),
+                          abstract.to_pure_dict())
+    restored = _restore(Path(ckpt_dir), stored, partial=False)
+    restored = jax.tree.map(lambda x: x.astype(opts.param_dtype), restored)
+    params.replace_by_pure_dict(restored)
+    return nnx.merge(graphdef, params, rest)
+
+
+def restore_param(ckpt_dir: str | Path, path: tuple[str, ...], like: jax.ShapeDtypeStruct) -> jax.Array:
+    """One parameter, restored onto ``like.sharding``."""
+    item: dict = {}
+    node = item
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = like
+    restored = _restore(Path(ckpt_dir), item, partial=True)
+    for key in path:
+        restored = restored[key]
+    return restored

@@ -1,0 +1,122 @@
+"""Memory-mapped safetensors reading and streaming writing.
+
+Hand-written on purpose: the ``safetensors`` package's numpy backend cannot read bfloat16, and
+its writer needs every tensor of a file in memory at once. The format is an 8-byte header
+length, a JSON header (dtype, shape, byte offsets per tensor) and raw little-endian bytes, so
+reading is a ``np.memmap`` view (slices touch only their bytes) and writing is the header
+followed by one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from covenant_jax.errors import UserError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsError(UserError):
+    """A safetensors file is truncated, corrupt or not what its header says."""
+
+
+class SafetensorsFile:
+    """One file's header, and each tensor as a read-only memory-mapped view."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise SafetensorsError(f"{self.path}: truncated (no header)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, 100 << 20):
+                raise SafetensorsError(f"{self.path}: corrupt header length {header_len}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SafetensorsError(f"{self.path}: corrupt header ({e})") from e
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        self.entries: dict[str, dict[str, Any]] = header
+        for name, entry in header.items():
+            self._check_entry(name, entry, size)
+        self._mmap: np.memmap | None = None
+
+    def _check_entry(self, name: str, entry: dict[str, Any], size: int) -> None:
+        if entry.get("dtype") not in DTYPES:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        begin, end = entry["data_offsets"]
+        expected = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
+        if end - begin != expected:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has {end - begin} bytes, expected {expected}")
+        if self.data_start + end > size:
+            raise SafetensorsError(
+                f"{self.path}: truncated: tensor {name!r} ends at byte {self.data_start + end} "
+                f"but the file has {size} bytes"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self.entries[name]["dtype"]]
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only view; slicing it reads only the bytes the slice covers."""
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        raw = self._mmap[self.data_start + begin : self.data_start + end]
+        return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def write_safetensors(
+    path: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+    produce: Iterator[np.ndarray], metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the header for ``tensors`` (name, shape, dtype), then each array ``produce`` yields.
+
+    Peak memory is one tensor. The arrays must arrive in ``tensors`` order.
+    """
+    specs = list(tensors)
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte alignment, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in specs:
+            array = np.ascontiguousarray(next(produce))
+            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise SafetensorsError(
+                    f"{path}: tensor {name!r} arrived as {array.dtype}{array.shape}, "
+                    f"header says {np.dtype(dtype)}{tuple(shape)}"
+                )
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        f.flush()
+        os.fsync(f.fileno())
