@@ -1,0 +1,361 @@
+"""The SFT / long-document input pipeline: files -> validated, tokenised examples -> Grain
+mixture -> first-fit packing -> fixed-shape batches with resumable iterator state.
+
+Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigDict section
+(`default_config()` lists every key; sources are dicts):
+
+  sources        list of {path | dataset, format, weight=1.0, fields={}, role_map={}, name=}
+                 path: .jsonl / .json / .parquet file (or a `datasets.save_to_disk` folder);
+                 dataset: an in-memory list of dicts or HF `datasets.Dataset`; format, fields
+                 and role_map: see formats.py.
+  template       "tokenizer" (tokenizer.chat_template) | "chatml" | "llama3" | "gemma"
+  loss_on        "assistant" (default) | "all" | "last_assistant"   (text rows: all tokens)
+  seq_len        tokens per packed row
+  batch_size     GLOBAL rows per step; each process yields batch_size // process_count rows
+  overlength     "truncate" (keep the first seq_len tokens) | "drop"; both are counted
+  seed           shuffling, eval split and bin order
+  eval_fraction  fraction of each source's valid rows held out for eval (deterministic)
+  eval_count     or a fixed number of rows per source (wins when > 0)
+  epochs         passes over the training data; 0 = repeat forever (stop by step count).
+                 With several sources the mixture draws epochs * (all train rows) examples
+                 by weight, repeating (reshuffled) any source that runs out.
+  packing_bins   rows packed at once (first-fit); 0 = rows per process
+  pad_id         -1 = tokenizer.pad_token_id (or 0 when it has none)
+
+Why eager: each row is validated and tokenised once, up front, so the skip report is complete
+before step 0, the eval split is exact, and the Grain graph holds only index-addressable
+arrays (its iterator state is a few integers). Every host does the same work and so gets the
+same report and split; tokens are kept as int32 in host memory.
+
+Batches (numpy, each [batch_size // process_count, seq_len]): `tokens` int32, `targets`
+int32 (tokens[t+1] in the same sample, else pad), `loss_mask` float32 (1 where targets[t] is
+a trained token of the same sample), `segment_ids` int32 (1, 2, ... per sample; 0 = padding),
+`positions` int32 (restart at 0 per sample). Iterators from `iter(pipeline.train)` have
+`get_state()` / `set_state()` and save through Orbax with `grain.checkpoint.CheckpointSave`.
+With finite epochs on several hosts, hosts may end one batch apart: train by step count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from covenant_jax.data import formats
+from covenant_jax.data import sources
+from covenant_jax.data import templates
+
+OVERLENGTH = ("truncate", "drop")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section with every key and its default (sources must be filled in)."""
+    return ml_collections.ConfigDict(
+        dict(
+            sources=[],
+            template="tokenizer",
+            loss_on="assistant",
+            seq_len=2048,
+            batch_size=8,
+            overlength="truncate",
+            seed=0,
+            eval_fraction=0.0,
+            eval_count=0,
+            epochs=0,
+            packing_bins=0,
+            pad_id=-1,
+        )
+    )
+
+
+@dataclasses.dataclass
+class SourceReport:
+    """What happened to one source's rows."""
+
+    name: str
+    rows: int = 0
+    train: int = 0
+    eval: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __str__(self) -> str:
+        skipped = (
+            ", ".join(f"{r}={self.skipped[r]}" for r in formats.SKIP_REASONS if self.skipped[r])
+            or "none"
+        )
+        return (
+            f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval; "
+            f"skipped {sum(self.skipped.values())} ({skipped}); truncated {self.truncated}; "
+            f"{self.tokens} tokens, {self.trained_tokens} trained"
+        )
+
+
+@dataclasses.dataclass
+class DataReport:
+    """Per-source validation counts; print it at start."""
+
+    sources: list[SourceReport]
+
+    @property
+    def skipped(self) -> collections.Counter:
+        return sum((s.skipped for s in self.sources), collections.Counter())
+
+    def __str__(self) -> str:
+        return "\n".join(["data report:"] + [f"  {s}" for s in self.sources])
+
+
+@dataclasses.dataclass
+class DataPipeline:
+    """`train` yields batches forever (or for `epochs`); `eval` one pass (None if no split)."""
+
+    train: grain.IterDataset
+    eval: grain.IterDataset | None
+    report: DataReport
+    rows_per_process: int
+    seq_len: int
+    pad_id: int
+
+
+def build_pipeline(
+    cfg: Mapping[str, Any],
+    tokenizer,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> DataPipeline:
+    """The whole pipeline from the `data` config section. Shards by jax.process_index() /
+    process_count() unless both are given."""
+    cfg = _with_defaults(cfg)
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if cfg["batch_size"] % process_count:
+        raise ValueError(
+            f"data.batch_size={cfg['batch_size']} is not divisible by process_count={process_count}"
+        )
+    rows = cfg["batch_size"] // process_count
+    pad_id = cfg["pad_id"] if cfg["pad_id"] >= 0 else (tokenizer.pad_token_id or 0)
+    template = (
+        templates.ChatTemplate(tokenizer, cfg["template"])
+        if any(_src_format(s) != "text" for s in cfg["sources"])
+        else None
+    )
+    loaded = [load_source(s, i, cfg, tokenizer, template) for i, s in enumerate(cfg["sources"])]
+    train_sets, eval_sets, reports = zip(*loaded)
+    pack = functools.partial(
+        pack_and_batch,
+        seq_len=cfg["seq_len"],
+        rows=rows,
+        pad_id=pad_id,
+        bins=cfg["packing_bins"] or rows,
+        seed=cfg["seed"],
+    )
+    train = mix_sources(
+        train_sets,
+        [float(s.get("weight", 1.0)) for s in cfg["sources"]],
+        epochs=cfg["epochs"],
+        seed=cfg["seed"],
+    )
+    train = pack(train[process_index::process_count].to_iter_dataset(_READ), shuffle_bins=True)
+    eval_examples = [e for es in eval_sets for e in es]
+    eval_ds = None
+    if eval_examples:
+        eval_ds = grain.MapDataset.source(eval_examples)[process_index::process_count]
+        eval_ds = pack(eval_ds.to_iter_dataset(_READ), shuffle_bins=False)
+    return DataPipeline(train, eval_ds, DataReport(list(reports)), rows, cfg["seq_len"], pad_id)
+
+
+# Examples are pre-tokenised, so reading them in threads buys nothing: read in the caller.
+_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = default_config().to_dict()
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    unknown = set(cfg) - set(out)
+    if unknown:
+        raise ValueError(f"Unknown data config key(s) {sorted(unknown)}; known: {sorted(out)}")
+    out.update(cfg)
+    if not out["sources"]:
+        raise ValueError("data.sources is empty")
+    out["sources"] = [_plain(s) for s in out["sources"]]
+    if out["overlength"] not in OVERLENGTH:
+        raise ValueError(f"data.overlength={out['overlength']!r}; expected one of {OVERLENGTH}")
+    if out["loss_on"] not in templates.LOSS_ON:
+        raise ValueError(f"data.loss_on={out['loss_on']!r}; expected one of {templates.LOSS_ON}")
+    return out
+
+
+def _plain(x: Any) -> Any:
+    return x.to_dict() if hasattr(x, "to_dict") else dict(x)
+
+
+def _src_format(src: Mapping[str, Any]) -> str:
+    return src.get("format", "messages")
+
+
+def load_source(
+    src: Mapping[str, Any],
+    index: int,
+    cfg: Mapping[str, Any],
+    tokenizer,
+    template: templates.ChatTemplate | None,
+):
+    """Reads, validates, splits and tokenises one source -> (train, eval, SourceReport).
+
+    Raises (naming the source) when a configured field is absent from every row or when no
+    valid training row remains."""
+    data = src.get("path", src.get("dataset"))
+    if data is None:
+        raise ValueError(f"data.sources[{index}] needs `path` or `dataset`")
+    name = src.get("name") or (str(data) if "path" in src else f"sources[{index}]")
+    fmt = formats.RowFormat.create(_src_format(src), src.get("fields"), src.get("role_map"))
+    rows = sources.read_rows(data)
+    fmt.check_columns(rows, name)
+    report = SourceReport(name, rows=len(rows))
+    examples = _parse_rows(rows, fmt, report)
+    if not examples:
+        _raise_empty(name, report, "valid")
+    train_idx, eval_idx = split_eval(
+        len(examples), cfg["eval_fraction"], cfg["eval_count"], seed=(cfg["seed"], index)
+    )
+    encode = functools.partial(
+        _encode, template=template, tokenizer=tokenizer, cfg=cfg, report=report
+    )
+    train = [x for x in (encode(examples[i]) for i in train_idx) if x is not None]
+    evals = [x for x in (encode(examples[i]) for i in eval_idx) if x is not None]
+    report.train, report.eval = len(train), len(evals)
+    if not train:
+        _raise_empty(name, report, "trainable")
+    return train, evals, report
+
+
+def _parse_rows(rows: Sequence[Any], fmt: formats.RowFormat, report: SourceReport) -> list:
+    examples = []
+    for row in rows:
+        if isinstance(row, sources.BadRow):
+            report.skipped[row.reason] += 1
+            continue
+        try:
+            examples.append(fmt.to_example(row))
+        except formats.InvalidRow as e:
+            report.skipped[e.reason] += 1
+    return examples
+
+
+def _raise_empty(name: str, report: SourceReport, what: str):
+    raise ValueError(
+        f"{name}: no {what} rows remain out of {report.rows}; skipped by reason: "
+        f"{dict(report.skipped)}"
+    )
+
+
+def split_eval(n: int, fraction: float, count: int, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, eval) index split of n rows: eval is `count` rows when count > 0,
+    else round(fraction * n). Both sorted, disjoint, covering range(n)."""
+    k = int(count) if count > 0 else int(round(fraction * n))
+    if k >= n and k > 0:
+        raise ValueError(f"eval split of {k} rows leaves no training rows (source has {n})")
+    perm = np.random.default_rng(np.random.SeedSequence(list(np.atleast_1d(seed)))).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def _encode(example, *, template, tokenizer, cfg, report: SourceReport):
+    """One example -> {"tokens", "weights"} or None (the reason counted in report)."""
+    try:
+        if isinstance(example, str):
+            ids, trained = templates.encode_text(tokenizer, example)
+        else:
+            ids, trained = templates.encode_chat(template, example, cfg["loss_on"])
+        ids, trained = _fit_length(ids, trained, cfg["seq_len"], cfg["overlength"], report)
+        if not trained[1:].any():  # Token 0 is never a target.
+            raise formats.InvalidRow("no_trained_tokens")
+    except formats.InvalidRow as e:
+        report.skipped[e.reason] += 1
+        return None
+    report.tokens += len(ids)
+    report.trained_tokens += int(trained[1:].sum())
+    return {"tokens": ids, "weights": trained}
+
+
+def _fit_length(ids, trained, seq_len: int, policy: str, report: SourceReport):
+    if len(ids) <= seq_len:
+        return ids, trained
+    if policy == "drop":
+        raise formats.InvalidRow("overlength_dropped", f"{len(ids)} > {seq_len}")
+    report.truncated += 1
+    return ids[:seq_len], trained[:seq_len]
+
+
+def mix_sources(
+    datasets: Sequence[list], weights: Sequence[float], *, epochs: int, seed: int
+) -> grain.MapDataset:
+    """Each source shuffled (reshuffled every pass) and repeated, mixed by weight with Grain;
+    cut to epochs * (total rows) when epochs > 0."""
+    if len(weights) != len(datasets) or min(weights) <= 0:
+        raise ValueError(f"source weights must be positive, one per source; got {weights}")
+    parts = [
+        grain.MapDataset.source(d).shuffle(seed=seed + 7919 * i).repeat(None)
+        for i, d in enumerate(datasets)
+    ]
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
+    return mixed[: epochs * sum(map(len, datasets))] if epochs > 0 else mixed
+
+
+def pack_and_batch(
+    ds: grain.IterDataset,
+    *,
+    seq_len: int,
+    rows: int,
+    pad_id: int,
+    bins: int,
+    seed: int,
+    shuffle_bins: bool,
+) -> grain.IterDataset:
+    """Grain first-fit packing, then batching; `to_batch` derives what Grain cannot (targets
+    and a loss mask that never crosses a sample boundary) and pads the last batch to `rows`."""
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds,
+        length_struct={"tokens": seq_len, "weights": seq_len},
+        num_packing_bins=bins,
+        seed=seed,
+        shuffle_bins=shuffle_bins,
+        padding_struct={"tokens": pad_id, "weights": False},
+    )
+    return packed.batch(rows).map(functools.partial(to_batch, rows=rows, pad_id=pad_id))
+
+
+def to_batch(packed: Mapping[str, np.ndarray], *, rows: int, pad_id: int) -> dict:
+    """Packed rows -> the trainer's batch contract (see the module docstring)."""
+    tokens_BxL = packed["tokens"].astype(np.int32)
+    seg_BxL = packed["tokens_segment_ids"].astype(np.int32)
+    same_next = np.zeros(seg_BxL.shape, bool)
+    same_next[:, :-1] = (seg_BxL[:, 1:] == seg_BxL[:, :-1]) & (seg_BxL[:, :-1] > 0)
+    targets_BxL = np.full_like(tokens_BxL, pad_id)
+    targets_BxL[:, :-1] = np.where(same_next[:, :-1], tokens_BxL[:, 1:], pad_id)
+    loss_BxL = np.zeros(seg_BxL.shape, np.float32)
+    loss_BxL[:, :-1] = same_next[:, :-1] & packed["weights"][:, 1:].astype(bool)
+    batch = {
+        "tokens": tokens_BxL,
+        "targets": targets_BxL,
+        "loss_mask": loss_BxL,
+        "segment_ids": seg_BxL,
+        "positions": packed["tokens_positions"].astype(np.int32),
+    }
+    missing = rows - tokens_BxL.shape[0]
+    if missing:
+        fill = {"tokens": pad_id, "targets": pad_id}
+        batch = {
+            k: np.concatenate([v, np.full((missing,) + v.shape[1:], fill.get(k, 0), v.dtype)])
+            for k, v in batch.items()
+        }
+    return batch

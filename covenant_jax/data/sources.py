@@ -1,0 +1,120 @@
+"""Readers that turn a local file (or an in-memory dataset) into a list of raw rows.
+
+Why a plain list: SFT corpora fit in host memory, and a list gives the Grain pipeline random
+access, exact lengths for the eval split and a complete validation report before training.
+
+A row that cannot even be decoded (bad UTF-8 or bad JSON on one JSONL line) does not abort the
+read: it becomes a `BadRow` carrying its skip reason, so it is counted like any other invalid
+row. A file that cannot be read at all raises, naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+    """A row lost before parsing; `reason` is a skip reason (see formats.SKIP_REASONS)."""
+
+    reason: str
+    detail: str = ""
+
+
+def read_rows(source: Any) -> list[dict | BadRow]:
+    """Returns the rows of `source`: a .jsonl/.json/.parquet path, a list of dicts, or an HF
+    `datasets.Dataset` (anything with `column_names` that iterates over dict rows)."""
+    if isinstance(source, (str, os.PathLike)):
+        return _read_path(os.fspath(source))
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    if hasattr(source, "column_names"):  # datasets.Dataset; optional dependency, duck-typed.
+        return [dict(row) for row in source]
+    raise TypeError(
+        f"Unsupported data source {type(source).__name__}: expected a path, "
+        "a list of dicts or a datasets.Dataset"
+    )
+
+
+def _read_path(path: str) -> list[dict | BadRow]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Data file not found: {path}")
+    if os.path.isdir(path):
+        return _read_hf_dir(path)
+    ext = path.lower().rsplit(".", 1)[-1]
+    if ext == "jsonl":
+        return _read_jsonl(path)
+    if ext == "json":
+        return _read_json(path)
+    if ext == "parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: unknown data file extension {ext!r} (use .jsonl, .json, .parquet)")
+
+
+def _read_jsonl(path: str) -> list[dict | BadRow]:
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            rows.append(_parse_jsonl_line(raw, f"{path}:{lineno}"))
+    return [r for r in rows if r is not None]
+
+
+def _parse_jsonl_line(raw: bytes, where: str) -> dict | BadRow | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRow("non_utf8", f"{where}: {e}")
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRow("invalid_json", f"{where}: {e}")
+    return row if isinstance(row, dict) else BadRow("invalid_json", f"{where}: not an object")
+
+
+def _read_json(path: str) -> list[dict | BadRow]:
+    """A JSON array of rows, an object holding one array of rows, or JSONL named .json."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: file is not valid UTF-8 ({e})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path)  # Many ".json" SFT files are really JSON lines.
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise ValueError(f"{path}: expected a JSON array of rows or an object with one array")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of rows")
+    return [
+        r if isinstance(r, dict) else BadRow("invalid_json", f"{path}: row {i} is not an object")
+        for i, r in enumerate(data)
+    ]
+
+
+def _read_parquet(path: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise ImportError(f"{path}: reading parquet needs `pyarrow` (pip install pyarrow)") from e
+    return pq.read_table(path).to_pylist()
+
+
+def _read_hf_dir(path: str) -> list[dict]:
+    try:
+        import datasets  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise ValueError(
+            f"{path} is a directory: only a `datasets.save_to_disk` folder is "
+            "supported there, and the optional `datasets` package is missing"
+        ) from e
+    return read_rows(datasets.load_from_disk(path))
