@@ -276,23 +276,24 @@ def _encode(example, *, template, tokenizer, cfg, report: SourceReport):
             ids, trained = templates.encode_text(tokenizer, example)
         else:
             ids, trained = templates.encode_chat(template, example, cfg["loss_on"])
-        ids, trained = _fit_length(ids, trained, cfg["seq_len"], cfg["overlength"], report)
+        n = len(ids)
+        ids, trained = _fit_length(ids, trained, cfg["seq_len"], cfg["overlength"])
         if not trained[1:].any():  # Token 0 is never a target.
             raise formats.InvalidRow("no_trained_tokens")
     except formats.InvalidRow as e:
         report.skipped[e.reason] += 1
         return None
+    report.truncated += int(len(ids) < n)
     report.tokens += len(ids)
     report.trained_tokens += int(trained[1:].sum())
     return {"tokens": ids, "weights": trained}
 
 
-def _fit_length(ids, trained, seq_len: int, policy: str, report: SourceReport):
+def _fit_length(ids, trained, seq_len: int, policy: str):
     if len(ids) <= seq_len:
         return ids, trained
     if policy == "drop":
         raise formats.InvalidRow("overlength_dropped", f"{len(ids)} > {seq_len}")
-    report.truncated += 1
     return ids[:seq_len], trained[:seq_len]
 
 

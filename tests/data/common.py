@@ -8,17 +8,33 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL = [
-    "<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>",
-    "<end_of_turn>", "<|user|>", "<|assistant|>", "<|system|>",
+    "<pad>",
+    "<unk>",
+    "<bos>",
+    "<eos>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
 ]
-WORDS = ["user", "assistant", "system", "model", "hello", "world", "be", "brief", "ok"] + [
-    f"w{i}" for i in range(300)] + ["A", "B"]
+WORDS = (
+    ["user", "assistant", "system", "model", "hello", "world", "be", "brief", "ok"]
+    + [f"w{i}" for i in range(300)]
+    + ["A", "B"]
+)
 
 # A Zephyr-like template standing in for "the tokenizer's own chat template".
 ZEPHYR = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 # Independent statement of what must be trained in each template's rendering: the assistant
 # content and its end-of-turn marker (group 1), nothing of the header.
@@ -33,11 +49,13 @@ BOS = {"chatml": "<bos>", "llama3": "<|begin_of_text|>", "gemma": "<bos>", "toke
 
 def word_tokenizer(bos: str = "<bos>", chat_template: str | None = ZEPHYR):
     """WordLevel tokenizer: one token per word, every special token atomic."""
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL + WORDS)},
-                                     unk_token="<unk>"))
+    tok = Tokenizer(
+        models.WordLevel({t: i for i, t in enumerate(SPECIAL + WORDS)}, unk_token="<unk>")
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<eos>",
-                                  pad_token="<pad>", unk_token="<unk>")
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     out.add_special_tokens({"additional_special_tokens": SPECIAL[4:]})
     out.chat_template = chat_template
     return out
@@ -49,10 +67,21 @@ def bpe_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = ["hello world, how are you? fine thanks.", "the answer is forty two"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<pad>", unk_token="<unk>")
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=SPECIAL,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def expected_spans(template: str, text: str) -> list[tuple[int, int]]:
@@ -66,5 +95,9 @@ def words(i: int, n: int, tag: str = "") -> str:
 
 
 def chat_row(i: int, n_user: int = 3, n_asst: int = 4, tag: str = "") -> dict:
-    return {"messages": [{"role": "user", "content": words(i, n_user)},
-                         {"role": "assistant", "content": words(i + 1, n_asst, tag)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": words(i, n_user)},
+            {"role": "assistant", "content": words(i + 1, n_asst, tag)},
+        ]
+    }

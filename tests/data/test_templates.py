@@ -10,20 +10,30 @@ from tests.data import common
 TEMPLATES = ["chatml", "llama3", "gemma", "tokenizer"]
 
 ROWS = {  # One conversation per format, with system text, two assistant turns where possible.
-    "messages": {"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "hello world"},
-        {"role": "assistant", "content": "w1 w2 w3"},
-        {"role": "user", "content": "w4"},
-        {"role": "assistant", "content": "w5 assistant w6"}]},
-    "sharegpt": {"conversations": [
-        {"from": "system", "value": "be brief"},
-        {"from": "human", "value": "hello"},
-        {"from": "gpt", "value": "model w7"},
-        {"from": "human", "value": "w8 w9"},
-        {"from": "gpt", "value": "w10"}]},
-    "instruct": {"system": "be brief", "instruction": "w11 w12", "input": "w13",
-                 "output": "w14 w15"},
+    "messages": {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello world"},
+            {"role": "assistant", "content": "w1 w2 w3"},
+            {"role": "user", "content": "w4"},
+            {"role": "assistant", "content": "w5 assistant w6"},
+        ]
+    },
+    "sharegpt": {
+        "conversations": [
+            {"from": "system", "value": "be brief"},
+            {"from": "human", "value": "hello"},
+            {"from": "gpt", "value": "model w7"},
+            {"from": "human", "value": "w8 w9"},
+            {"from": "gpt", "value": "w10"},
+        ]
+    },
+    "instruct": {
+        "system": "be brief",
+        "instruction": "w11 w12",
+        "input": "w13",
+        "output": "w14 w15",
+    },
     "prompt_completion": {"prompt": "hello w16", "completion": "w17 user w18"},
 }
 
@@ -55,8 +65,11 @@ def test_assistant_content_and_end_of_turn_trained(template_name, fmt):
     np.testing.assert_array_equal(trained, _overlapping(offsets, spans))
     tok = common.word_tokenizer(bos=common.BOS[template_name])
     eot = {"tokenizer": "<eos>", **templates.END_OF_TURN}[template_name]
-    want = [t for c in assistants for t in tok(c, add_special_tokens=False)["input_ids"]
-            + [tok.convert_tokens_to_ids(eot)]]
+    want = [
+        t
+        for c in assistants
+        for t in tok(c, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(eot)]
+    ]
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert [i for i, t in zip(ids, trained) if t] == want
 
@@ -74,8 +87,10 @@ def test_gemma_folds_system_into_first_user_turn():
     tok = common.word_tokenizer(bos="<bos>")
     messages = formats.RowFormat.create("messages").to_example(ROWS["messages"])
     text = templates.ChatTemplate(tok, "gemma").render(messages)
-    assert text.startswith("<bos><start_of_turn>user\nbe brief\n\nhello world<end_of_turn>\n"
-                           "<start_of_turn>model\nw1 w2 w3<end_of_turn>\n")
+    assert text.startswith(
+        "<bos><start_of_turn>user\nbe brief\n\nhello world<end_of_turn>\n"
+        "<start_of_turn>model\nw1 w2 w3<end_of_turn>\n"
+    )
     assert "system" not in text
 
 
@@ -84,15 +99,19 @@ def test_named_template_renders_exact_text():
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": " w1 "}]
     assert templates.ChatTemplate(tok, "llama3").render(msgs) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nw1<|eot_id|>")
+        "<|start_header_id|>assistant<|end_header_id|>\n\nw1<|eot_id|>"
+    )
     assert templates.ChatTemplate(tok, "chatml").render(msgs, add_generation_prompt=False) == (
-        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n w1 <|im_end|>\n")
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n w1 <|im_end|>\n"
+    )
 
 
 def test_byte_level_bpe_trains_content_and_marker_only():
     tok = common.bpe_tokenizer()
-    msgs = [{"role": "user", "content": "hello world"},
-            {"role": "assistant", "content": "how are you, world? fine thanks."}]
+    msgs = [
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": "how are you, world? fine thanks."},
+    ]
     tpl = templates.ChatTemplate(tok, "chatml")
     ids, trained = templates.encode_chat(tpl, msgs)
     assert tok.decode(ids[trained]) == "how are you, world? fine thanks.<|im_end|>"

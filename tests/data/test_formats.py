@@ -1,0 +1,177 @@
+"""Row formats -> messages, readers, and every kind of bad row counted by its reason."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from covenant_jax.data import formats, pipeline, sources
+from tests.data import common
+
+U, A = "user", "assistant"
+
+
+def _msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+def test_sharegpt_with_custom_names_and_role_map():
+    fmt = formats.RowFormat.create(
+        "sharegpt",
+        {"messages": "dialog", "role": "speaker", "content": "text"},
+        {"customer": "user", "agent": "assistant"},
+    )
+    row = {
+        "dialog": [
+            {"speaker": "customer", "text": "hi"},
+            {"speaker": "agent", "text": "yo"},
+            {"speaker": "human", "text": "again"},
+            {"speaker": "gpt", "text": "ok"},
+        ]
+    }
+    assert fmt.to_example(row) == _msgs((U, "hi"), (A, "yo"), (U, "again"), (A, "ok"))
+
+
+def test_instruct_prompt_completion_text():
+    fmt = formats.RowFormat.create("instruct", {"instruction": "q", "output": "a"})
+    assert fmt.to_example({"q": "do", "input": "this", "a": "done", "system": "sys"}) == _msgs(
+        ("system", "sys"), (U, "do\n\nthis"), (A, "done")
+    )
+    assert fmt.to_example({"q": "do", "a": "done", "input": ""}) == _msgs((U, "do"), (A, "done"))
+    pc = formats.RowFormat.create("prompt_completion")
+    assert pc.to_example({"prompt": "p", "completion": "c"}) == _msgs((U, "p"), (A, "c"))
+    assert formats.RowFormat.create("text").to_example({"text": "doc"}) == "doc"
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "no_assistant"),
+        ({"messages": []}, "empty_conversation"),
+        ({"messages": [{"role": "system", "content": ""}]}, "empty_conversation"),
+        ({"other": 1}, "missing_field"),
+        ({"messages": [{"content": "x"}]}, "missing_field"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}, "missing_field"),
+        ({"messages": "hi"}, "not_a_list"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "unknown_role"),
+        ({"messages": _msgs((U, "x"), (A, 5))}, "non_string_content"),
+        ({"messages": _msgs((U, "x"), (A, [{"type": "text", "text": "y"}]))}, "non_string_content"),
+        ({"messages": _msgs((U, "\ud800"), (A, "y"))}, "non_utf8"),
+        ({"messages": _msgs((U, b"\xff\xfe"), (A, "y"))}, "non_utf8"),
+        ({"messages": _msgs((U, "x"), (A, "  "))}, "empty_content"),
+        ({"messages": _msgs((U, "x"), ("system", "s"), (A, "y"))}, "misplaced_system"),
+    ],
+)
+def test_bad_rows_raise_their_reason(row, reason):
+    with pytest.raises(formats.InvalidRow) as e:
+        formats.RowFormat.create("messages").to_example(row)
+    assert e.value.reason == reason
+
+
+def _write_jsonl(path, rows, raw_lines=()):
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(json.dumps(r).encode() + b"\n")
+        for line in raw_lines:
+            f.write(line + b"\n")
+    return str(path)
+
+
+def _cfg(**kw):
+    return dict(dict(template="chatml", seq_len=24, batch_size=2, epochs=1), **kw)
+
+
+def test_every_bad_input_is_counted_by_reason(tmp_path):
+    good = [common.chat_row(i) for i in range(5)]
+    bad = [
+        {"messages": [{"role": "user", "content": "w1"}]},  # no_assistant
+        {"messages": []},  # empty_conversation
+        {"messages": [{"role": "robot", "content": "w1"}]},  # unknown_role
+        {"messages": _msgs((U, "w1"), (A, 3))},  # non_string_content
+        {"messages": _msgs((U, "\ud83d"), (A, "w2"))},  # non_utf8 (lone surrogate)
+        {"nothing": 1},  # missing_field
+        {"messages": _msgs((U, "w1"), (A, common.words(0, 40)))},  # overlength_dropped
+    ]
+    raw = [b'{"messages": [{"role": "user", "content": "\xff"}]}', b"{not json"]
+    path = _write_jsonl(tmp_path / "d.jsonl", good + bad, raw)
+    src = [{"path": path, "format": "messages"}]
+    report = pipeline.build_pipeline(
+        _cfg(sources=src, overlength="drop"),
+        common.word_tokenizer(),
+        process_index=0,
+        process_count=1,
+    ).report
+    s = report.sources[0]
+    assert s.rows == 14 and s.train == 5
+    assert dict(s.skipped) == {
+        "no_assistant": 1,
+        "empty_conversation": 1,
+        "unknown_role": 1,
+        "non_string_content": 1,
+        "non_utf8": 2,
+        "missing_field": 1,
+        "overlength_dropped": 1,
+        "invalid_json": 1,
+    }
+    assert "overlength_dropped=1" in str(report) and path in str(report)
+
+
+def test_nothing_valid_raises_naming_the_file(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": _msgs((U, "w1"))}] * 3)
+    with pytest.raises(ValueError, match=r"bad\.jsonl.*no valid rows.*no_assistant"):
+        pipeline.build_pipeline(
+            _cfg(sources=[{"path": path}]),
+            common.word_tokenizer(),
+            process_index=0,
+            process_count=1,
+        )
+
+
+def test_zero_trained_tokens_is_a_skip_reason_and_can_empty_a_source():
+    # Truncation to 8 tokens cuts off every assistant token.
+    rows = [{"messages": _msgs((U, common.words(i, 10)), (A, "w1"))} for i in range(3)]
+    with pytest.raises(ValueError, match="no trainable rows.*no_trained_tokens"):
+        pipeline.build_pipeline(
+            _cfg(sources=[{"dataset": rows}], seq_len=8),
+            common.word_tokenizer(),
+            process_index=0,
+            process_count=1,
+        )
+
+
+@pytest.mark.parametrize(
+    "fmt, fields, missing",
+    [
+        ("sharegpt", {}, "conversations"),
+        ("messages", {"messages": "msgs"}, "msgs"),
+        ("messages", {"role": "speaker"}, "speaker"),
+        ("instruct", {"system": "sys_prompt"}, "sys_prompt"),
+    ],
+)
+def test_configured_field_absent_everywhere_raises(tmp_path, fmt, fields, missing):
+    path = _write_jsonl(tmp_path / "d.jsonl", [common.chat_row(i) for i in range(3)])
+    with pytest.raises(ValueError, match=rf"d\.jsonl.*'{missing}'.*does not exist"):
+        pipeline.build_pipeline(
+            _cfg(sources=[{"path": path, "format": fmt, "fields": fields}]),
+            common.word_tokenizer(),
+            process_index=0,
+            process_count=1,
+        )
+
+
+def test_readers_json_parquet_and_dataset_objects(tmp_path):
+    rows = [common.chat_row(i) for i in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps({"data": rows}))
+    (tmp_path / "b.json").write_text("\n".join(json.dumps(r) for r in rows))  # JSONL as .json
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    assert sources.read_rows(tmp_path / "a.json") == rows
+    assert sources.read_rows(str(tmp_path / "b.json")) == rows
+    assert sources.read_rows(str(tmp_path / "c.parquet")) == rows
+
+    class FakeHFDataset(list):  # datasets is optional: readers duck-type `column_names`.
+        column_names = ["messages"]
+
+    assert sources.read_rows(FakeHFDataset(rows)) == rows
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        sources.read_rows(tmp_path / "nope.jsonl")
