@@ -13,7 +13,17 @@ from covenant_jax.data.sources import read_rows
 from covenant_jax.data.templates import NAMED_TEMPLATES, ChatTemplate, encode_chat, encode_text
 
 __all__ = [
-    "SKIP_REASONS", "InvalidRow", "RowFormat", "DataPipeline", "DataReport", "SourceReport",
-    "build_pipeline", "default_config", "read_rows", "NAMED_TEMPLATES", "ChatTemplate",
-    "encode_chat", "encode_text",
+    "SKIP_REASONS",
+    "InvalidRow",
+    "RowFormat",
+    "DataPipeline",
+    "DataReport",
+    "SourceReport",
+    "build_pipeline",
+    "default_config",
+    "read_rows",
+    "NAMED_TEMPLATES",
+    "ChatTemplate",
+    "encode_chat",
+    "encode_text",
 ]

@@ -46,11 +46,10 @@ import grain
 import ml_collections
 import numpy as np
 
-from covenant_jax.data import formats
-from covenant_jax.data import sources
-from covenant_jax.data import templates
+from covenant_jax.data import formats, sources, templates
 
 OVERLENGTH = ("truncate", "drop")
+_SOURCE_KEYS = {"path", "dataset", "format", "weight", "fields", "role_map", "name"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -131,9 +130,13 @@ def build_pipeline(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> DataPipeline:
-    """The whole pipeline from the `data` config section. Shards by jax.process_index() /
-    process_count() unless both are given."""
+    """The whole pipeline from the `data` config section. `tokenizer`: a fast HF tokenizer or
+    a local path to one. Shards by jax.process_index() / process_count() unless both given."""
     cfg = _with_defaults(cfg)
+    if isinstance(tokenizer, str):
+        import transformers  # pylint: disable=g-import-not-at-top
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
     if process_index is None or process_count is None:
         import jax  # pylint: disable=g-import-not-at-top
 
@@ -144,38 +147,30 @@ def build_pipeline(
         )
     rows = cfg["batch_size"] // process_count
     pad_id = cfg["pad_id"] if cfg["pad_id"] >= 0 else (tokenizer.pad_token_id or 0)
-    template = (
-        templates.ChatTemplate(tokenizer, cfg["template"])
-        if any(_src_format(s) != "text" for s in cfg["sources"])
-        else None
-    )
+    needs_template = any(_src_format(s) != "text" for s in cfg["sources"])
+    template = templates.ChatTemplate(tokenizer, cfg["template"]) if needs_template else None
     loaded = [load_source(s, i, cfg, tokenizer, template) for i, s in enumerate(cfg["sources"])]
-    train_sets, eval_sets, reports = zip(*loaded)
+    train_sets, eval_sets, reports = zip(*loaded, strict=True)
     pack = functools.partial(
-        pack_and_batch,
-        seq_len=cfg["seq_len"],
-        rows=rows,
-        pad_id=pad_id,
-        bins=cfg["packing_bins"] or rows,
-        seed=cfg["seed"],
-    )
-    train = mix_sources(
-        train_sets,
-        [float(s.get("weight", 1.0)) for s in cfg["sources"]],
-        epochs=cfg["epochs"],
-        seed=cfg["seed"],
-    )
-    train = pack(train[process_index::process_count].to_iter_dataset(_READ), shuffle_bins=True)
+        pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
+        bins=cfg["packing_bins"] or rows, seed=cfg["seed"],
+    )  # fmt: skip
+    weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
+    train = mix_sources(train_sets, weights, epochs=cfg["epochs"], seed=cfg["seed"])
+    train = pack(_shard(train, process_index, process_count), shuffle_bins=True)
     eval_examples = [e for es in eval_sets for e in es]
     eval_ds = None
     if eval_examples:
-        eval_ds = grain.MapDataset.source(eval_examples)[process_index::process_count]
-        eval_ds = pack(eval_ds.to_iter_dataset(_READ), shuffle_bins=False)
+        eval_ds = _shard(grain.MapDataset.source(eval_examples), process_index, process_count)
+        eval_ds = pack(eval_ds, shuffle_bins=False)
     return DataPipeline(train, eval_ds, DataReport(list(reports)), rows, cfg["seq_len"], pad_id)
 
 
-# Examples are pre-tokenised, so reading them in threads buys nothing: read in the caller.
-_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+def _shard(ds: grain.MapDataset, index: int, count: int) -> grain.IterDataset:
+    # Examples are pre-tokenised, so reading them in threads buys nothing: read in the caller.
+    return ds[index::count].to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    )
 
 
 def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,6 +183,12 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not out["sources"]:
         raise ValueError("data.sources is empty")
     out["sources"] = [_plain(s) for s in out["sources"]]
+    for i, src in enumerate(out["sources"]):
+        if set(src) - _SOURCE_KEYS:
+            raise ValueError(
+                f"data.sources[{i}]: unknown key(s) {sorted(set(src) - _SOURCE_KEYS)}; "
+                f"known: {sorted(_SOURCE_KEYS)}"
+            )
     if out["overlength"] not in OVERLENGTH:
         raise ValueError(f"data.overlength={out['overlength']!r}; expected one of {OVERLENGTH}")
     if out["loss_on"] not in templates.LOSS_ON:

@@ -17,6 +17,8 @@ role; the system text is prepended to the first user turn, as Gemma's own templa
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from covenant_jax.data.formats import InvalidRow
@@ -75,6 +77,16 @@ class ChatTemplate:
             raise ValueError(
                 f"Unknown chat template {name!r}; expected 'tokenizer' or one of "
                 f"{sorted(NAMED_TEMPLATES)}"
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("loss masks need character offsets: use a fast tokenizer")
+        if name in END_OF_TURN and tokenizer.convert_tokens_to_ids(END_OF_TURN[name]) in (
+            None, tokenizer.unk_token_id,
+        ):  # fmt: skip
+            warnings.warn(
+                f"template {name!r}: {END_OF_TURN[name]} is not a token of this tokenizer; "
+                "it will be split into pieces (all trained). Is this the right template?",
+                stacklevel=2,
             )
         self.name = name
         self.tokenizer = tokenizer

@@ -226,3 +226,5 @@ def test_config_dict_and_errors():
         _build([{"dataset": _rows(5)}], seq_length=8)
     with pytest.raises(ValueError, match="overlength"):
         _build([{"dataset": _rows(5)}], overlength="wrap")
+    with pytest.raises(ValueError, match=r"sources\[0\]: unknown key.*wieght"):
+        _build([{"dataset": _rows(5), "wieght": 2.0}])

@@ -130,3 +130,15 @@ def test_text_is_bos_text_eos_all_trained():
     ids, trained = templates.encode_text(tok, "hello world")
     assert tok.convert_ids_to_tokens(list(ids)) == ["<bos>", "hello", "world", "<eos>"]
     assert trained.all()
+
+
+def test_named_template_warns_when_its_marker_is_not_a_token():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>")),
+        unk_token="<unk>",
+    )
+    with pytest.warns(UserWarning, match="<end_of_turn> is not a token"):
+        templates.ChatTemplate(tok, "gemma")
