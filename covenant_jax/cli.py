@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("ckpt_dir", nargs="?", help="converted folder to check (default: HF_DIR itself)")
     ver.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ver.add_argument("--seq-len", type=int, default=64)
-    ver.add_argument("--tolerance", type=float, help="max |Δlogits| (default 1e-4 in float32)")
+    ver.add_argument("--tolerance", type=float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
     ver.set_defaults(fn=cmd_verify)
 
     demo = verbs.add_parser("demo", help="the embedded default job (see README)")

@@ -192,7 +192,8 @@ def _read_rope(hf: dict[str, Any], max_pos: int) -> RopeConfig:
             f"{', '.join(ROPE_TYPES)}"
         )
     knobs = {k: scaling[k] for k in _ROPE_KNOBS[rope_type] if scaling.get(k) is not None}
-    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                "yarn": ("factor",)}
     for k in required.get(rope_type, ()):
         if k not in knobs:
             raise ConfigError(f"config.json: {field}.{k} is required for rope_type {rope_type!r}")
@@ -201,8 +202,6 @@ def _read_rope(hf: dict[str, Any], max_pos: int) -> RopeConfig:
         knobs["original_max_position_embeddings"] = hf.get(
             "original_max_position_embeddings", knobs.get("original_max_position_embeddings", max_pos)
         )
-    if rope_type == "yarn" and "factor" not in knobs:
-        knobs["factor"] = max_pos / knobs["original_max_position_embeddings"]
     return RopeConfig(rope_type=rope_type, theta=theta, **knobs)
 
 

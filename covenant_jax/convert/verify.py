@@ -15,16 +15,17 @@ import numpy as np
 from covenant_jax.convert.api import load_model
 from covenant_jax.model.llama import ModelOptions
 
-# Max |logits difference| allowed by default, per compute dtype.
-DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.1}
+# Allowed max |Δlogits| = atol + rtol * max |reference logits|, per compute dtype. The rtol term
+# admits float32 summation-order noise on real models, whose logits reach ~30 (SmolLM2: 1.4e-4).
+DEFAULT_TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (0.05, 2e-2), "float16": (1e-2, 2e-3)}
 
 
 @dataclasses.dataclass
 class Parity:
     max_abs: float
-    max_rel: float
+    max_rel: float  # max_abs / max |reference logits|
     kl: float  # mean KL(reference || ours) per token, in nats
-    tolerance: float
+    tolerance: float  # on max_abs
 
     @property
     def ok(self) -> bool:
@@ -47,8 +48,11 @@ def reference_logits(hf_dir: str | Path, tokens: np.ndarray, dtype: str) -> np.n
         return model(torch.as_tensor(tokens)).logits.float().numpy()
 
 
-def compare(ref: np.ndarray, ours: np.ndarray, tolerance: float) -> Parity:
+def compare(ref: np.ndarray, ours: np.ndarray, dtype: str = "float32", tolerance: float | None = None) -> Parity:
     ref, ours = ref.astype(np.float64), ours.astype(np.float64)
+    if tolerance is None:
+        atol, rtol = DEFAULT_TOLERANCE[dtype]
+        tolerance = atol + rtol * float(np.abs(ref).max())
     diff = np.abs(ref - ours)
     log_p = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
     log_q = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
@@ -63,4 +67,4 @@ def verify(hf_dir: str | Path, ckpt_dir: str | Path | None = None, *, dtype: str
     tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq_len))
     ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
     ref = reference_logits(hf_dir, tokens, dtype)
-    return compare(ref, ours, DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance)
+    return compare(ref, ours, dtype, tolerance)
