@@ -10,7 +10,12 @@ from covenant_jax.data.pipeline import (
     default_config,
 )
 from covenant_jax.data.sources import read_rows
-from covenant_jax.data.templates import NAMED_TEMPLATES, ChatTemplate, encode_chat, encode_text
+from covenant_jax.data.templates import (
+    NAMED_TEMPLATES,
+    ChatTemplate,
+    encode_chat,
+    encode_text,
+)
 
 __all__ = [
     "SKIP_REASONS",

@@ -34,6 +34,7 @@ SKIP_REASONS = (
     "empty_conversation",
     "empty_content",
     "no_assistant",
+    "template_error",
     "template_mismatch",
     "overlength_dropped",
     "no_trained_tokens",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 
+import jinja2
 import numpy as np
 
 from covenant_jax.data.formats import InvalidRow
@@ -92,12 +93,17 @@ class ChatTemplate:
         self.tokenizer = tokenizer
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.source,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        """The template's text; a template that rejects the row (e.g. Gemma's "roles must
+        alternate") raises InvalidRow("template_error")."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.source,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except jinja2.TemplateError as e:
+            raise InvalidRow("template_error", str(e)) from e
 
     def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and, per assistant message, the [start, end) character span of its

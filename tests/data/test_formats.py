@@ -175,3 +175,23 @@ def test_readers_json_parquet_and_dataset_objects(tmp_path):
     assert sources.read_rows(FakeHFDataset(rows)) == rows
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         sources.read_rows(tmp_path / "nope.jsonl")
+
+
+def test_template_rejections_and_mismatches_are_counted():
+    """A template that raises on a row, or that rewrites the assistant content so it cannot
+    be located, skips that row with a reason instead of guessing a mask."""
+    strict = (
+        "{% if messages|length > 2 %}{{ raise_exception('roles must alternate') }}{% endif %}"
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
+        "{{ m['content'] if m['content'] != 'w9' else 'REWRITTEN' }}{{ eos_token }}{% endfor %}"
+    )
+    rows = [common.chat_row(i) for i in range(3)] + [
+        {"messages": _msgs((U, "w1"), (A, "w2"), (U, "w3"), (A, "w4"))},
+        {"messages": _msgs((U, "w1"), (A, "w9"))},
+    ]
+    cfg = _cfg(sources=[{"dataset": rows}], template="tokenizer")
+    data = pipeline.build_pipeline(
+        cfg, common.word_tokenizer(chat_template=strict), process_index=0, process_count=1
+    )
+    s = data.report.sources[0]
+    assert s.train == 3 and dict(s.skipped) == {"template_error": 1, "template_mismatch": 1}

@@ -106,15 +106,23 @@ def test_named_template_renders_exact_text():
     )
 
 
-def test_byte_level_bpe_trains_content_and_marker_only():
+@pytest.mark.parametrize("template_name", ["chatml", "llama3", "gemma"])
+def test_byte_level_bpe_trains_content_and_marker_only(template_name):
+    """Merging BPE and multi-byte characters: offsets are still exact."""
     tok = common.bpe_tokenizer()
     msgs = [
-        {"role": "user", "content": "hello world"},
-        {"role": "assistant", "content": "how are you, world? fine thanks."},
+        {"role": "system", "content": "sé"},
+        {"role": "user", "content": "héllo 🌍"},
+        {"role": "assistant", "content": "how are you, wörld 🌍? fine thanks."},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "日本語 the answer"},
     ]
-    tpl = templates.ChatTemplate(tok, "chatml")
-    ids, trained = templates.encode_chat(tpl, msgs)
-    assert tok.decode(ids[trained]) == "how are you, world? fine thanks.<|im_end|>"
+    ids, trained = templates.encode_chat(templates.ChatTemplate(tok, template_name), msgs)
+    eot = templates.END_OF_TURN[template_name]
+    assert (
+        tok.decode(ids[trained])
+        == f"how are you, wörld 🌍? fine thanks.{eot}日本語 the answer{eot}"
+    )
 
 
 def test_template_errors():
