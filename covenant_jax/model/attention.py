@@ -53,3 +53,11 @@ def get_backend(name: str) -> AttentionFn:
             f"attention backend {name!r} is not available; choose one of {sorted(_BACKENDS)}"
         )
     return _BACKENDS[name]
+
+
+# Memory-efficient and fused backends (their modules do not import this one, so no cycle).
+from covenant_jax.model import blockwise_attention as _blockwise, gpu_attention as _fused  # noqa: E402
+
+register_backend("blockwise", _blockwise.blockwise_attention)
+register_backend("cudnn", _fused.cudnn_attention)
+register_backend("splash", _fused.splash_attention)

@@ -1,0 +1,174 @@
+"""Blockwise attention == naive attention (values and gradients), never a [T, T] intermediate;
+the fused backends' CPU behaviour (cudnn refuses clearly, splash runs in the Pallas interpreter)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from covenant_jax.config import ModelConfig
+from covenant_jax.model import attention, gpu_attention
+from covenant_jax.model.blockwise_attention import blockwise_attention, make_blockwise_attention
+from covenant_jax.model.llama import Llama, ModelOptions
+from tests import helpers
+
+
+def _inputs(b=2, t=37, n=4, k=2, h=8, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    q, key, v, w = (jnp.asarray(rng.normal(size=s), dtype) for s in
+                    [(b, t, n, h), (b, t, k, h), (b, t, k, h), (b, t, n, h)])
+    # row 0: two packed samples then padding (id 0); row 1: two samples, no padding
+    cut1, cut2 = t // 4, (2 * t) // 3
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :cut1], seg[0, cut1:cut2] = 1, 2
+    seg[1:, :cut2], seg[1:, cut2:] = 3, 4
+    return q, key, v, jnp.asarray(seg), w
+
+
+def _value_and_grads(fn, q, k, v, seg, w, jit):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v, seg) * w)
+
+    out = (jax.jit(fn) if jit else fn)(q, k, v, seg)
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    return out, (jax.jit(grad) if jit else grad)(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "block_q,block_kv,heads,jit",
+    [(8, 16, (4, 2), True), (16, 8, (4, 1), False), (512, 512, (2, 2), True)],
+    ids=["q8_kv16_gqa_jit", "q16_kv8_mqa_nojit", "clipped_mha_jit"],
+)
+def test_matches_naive_values_and_grads(block_q, block_kv, heads, jit):
+    """T=37 is not a multiple of any block: the padded tail must not leak into real rows."""
+    n, k = heads
+    q, key, v, seg, w = _inputs(n=n, k=k)
+    fn = make_blockwise_attention(block_q, block_kv)
+    out, grads = _value_and_grads(fn, q, key, v, seg, w, jit)
+    ref_out, ref_grads = _value_and_grads(attention.naive_attention, q, key, v, seg, w, jit=True)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
+def test_bfloat16_close_to_float32_reference():
+    q, key, v, seg, _ = _inputs()
+    bf = [x.astype(jnp.bfloat16) for x in (q, key, v)]
+    out = jax.jit(make_blockwise_attention(8, 8))(*bf, seg)
+    assert out.dtype == jnp.bfloat16
+    ref = attention.naive_attention(*[x.astype(jnp.float32) for x in bf], seg)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2, rtol=0)
+
+
+# ---- memory: no [T, T] anywhere ------------------------------------------------------------
+
+T_LONG = 4096
+
+
+def _abstract(t, n=2, k=1, h=16):
+    f32 = jnp.float32
+    return (jax.ShapeDtypeStruct((1, t, n, h), f32), jax.ShapeDtypeStruct((1, t, k, h), f32),
+            jax.ShapeDtypeStruct((1, t, k, h), f32), jax.ShapeDtypeStruct((1, t), jnp.int32))
+
+
+def _fwd_and_grad(fn):
+    grad = jax.grad(lambda q, k, v, s: jnp.sum(fn(q, k, v, s)), argnums=(0, 1, 2))
+    return fn, grad
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """Elements of the largest value any equation produces, nested jaxprs (loops, vjps) included."""
+    sizes = [0]
+    for eqn in jaxpr.eqns:
+        sizes += [int(np.prod(var.aval.shape)) for var in eqn.outvars if hasattr(var.aval, "shape")]
+        for param in eqn.params.values():
+            for p in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    sizes.append(_largest_intermediate(inner))
+    return max(sizes)
+
+
+def test_no_t_by_t_intermediate_in_jaxpr():
+    args = _abstract(T_LONG)
+    for f in _fwd_and_grad(blockwise_attention):
+        assert _largest_intermediate(jax.make_jaxpr(f)(*args).jaxpr) < T_LONG * 512 * 2 + 1
+    naive_grad = _fwd_and_grad(attention.naive_attention)[1]
+    assert _largest_intermediate(jax.make_jaxpr(naive_grad)(*args).jaxpr) >= T_LONG * T_LONG
+
+
+def test_compiled_temp_memory_is_bounded():
+    """memory_analysis at T=4096: naive holds [N, T, T] float32 scores (128 MiB for N=2)."""
+    args = _abstract(T_LONG)
+    scores_bytes = 2 * T_LONG * T_LONG * 4
+
+    def temp(f):
+        return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    naive_fwd = temp(attention.naive_attention)
+    assert naive_fwd >= scores_bytes
+    for f in _fwd_and_grad(blockwise_attention):  # measured ~7 MiB forward, ~12 MiB with grads
+        assert temp(f) < scores_bytes / 8
+
+
+# ---- the model with the blockwise backend --------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "blockwise_q8_kv8"])
+def test_llama_logits_match_naive(backend):
+    attention.register_backend("blockwise_q8_kv8", make_blockwise_attention(8, 8))
+    cfg = ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama"})
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 29)))
+    seg = jnp.asarray(np.array([[1] * 12 + [2] * 13 + [0] * 4, [5] * 29]))
+    positions = jnp.asarray(np.array([list(range(12)) + list(range(13)) + [0] * 4, range(29)]))
+
+    def logits(name):
+        model = Llama(cfg, ModelOptions(attention=name), rngs=nnx.Rngs(0))
+        return np.asarray(nnx.jit(lambda m: m(tokens, positions, seg))(model))
+
+    np.testing.assert_allclose(logits(backend), logits("naive"), atol=1e-5, rtol=0)
+
+
+# ---- fused backends on CPU -----------------------------------------------------------------
+
+
+def test_backends_are_registered():
+    assert attention.get_backend("blockwise") is blockwise_attention
+    assert attention.get_backend("cudnn") is gpu_attention.cudnn_attention
+    assert attention.get_backend("splash") is gpu_attention.splash_attention
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off GPU")
+def test_cudnn_refuses_before_compiling_off_gpu():
+    q, key, v, seg, _ = _inputs(dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="attention backend 'cudnn' needs a GPU; use 'blockwise'"):
+        jax.jit(attention.get_backend("cudnn")).lower(q, key, v, seg)
+
+
+def test_segment_runs_in_cudnn_packed_convention():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [5] * 7, [1, 2, 3, 4, 5, 6, 7]])
+    offsets, lengths = gpu_attention.segment_runs(seg, max_segments=3)
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1], [0, -1, -1, -1], [0, 1, 2, -1]])
+    np.testing.assert_array_equal(lengths, [[3, 2, 2], [7, -1, -1], [1, 1, 1]])
+
+
+@pytest.mark.skipif(jax.default_backend() == "tpu", reason="checks the refusal off TPU")
+def test_splash_refuses_off_tpu():
+    q, key, v, seg, _ = _inputs()
+    with pytest.raises(ValueError, match="attention backend 'splash' needs a TPU; use 'blockwise'"):
+        jax.jit(attention.get_backend("splash")).lower(q, key, v, seg)
+
+
+def test_splash_interpreted_matches_naive():
+    """The real splash kernel, run by the Pallas interpreter; T=150 pads to two 128-blocks."""
+    q, key, v, seg, w = _inputs(b=1, t=150, n=2, k=1, h=8)
+
+    def splash(q, k, v, s):
+        return gpu_attention.splash_attention(q, k, v, s, block_q=128, block_kv=128, interpret=True)
+
+    out, grads = _value_and_grads(splash, q, key, v, seg, w, jit=True)
+    ref_out, ref_grads = _value_and_grads(attention.naive_attention, q, key, v, seg, w, jit=True)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
