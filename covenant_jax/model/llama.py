@@ -166,9 +166,6 @@ class Llama(nnx.Module):
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, None)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, std)
-        inv_freq, scale = rope_lib.inverse_frequencies(cfg.rope, cfg.head_dim)
-        self.rope_inv_freq = tuple(float(f) for f in inv_freq)  # static (hashable) in the graphdef
-        self.rope_scale = scale
 
     def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jnp.ndarray:
         """Final-normed hidden states [B, T, D] in the compute dtype."""
@@ -179,7 +176,10 @@ class Llama(nnx.Module):
             segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
         x_BTD = shard(x_BTD, ("batch", "seq", "act_embed"))
-        cos_BTH, sin_BTH = rope_lib.rope_cos_sin(positions_BT, jnp.asarray(self.rope_inv_freq, jnp.float32), self.rope_scale, dtype)
+        # From the config at trace time, so a model whose RoPE scaling is changed (long-context
+        # extension) needs no rebuild.
+        inv_freq, scale = rope_lib.inverse_frequencies(self.config.rope, self.config.head_dim)
+        cos_BTH, sin_BTH = rope_lib.rope_cos_sin(positions_BT, inv_freq, scale, dtype)
 
         graphdef, layer_state = nnx.split(self.layers)
 

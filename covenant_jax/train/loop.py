@@ -1,0 +1,265 @@
+"""The training run: setup in named steps, then the step loop.
+
+The loop dispatches step N before fetching step N-1's metrics, so logging never stalls the
+device. Checkpoints save the state and the data iterator at the same step; a NaN/inf stops the
+run (the step skipped the update on device, so the last checkpoint and the state stay good).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from covenant_jax.convert.api import export_model, load_model
+from covenant_jax.data import pipeline as data_pipeline
+from covenant_jax.errors import UserError
+from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.parallel.sharding import activation_sharding, make_mesh
+from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, recipe, state as state_lib
+from covenant_jax.train import step as step_lib
+
+
+class NonFiniteLoss(UserError):
+    """The loss or gradient norm became NaN/inf; the message names the step."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+    steps: int
+    tokens: int
+    train_loss: float | None
+    eval_loss: float | None
+    seconds: float
+    run_dir: Path
+    checkpoint_step: int | None
+    export_dir: Path | None
+
+    def __str__(self) -> str:
+        def fmt(x):
+            return "n/a" if x is None else f"{x:.4f}"
+
+        return (
+            f"run summary: {self.steps} steps, {self.tokens:,} trained tokens in {self.seconds:.1f}s; "
+            f"final train loss {fmt(self.train_loss)}, eval loss {fmt(self.eval_loss)}\n"
+            f"  run dir:    {self.run_dir}\n  checkpoint: {self.run_dir / 'checkpoints'} "
+            f"(step {self.checkpoint_step})\n  export:     {self.export_dir or 'none'}"
+        )
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built by :func:`setup`."""
+
+    cfg: ml_collections.ConfigDict
+    mesh: Any
+    model: Llama
+    data: data_pipeline.DataPipeline
+    train_iter: Any
+    state: dict
+    shardings: dict
+    train_step: Any
+    eval_step: Any
+    batch_sharding: NamedSharding
+    checkpointer: checkpoint.RunCheckpointer
+    writer: metrics_lib.MetricsWriter
+    start_step: int
+    flops_per_token: float
+
+
+def _load(cfg, mesh) -> Llama:
+    opts = ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                        remat=cfg.model.remat, attention=cfg.model.attention)
+    model = load_model(cfg.model.path, opts, mesh)
+    model.config = recipe.rope_override(model.config, cfg.model)
+    return model
+
+
+def _check_vocab(tokenizer, model: Llama) -> None:
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}: the data and the checkpoint disagree"
+        )
+
+
+def setup(cfg: ml_collections.ConfigDict) -> Run:
+    import transformers
+
+    mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
+    model = _load(cfg, mesh)
+    recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
+    _check_vocab(tokenizer, model)
+    data = data_pipeline.build_pipeline(cfg.data, tokenizer)
+    if jax.process_index() == 0:
+        print(data.report)
+    tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, params, rest = state_lib.split_model(model)
+    state, shardings = state_lib.create_state(params, tx, mesh)
+    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size)
+    batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
+    eval_sharding = NamedSharding(mesh, P(("data", "fsdp"), "context"))
+    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(loss_fn), in_shardings=(shardings["params"], eval_sharding))
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+    ckpt = checkpoint.RunCheckpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints,
+                                      cfg.train.async_checkpoint)
+    train_iter = iter(data.train)
+    start = 0
+    if cfg.train.resume and ckpt.latest_step() is not None:
+        start = ckpt.latest_step()
+        state = ckpt.restore(start, state_lib.abstract_like(state, shardings), train_iter)
+        print(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+    writer = metrics_lib.MetricsWriter(run_dir, enabled=jax.process_index() == 0)
+    flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
+    return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
+               batch_sharding, ckpt, writer, start, flops)
+
+
+def _device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_batches: int | None):
+    """Host batch [rows, T] (this process's rows) -> global arrays, [A, b, T] when micro-batched."""
+    def put(x):
+        if micro_batches is not None:
+            x = x.reshape(micro_batches, -1, *x.shape[1:])
+        global_shape = list(x.shape)
+        batch_axis = 1 if micro_batches is not None else 0
+        global_shape[batch_axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+def evaluate(run: Run, params: dict) -> float | None:
+    if run.data.eval is None:
+        return None
+    eval_sharding = NamedSharding(run.mesh, P(("data", "fsdp"), "context"))
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(run.data.eval):
+        if run.cfg.train.eval_batches and i >= run.cfg.train.eval_batches:
+            break
+        with activation_sharding(run.mesh):
+            loss_sum, n = run.eval_step(params, _device_batch(batch, eval_sharding, None))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / count if count else None
+
+
+class _Progress:
+    def __init__(self, run: Run, total: int):
+        self.enabled = run.cfg.train.progress and jax.process_index() == 0
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=run.start_step, unit="step", dynamic_ncols=True)
+
+    def update(self, postfix: dict[str, str]) -> None:
+        if self.enabled:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+
+
+def _log(run: Run, step: int, m: dict, seconds: float, progress: _Progress, eval_loss) -> dict:
+    tokens_per_s = float(m["tokens"]) / max(seconds, 1e-9)
+    scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+               "tokens_per_s": tokens_per_s, "step_time_s": seconds}
+    peak = metrics_lib.peak_flops_per_device(run.cfg.train.peak_tflops_per_device)
+    # MFU over all rows, padding included: the device computes them.
+    row_tokens = run.cfg.data.batch_size * run.cfg.data.seq_len
+    if peak:
+        scalars["mfu"] = run.flops_per_token * row_tokens / seconds / (peak * jax.device_count())
+    if eval_loss is not None:
+        scalars["eval_loss"] = eval_loss
+    if step % run.cfg.train.log_every == 0 or eval_loss is not None:
+        run.writer.write(step, scalars)
+    postfix = {"loss": f"{float(m['loss']):.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+    if "mfu" in scalars:
+        postfix["mfu"] = f"{scalars['mfu']:.1%}"
+    if eval_loss is not None:
+        postfix["eval"] = f"{eval_loss:.4f}"
+    progress.update(postfix)
+    return scalars
+
+
+def train(cfg: ml_collections.ConfigDict) -> RunSummary:
+    started = time.time()
+    run = setup(cfg)
+    t = cfg.train
+    progress = _Progress(run, t.steps)
+    state, last_train, last_eval, tokens = run.state, None, None, 0
+    pending = None  # (step, metrics on device, dispatch time) of the step before
+    last_time = time.time()
+
+    def finish(pending_item):
+        nonlocal last_train, tokens, last_time, last_eval
+        step, m, _ = pending_item
+        m = jax.device_get(m)
+        if not m["finite"]:
+            raise NonFiniteLoss(
+                f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+                f"grad_norm={float(m['grad_norm'])}); the update was skipped, the last checkpoint "
+                f"({run.checkpointer.latest_step()}) is intact. Lower optim.lr or check the data."
+            )
+        now = time.time()
+        seconds, last_time = now - last_time, now
+        tokens += int(m["tokens"])
+        last_train = float(m["loss"])
+        eval_loss = None
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):  # state is this step's
+            eval_loss = last_eval = evaluate(run, state["params"])
+        _log(run, step, m, seconds, progress, eval_loss)
+
+    try:
+        for step in range(run.start_step + 1, t.steps + 1):
+            batch = _device_batch(next(run.train_iter), run.batch_sharding, t.micro_batches)
+            with activation_sharding(run.mesh):
+                state, m = run.train_step(state, batch)
+            if pending is not None:
+                finish(pending)  # step N-1's metrics, fetched after step N was dispatched
+            pending = (step, m, time.time())
+            is_eval = bool(t.eval_every) and step % t.eval_every == 0
+            is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps
+            if is_eval or is_checkpoint:
+                # Evaluate the state of this step, and never checkpoint a state whose loss is
+                # not known to be finite.
+                finish(pending)
+                pending = None
+            if is_checkpoint:
+                run.checkpointer.save(step, state, run.train_iter, cfg.to_dict())
+        run.checkpointer.wait()
+        checkpoint_step = run.checkpointer.latest_step()
+    finally:
+        progress.close()
+        run.writer.close()
+        run.checkpointer.close()
+    export_dir = _export(run, state) if t.export else None
+    summary = RunSummary(t.steps - run.start_step, tokens, last_train, last_eval, time.time() - started,
+                         Path(t.run_dir), checkpoint_step, export_dir)
+    if jax.process_index() == 0:
+        print(summary)
+    return summary
+
+
+def _export(run: Run, state: dict) -> Path:
+    from flax import nnx
+
+    graphdef, _, rest = state_lib.split_model(run.model)
+    model = nnx.merge(graphdef, state["params"], rest)
+    out = Path(run.cfg.train.run_dir) / "export"
+    return export_model(model, out, dtype=run.cfg.train.export_dtype or None,
+                        aux_dir=run.cfg.model.path, overwrite=True)

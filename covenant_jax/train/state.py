@@ -1,0 +1,48 @@
+"""Train state, created already sharded (decision 4).
+
+The state is a plain pytree ``{"step", "params", "opt_state"}`` so Orbax saves and restores
+it directly; ``params`` is the model's pure param dict and the model's graph definition stays
+outside, static. Optimizer moments get their parameter's sharding via ``optax.tree_map_params``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from covenant_jax.model.llama import Llama
+
+
+def split_model(model: Llama) -> tuple[nnx.GraphDef, dict, nnx.State]:
+    """(graphdef, pure param dict, the rest of the state) — merge them back with ``nnx.merge``."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), rest
+
+
+def state_shardings(params: dict, tx: optax.GradientTransformation, mesh: Mesh) -> dict:
+    replicated = NamedSharding(mesh, P())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+
+
+def create_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[dict, dict]:
+    """(state, its shardings); the optimizer state is initialised on its shardings."""
+    shardings = state_shardings(params, tx, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state}, shardings
+
+
+def abstract_like(state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with shardings: the target Orbax restores onto."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

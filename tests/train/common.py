@@ -1,0 +1,44 @@
+"""A tiny SFT setup on disk: random Llama + word tokenizer + chat JSONL, and its recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from covenant_jax.train import recipe
+from tests import helpers
+from tests.data import common as data_common
+
+
+def tiny_model_dir(root: Path, **overrides) -> Path:
+    tokenizer = data_common.word_tokenizer()
+    hf = helpers.hf_model(vocab_size=len(tokenizer), **overrides)
+    folder = helpers.save_hf(hf, root / "model")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def chat_jsonl(root: Path, rows: int = 64) -> Path:
+    path = root / "chat.jsonl"
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps(data_common.chat_row(i)) + "\n")
+    return path
+
+
+def tiny_recipe(root: Path, model_dir: Path, data_path: Path, **train):
+    cfg = recipe.default_config()
+    cfg.model.path = str(model_dir)
+    cfg.mesh.fsdp = 2
+    cfg.mesh.tensor = 4
+    cfg.data.sources = [dict(path=str(data_path), format="messages")]
+    cfg.data.seq_len = 32
+    cfg.data.batch_size = 4
+    cfg.data.eval_count = 8
+    cfg.optim.lr = 3e-3
+    cfg.optim.warmup_steps = 2
+    cfg.train.update(dict(steps=6, run_dir=str(root / "run"), log_every=1, eval_every=3,
+                          checkpoint_every=3, async_checkpoint=False, progress=False,
+                          loss_chunk_size=16, export=False))
+    cfg.train.update(train)
+    return cfg
