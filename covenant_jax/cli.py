@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from covenant_jax.errors import USER_ERRORS, UserError
+
 EXIT_BAD_INPUT = 2
 
 
@@ -49,6 +51,31 @@ def cmd_verify(args) -> int:
     return 0 if parity.ok else 1
 
 
+def load_recipe(config_path: str, overrides: list[str]):
+    """ml_collections as it is: ``CONFIG[:arg]`` + ``--config.a.b=value`` overrides, locked."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "recipe file", flag_values=flag_values,
+                                    lock_config=True)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise UserError(f"unknown arguments {bad}; overrides look like --config.optim.lr=1e-5")
+    try:
+        flag_values(["covenant-jax", f"--config={config_path}", *overrides])
+    except (flags.Error, AttributeError, KeyError, TypeError) as e:
+        raise UserError(f"recipe {config_path}: {e}") from e
+    return flag_values.config
+
+
+def cmd_train(args) -> int:
+    from covenant_jax.train.loop import train
+
+    train(load_recipe(args.config, args.overrides))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from covenant_jax.demo import run_demo
 
@@ -86,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--tolerance", type=float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
     ver.set_defaults(fn=cmd_verify)
 
+    tr = verbs.add_parser(
+        "train", help="SFT / long-context training from a recipe",
+        description="Train from an ml_collections recipe (configs/*.py). Any field can be "
+                    "overridden: --config.optim.lr=1e-5 --config.train.steps=100. Resumes from "
+                    "RUN_DIR/checkpoints when it holds one (train.resume).")
+    tr.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/x.py:runlocal)")
+    tr.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
+    tr.set_defaults(fn=cmd_train)
+
     demo = verbs.add_parser("demo", help="the embedded default job (see README)")
     demo.add_argument("--workdir", default="runs/demo")
     demo.set_defaults(fn=cmd_demo)
@@ -94,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from covenant_jax.errors import USER_ERRORS
 
     try:
         return args.fn(args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Iterable, Mapping
+from covenant_jax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
@@ -92,18 +93,18 @@ class RowFormat:
         role_map: Mapping[str, str] | None = None,
     ) -> RowFormat:
         if format not in _DEFAULT_FIELDS:
-            raise ValueError(f"Unknown data format {format!r}; expected one of {FORMATS}")
+            raise UserError(f"Unknown data format {format!r}; expected one of {FORMATS}")
         fields = dict(fields or {})
         unknown = set(fields) - set(_DEFAULT_FIELDS[format])
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"Format {format!r} has no field(s) {sorted(unknown)}; "
                 f"its fields are {sorted(_DEFAULT_FIELDS[format])}"
             )
         roles = dict(_DEFAULT_ROLE_MAP.get(format, {}), **(role_map or {}))
         bad = {v for v in roles.values() if v not in ROLES}
         if bad:
-            raise ValueError(f"role_map targets {sorted(bad)} are not among {ROLES}")
+            raise UserError(f"role_map targets {sorted(bad)} are not among {ROLES}")
         return cls(format, {**_DEFAULT_FIELDS[format], **fields}, roles, frozenset(fields))
 
     def to_example(self, row: Any) -> list[dict[str, str]] | str:
@@ -127,7 +128,7 @@ class RowFormat:
             if logical in ("role", "content"):
                 continue
             if (logical not in _OPTIONAL or logical in self.explicit) and column not in seen:
-                raise ValueError(
+                raise UserError(
                     f"{where}: field {column!r} ({self.format} `{logical}`) does not "
                     f"exist in any row; columns present: {sorted(seen)}"
                 )
@@ -142,7 +143,7 @@ class RowFormat:
                 keys.update(k for m in msgs if isinstance(m, Mapping) for k in m)
         for logical in ("role", "content"):
             if keys and self.fields[logical] not in keys:
-                raise ValueError(
+                raise UserError(
                     f"{where}: message field {self.fields[logical]!r} ({self.format} "
                     f"`{logical}`) does not exist in any message; keys: {sorted(keys)}"
                 )

@@ -4,7 +4,8 @@ mixture -> first-fit packing -> fixed-shape batches with resumable iterator stat
 Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigDict section
 (`default_config()` lists every key; sources are dicts):
 
-  sources        list of {path | dataset, format, weight=1.0, fields={}, role_map={}, name=}
+  sources        list of {path | dataset, format, weight=1.0, fields={}, role_map={}, name=,
+                 max_rows=0 (0: all; else the first N rows of the file)}
                  path: .jsonl / .json / .parquet file (or a `datasets.save_to_disk` folder);
                  dataset: an in-memory list of dicts or HF `datasets.Dataset`; format, fields
                  and role_map: see formats.py.
@@ -47,9 +48,10 @@ import ml_collections
 import numpy as np
 
 from covenant_jax.data import formats, sources, templates
+from covenant_jax.errors import UserError
 
 OVERLENGTH = ("truncate", "drop")
-_SOURCE_KEYS = {"path", "dataset", "format", "weight", "fields", "role_map", "name"}
+_SOURCE_KEYS = {"path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -142,7 +144,7 @@ def build_pipeline(
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if cfg["batch_size"] % process_count:
-        raise ValueError(
+        raise UserError(
             f"data.batch_size={cfg['batch_size']} is not divisible by process_count={process_count}"
         )
     rows = cfg["batch_size"] // process_count
@@ -178,21 +180,21 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     unknown = set(cfg) - set(out)
     if unknown:
-        raise ValueError(f"Unknown data config key(s) {sorted(unknown)}; known: {sorted(out)}")
+        raise UserError(f"Unknown data config key(s) {sorted(unknown)}; known: {sorted(out)}")
     out.update(cfg)
     if not out["sources"]:
-        raise ValueError("data.sources is empty")
+        raise UserError("data.sources is empty")
     out["sources"] = [_plain(s) for s in out["sources"]]
     for i, src in enumerate(out["sources"]):
         if set(src) - _SOURCE_KEYS:
-            raise ValueError(
+            raise UserError(
                 f"data.sources[{i}]: unknown key(s) {sorted(set(src) - _SOURCE_KEYS)}; "
                 f"known: {sorted(_SOURCE_KEYS)}"
             )
     if out["overlength"] not in OVERLENGTH:
-        raise ValueError(f"data.overlength={out['overlength']!r}; expected one of {OVERLENGTH}")
+        raise UserError(f"data.overlength={out['overlength']!r}; expected one of {OVERLENGTH}")
     if out["loss_on"] not in templates.LOSS_ON:
-        raise ValueError(f"data.loss_on={out['loss_on']!r}; expected one of {templates.LOSS_ON}")
+        raise UserError(f"data.loss_on={out['loss_on']!r}; expected one of {templates.LOSS_ON}")
     return out
 
 
@@ -217,10 +219,12 @@ def load_source(
     valid training row remains."""
     data = src.get("path", src.get("dataset"))
     if data is None:
-        raise ValueError(f"data.sources[{index}] needs `path` or `dataset`")
+        raise UserError(f"data.sources[{index}] needs `path` or `dataset`")
     name = src.get("name") or (str(data) if "path" in src else f"sources[{index}]")
     fmt = formats.RowFormat.create(_src_format(src), src.get("fields"), src.get("role_map"))
     rows = sources.read_rows(data)
+    if src.get("max_rows"):
+        rows = rows[: src["max_rows"]]  # the first N rows: a quick run over a large file
     fmt.check_columns(rows, name)
     report = SourceReport(name, rows=len(rows))
     examples = _parse_rows(rows, fmt, report)
@@ -254,7 +258,7 @@ def _parse_rows(rows: Sequence[Any], fmt: formats.RowFormat, report: SourceRepor
 
 
 def _raise_empty(name: str, report: SourceReport, what: str):
-    raise ValueError(
+    raise UserError(
         f"{name}: no {what} rows remain out of {report.rows}; skipped by reason: "
         f"{dict(report.skipped)}"
     )
@@ -265,7 +269,7 @@ def split_eval(n: int, fraction: float, count: int, seed) -> tuple[np.ndarray, n
     else round(fraction * n). Both sorted, disjoint, covering range(n)."""
     k = int(count) if count > 0 else int(round(fraction * n))
     if k >= n and k > 0:
-        raise ValueError(f"eval split of {k} rows leaves no training rows (source has {n})")
+        raise UserError(f"eval split of {k} rows leaves no training rows (source has {n})")
     perm = np.random.default_rng(np.random.SeedSequence(list(np.atleast_1d(seed)))).permutation(n)
     return np.sort(perm[k:]), np.sort(perm[:k])
 
@@ -304,7 +308,7 @@ def mix_sources(
     """Each source shuffled (reshuffled every pass) and repeated, mixed by weight with Grain;
     cut to epochs * (total rows) when epochs > 0."""
     if len(weights) != len(datasets) or min(weights) <= 0:
-        raise ValueError(f"source weights must be positive, one per source; got {weights}")
+        raise UserError(f"source weights must be positive, one per source; got {weights}")
     parts = [
         grain.MapDataset.source(d).shuffle(seed=seed + 7919 * i).repeat(None)
         for i, d in enumerate(datasets)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 from typing import Any
+from covenant_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _read_path(path: str) -> list[dict | BadRow]:
         return _read_json(path)
     if ext == "parquet":
         return _read_parquet(path)
-    raise ValueError(f"{path}: unknown data file extension {ext!r} (use .jsonl, .json, .parquet)")
+    raise UserError(f"{path}: unknown data file extension {ext!r} (use .jsonl, .json, .parquet)")
 
 
 def _read_jsonl(path: str) -> list[dict | BadRow]:
@@ -83,7 +84,7 @@ def _read_json(path: str) -> list[dict | BadRow]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: file is not valid UTF-8 ({e})") from e
+        raise UserError(f"{path}: file is not valid UTF-8 ({e})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -91,10 +92,10 @@ def _read_json(path: str) -> list[dict | BadRow]:
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise ValueError(f"{path}: expected a JSON array of rows or an object with one array")
+            raise UserError(f"{path}: expected a JSON array of rows or an object with one array")
         data = lists[0]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of rows")
+        raise UserError(f"{path}: expected a JSON array of rows")
     return [
         r if isinstance(r, dict) else BadRow("invalid_json", f"{path}: row {i} is not an object")
         for i, r in enumerate(data)
@@ -113,7 +114,7 @@ def _read_hf_dir(path: str) -> list[dict]:
     try:
         import datasets  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-        raise ValueError(
+        raise UserError(
             f"{path} is a directory: only a `datasets.save_to_disk` folder is "
             "supported there, and the optional `datasets` package is missing"
         ) from e

@@ -23,6 +23,7 @@ import jinja2
 import numpy as np
 
 from covenant_jax.data.formats import InvalidRow
+from covenant_jax.errors import UserError
 
 CHATML = (
     "{%- for message in messages -%}"
@@ -67,7 +68,7 @@ class ChatTemplate:
     def __init__(self, tokenizer, name: str = "tokenizer"):
         if name == "tokenizer":
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(
+                raise UserError(
                     "template='tokenizer' but the tokenizer has no chat_template; pick "
                     f"a named template: {sorted(NAMED_TEMPLATES)}"
                 )
@@ -75,12 +76,12 @@ class ChatTemplate:
         elif name in NAMED_TEMPLATES:
             self.source = NAMED_TEMPLATES[name]
         else:
-            raise ValueError(
+            raise UserError(
                 f"Unknown chat template {name!r}; expected 'tokenizer' or one of "
                 f"{sorted(NAMED_TEMPLATES)}"
             )
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("loss masks need character offsets: use a fast tokenizer")
+            raise UserError("loss masks need character offsets: use a fast tokenizer")
         if name in END_OF_TURN and tokenizer.convert_tokens_to_ids(END_OF_TURN[name]) in (
             None, tokenizer.unk_token_id,
         ):  # fmt: skip
@@ -148,7 +149,7 @@ def encode_chat(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [T] int32 and trained flags [T] bool for one conversation."""
     if loss_on not in LOSS_ON:
-        raise ValueError(f"loss_on={loss_on!r}; expected one of {LOSS_ON}")
+        raise UserError(f"loss_on={loss_on!r}; expected one of {LOSS_ON}")
     text, spans = template.assistant_spans(messages)
     if loss_on == "last_assistant":
         spans = spans[-1:]
