@@ -66,7 +66,7 @@ def export_hf(
                 cache.clear()  # hold one parameter at a time
                 cache[m.path] = get_param(m.path)
             value = cache[m.path] if layer is None else cache[m.path][layer]
-            yield m.to_hf(to_host(value)).astype(dt)
+            yield np.ascontiguousarray(m.to_hf(to_host(value)), dtype=dt)  # one copy, HF layout
 
     for name, shard in zip(names, shards):
         specs = [(key, m.hf_shape, dt) for key, _, m, dt in shard]
