@@ -56,14 +56,16 @@ def load_recipe(config_path: str, overrides: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "recipe file", flag_values=flag_values,
-                                    lock_config=True)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise UserError(f"unknown arguments {bad}; overrides look like --config.optim.lr=1e-5")
+    argv = ["covenant-jax", f"--config={config_path}", *overrides]
+    flag_values = flags.FlagValues()
+    # sys_argv: which --config.* overrides to define (else it reads the process's sys.argv).
+    config_flags.DEFINE_config_file("config", None, "recipe file", flag_values=flag_values,
+                                    lock_config=True, sys_argv=argv)
     try:
-        flag_values(["covenant-jax", f"--config={config_path}", *overrides])
+        flag_values(argv)
     except (flags.Error, AttributeError, KeyError, TypeError) as e:
         raise UserError(f"recipe {config_path}: {e}") from e
     return flag_values.config
@@ -74,12 +76,6 @@ def cmd_train(args) -> int:
 
     train(load_recipe(args.config, args.overrides))
     return 0
-
-
-def cmd_demo(args) -> int:
-    from covenant_jax.demo import run_demo
-
-    return run_demo(Path(args.workdir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
     tr.set_defaults(fn=cmd_train)
 
-    demo = verbs.add_parser("demo", help="the embedded default job (see README)")
-    demo.add_argument("--workdir", default="runs/demo")
-    demo.set_defaults(fn=cmd_demo)
     return parser
 
 

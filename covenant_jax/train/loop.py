@@ -224,6 +224,12 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
             eval_loss = last_eval = evaluate(run, state["params"])
         _log(run, step, m, seconds, progress, eval_loss)
 
+    if t.eval_every and run.start_step == 0:  # the baseline the eval losses fall from
+        last_eval = evaluate(run, state["params"])
+        if last_eval is not None:
+            run.writer.write(0, {"eval_loss": last_eval})
+            if jax.process_index() == 0:
+                print(f"eval loss before training: {last_eval:.4f}")
     try:
         for step in range(run.start_step + 1, t.steps + 1):
             batch = _device_batch(next(run.train_iter), run.batch_sharding, t.micro_batches)

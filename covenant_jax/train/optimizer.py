@@ -60,4 +60,5 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
         mask=lambda params: decay_mask(params, tuple(cfg["decay_exclude"])),
     )
     chain = [optax.clip_by_global_norm(cfg["clip_norm"])] if cfg["clip_norm"] > 0 else []
-    return optax.chain(*chain, adamw), schedule
+    # A non-finite gradient leaves params and moments untouched; the loop then stops the run.
+    return optax.apply_if_finite(optax.chain(*chain, adamw), max_consecutive_errors=10**9), schedule
