@@ -69,6 +69,7 @@ class Run:
     train_step: Any
     eval_step: Any
     batch_sharding: NamedSharding
+    eval_sharding: NamedSharding
     checkpointer: checkpoint.RunCheckpointer
     writer: metrics_lib.MetricsWriter
     start_step: int
@@ -76,9 +77,7 @@ class Run:
 
 
 def _load(cfg, mesh) -> Llama:
-    opts = ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                        remat=cfg.model.remat, attention=cfg.model.attention)
-    model = load_model(cfg.model.path, opts, mesh)
+    model = load_model(cfg.model.path, model_options(cfg), mesh)
     model.config = recipe.rope_override(model.config, cfg.model)
     return model
 
@@ -105,13 +104,8 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, params, rest = state_lib.split_model(model)
     state, shardings = state_lib.create_state(params, tx, mesh)
-    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size)
-    batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
-    eval_sharding = NamedSharding(mesh, P(("data", "fsdp"), "context"))
-    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(loss_fn), in_shardings=(shardings["params"], eval_sharding))
+    steps = make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
+    train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
@@ -126,7 +120,32 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     writer = metrics_lib.MetricsWriter(run_dir, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
-               batch_sharding, ckpt, writer, start, flops)
+               batch_sharding, steps.eval_sharding, ckpt, writer, start, flops)
+
+
+@dataclasses.dataclass
+class Steps:
+    train_step: Any  # jitted (state, batch[A, b, T]) -> (state, metrics)
+    eval_step: Any  # jitted (params, batch[B, T]) -> (loss sum, token count)
+    batch_sharding: NamedSharding  # of a [A, b, T] train batch
+    eval_sharding: NamedSharding  # of a [B, T] eval batch
+
+
+def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh) -> Steps:
+    """The jitted steps with explicit shardings and donation; also what `plan` lowers abstractly."""
+    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size)
+    batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
+    eval_sharding = NamedSharding(mesh, P(("data", "fsdp"), "context"))
+    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(loss_fn), in_shardings=(shardings["params"], eval_sharding))
+    return Steps(train_step, eval_step, batch_sharding, eval_sharding)
+
+
+def model_options(cfg) -> ModelOptions:
+    return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                        remat=cfg.model.remat, attention=cfg.model.attention)
 
 
 def _device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_batches: int | None):
@@ -145,7 +164,7 @@ def _device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_b
 def evaluate(run: Run, params: dict) -> float | None:
     if run.data.eval is None:
         return None
-    eval_sharding = NamedSharding(run.mesh, P(("data", "fsdp"), "context"))
+    eval_sharding = run.eval_sharding
     total, count = 0.0, 0.0
     for i, batch in enumerate(run.data.eval):
         if run.cfg.train.eval_batches and i >= run.cfg.train.eval_batches:
