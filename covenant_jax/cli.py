@@ -78,6 +78,71 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _eval_model(args):
+    from covenant_jax.eval.common import load_eval_model, load_tokenizer
+
+    model = load_eval_model(args.model_dir, args.dtype, _mesh_arg(args.mesh), args.yarn_factor)
+    return model, load_tokenizer(args.model_dir)
+
+
+def _report(result, out: str | None) -> int:
+    print(result.table())
+    if out:
+        Path(out).write_text(result.to_json() + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval_perplexity(args) -> int:
+    from covenant_jax.eval.perplexity import perplexity_from_jsonl
+
+    model, tokenizer = _eval_model(args)
+    result = perplexity_from_jsonl(
+        model, tokenizer, args.data, _int_list(args.lengths), field=args.field, stride=args.stride,
+        max_rows=args.max_rows, max_documents=args.max_documents, concatenate=args.concatenate,
+        batch_size=args.batch_size, chunk=args.chunk, common_documents=args.common_documents,
+        max_windows_per_document=args.max_windows_per_document, mesh=_mesh_arg(args.mesh))
+    return _report(result, args.out)
+
+
+def cmd_eval_passkey(args) -> int:
+    from covenant_jax.eval.passkey import passkey_eval
+
+    model, tokenizer = _eval_model(args)
+    result = passkey_eval(
+        model, tokenizer, _int_list(args.lengths), [float(d) for d in args.depths.split(",")],
+        keys_per_cell=args.keys_per_cell, digits=args.digits, seed=args.seed,
+        batch_size=args.batch_size, mesh=_mesh_arg(args.mesh))
+    return _report(result, args.out)
+
+
+def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="HF folder or converted checkpoint (with its tokenizer)")
+    p.add_argument("--lengths", required=True, help="context lengths in tokens, e.g. 512,2048,8192")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", help="e.g. fsdp=8")
+    p.add_argument("--yarn-factor", type=float, help="apply YaRN with this factor (no training)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", help="also write the numbers as JSON here")
+
+
+def cmd_plan(args) -> int:
+    from covenant_jax import plan as plan_lib
+
+    cfg = load_recipe(args.config, args.overrides)
+    result = plan_lib.plan(
+        cfg, args.topology, search=not args.no_search, max_candidates=args.max_candidates,
+        hbm_bytes=int(args.hbm_gib * plan_lib.GiB) if args.hbm_gib else None, recipe_name=args.config,
+        log=None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True)),
+    )
+    print(plan_lib.to_json(result) if args.json else plan_lib.report(result))
+    return 0 if result.fits is not False else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covenant-jax", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -109,6 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--tolerance", type=float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
     ver.set_defaults(fn=cmd_verify)
 
+    ev = verbs.add_parser("eval", help="long-context evaluation: perplexity by length, passkey")
+    kinds = ev.add_subparsers(dest="kind", required=True)
+    ppl = kinds.add_parser("perplexity", help="sliding-window perplexity for a list of context lengths")
+    _add_eval_model_args(ppl)
+    ppl.add_argument("data", help='JSONL of {"text": ...} documents')
+    ppl.add_argument("--stride", type=int, help="window stride (default: the length)")
+    ppl.add_argument("--field", default="text")
+    ppl.add_argument("--max-rows", type=int)
+    ppl.add_argument("--max-documents", type=int, help="first N documents long enough for each length")
+    ppl.add_argument("--concatenate", action="store_true", help="join all documents into one stream")
+    ppl.add_argument("--common-documents", action="store_true",
+                     help="score every length on the same documents (those long enough for the longest)")
+    ppl.add_argument("--max-windows-per-document", type=int)
+    ppl.add_argument("--chunk", type=int, default=1024, help="positions per logits chunk")
+    ppl.set_defaults(fn=cmd_eval_perplexity)
+    pk = kinds.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths")
+    _add_eval_model_args(pk)
+    pk.add_argument("--depths", default="0,0.5,1", help="relative needle depths")
+    pk.add_argument("--keys-per-cell", type=int, default=2)
+    pk.add_argument("--digits", type=int, default=5)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.set_defaults(fn=cmd_eval_passkey)
+
     tr = verbs.add_parser(
         "train", help="SFT / long-context training from a recipe",
         description="Train from an ml_collections recipe (configs/*.py). Any field can be "
@@ -117,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/x.py:runlocal)")
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
     tr.set_defaults(fn=cmd_train)
+
+    pl = verbs.add_parser(
+        "plan", help="will a recipe fit a TPU pod? compile the train step ahead of time",
+        description="Compile the recipe's train step for a TPU topology from abstract shapes (no "
+                    "weights, no TPU; needs libtpu: pip install -e '.[tpu]') and report memory per "
+                    "device, whether it fits HBM, and FLOPs; when it does not fit, try remat / "
+                    "micro-batches / mesh / loss-chunk changes and report the first that fits. "
+                    "GPU targets (h100:8) get an analytic estimate. Exit 1 when it does not fit.")
+    pl.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/covenant72b_sft.py:8k)")
+    pl.add_argument("--topology", required=True,
+                    help="v5p-256 (v4/v5p: TensorCores), v5e-64 / v6e-256 (chips), v5p:4x4x8, v5e:16x16, h100:8")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--no-search", action="store_true", help="do not search for a variant that fits")
+    pl.add_argument("--max-candidates", type=int, default=6, help="compiles the search may spend")
+    pl.add_argument("--hbm-gib", type=float, help="memory per device to plan against (default: the chip's HBM)")
+    pl.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
+    pl.set_defaults(fn=cmd_plan)
 
     return parser
 
