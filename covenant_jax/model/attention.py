@@ -61,3 +61,9 @@ from covenant_jax.model import blockwise_attention as _blockwise, gpu_attention 
 register_backend("blockwise", _blockwise.blockwise_attention)
 register_backend("cudnn", _fused.cudnn_attention)
 register_backend("splash", _fused.splash_attention)
+
+# Context parallelism: T sharded over the active mesh's context axis (blockwise without one).
+from covenant_jax.model import context_parallel as _context  # noqa: E402
+
+register_backend("context", _context.make_context_attention("contiguous"))
+register_backend("context_zigzag", _context.make_context_attention("zigzag"))

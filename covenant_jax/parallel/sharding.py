@@ -135,3 +135,8 @@ def shard(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def active_sharding() -> tuple[Mesh, Mapping] | None:
+    """The (mesh, rules) of the enclosing :func:`activation_sharding`, or None outside one."""
+    return _ACTIVE.get()
