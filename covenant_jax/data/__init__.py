@@ -14,7 +14,9 @@ from covenant_jax.data.templates import (
     NAMED_TEMPLATES,
     ChatTemplate,
     encode_chat,
+    encode_chats,
     encode_text,
+    encode_texts,
 )
 
 __all__ = [
@@ -30,5 +32,7 @@ __all__ = [
     "NAMED_TEMPLATES",
     "ChatTemplate",
     "encode_chat",
+    "encode_chats",
     "encode_text",
+    "encode_texts",
 ]

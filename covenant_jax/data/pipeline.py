@@ -13,7 +13,13 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
   loss_on        "assistant" (default) | "all" | "last_assistant"   (text rows: all tokens)
   seq_len        tokens per packed row
   batch_size     GLOBAL rows per step; each process yields batch_size // process_count rows
-  overlength     "truncate" (keep the first seq_len tokens) | "drop"; both are counted
+  overlength     what to do with a sample longer than seq_len; every case is counted:
+                 "truncate" keep its first seq_len tokens | "drop" skip it |
+                 "split" cut it into consecutive pieces of at most seq_len tokens, each its
+                 own packed sample (positions restart at 0; the first token of a piece is
+                 input only, never a target). Meant for long documents (format text: every
+                 token trained); chat rows keep each piece's trained mask, and pieces with no
+                 trained target are dropped (counted as pieces_dropped)
   seed           shuffling, eval split and bin order
   eval_fraction  fraction of each source's valid rows held out for eval (deterministic)
   eval_count     or a fixed number of rows per source (wins when > 0)
@@ -26,7 +32,10 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
 Why eager: each row is validated and tokenised once, up front, so the skip report is complete
 before step 0, the eval split is exact, and the Grain graph holds only index-addressable
 arrays (its iterator state is a few integers). Every host does the same work and so gets the
-same report and split; tokens are kept as int32 in host memory.
+same report and split; tokens are kept as int32 in host memory. Tokenising goes through the
+fast tokenizer's batch API (parallel in Rust), and a long raw document is cut at places where
+its tokens cannot change, so the work stays linear in its length (templates.encode_texts).
+`tools/bench_data.py` measures setup and steady-state speed on real data.
 
 Batches (numpy, each [batch_size // process_count, seq_len]): `tokens` int32, `targets`
 int32 (tokens[t+1] in the same sample, else pad), `loss_mask` float32 (1 where targets[t] is
@@ -50,7 +59,7 @@ import numpy as np
 from covenant_jax.data import formats, sources, templates
 from covenant_jax.errors import UserError
 
-OVERLENGTH = ("truncate", "drop")
+OVERLENGTH = ("truncate", "drop", "split")
 _SOURCE_KEYS = {"path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows"}
 
 
@@ -83,6 +92,9 @@ class SourceReport:
     train: int = 0
     eval: int = 0
     truncated: int = 0
+    split: int = 0  # Rows cut into pieces (overlength="split").
+    pieces: int = 0  # Pieces kept from those rows (each a training sample).
+    pieces_dropped: int = 0  # Pieces without a trained target.
     tokens: int = 0
     trained_tokens: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -92,10 +104,15 @@ class SourceReport:
             ", ".join(f"{r}={self.skipped[r]}" for r in formats.SKIP_REASONS if self.skipped[r])
             or "none"
         )
+        split = (
+            f"split {self.split} into {self.pieces} pieces ({self.pieces_dropped} dropped); "
+            if self.split
+            else ""
+        )
         return (
-            f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval; "
+            f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval samples; "
             f"skipped {sum(self.skipped.values())} ({skipped}); truncated {self.truncated}; "
-            f"{self.tokens} tokens, {self.trained_tokens} trained"
+            f"{split}{self.tokens} tokens, {self.trained_tokens} trained"
         )
 
 
@@ -222,9 +239,7 @@ def load_source(
         raise UserError(f"data.sources[{index}] needs `path` or `dataset`")
     name = src.get("name") or (str(data) if "path" in src else f"sources[{index}]")
     fmt = formats.RowFormat.create(_src_format(src), src.get("fields"), src.get("role_map"))
-    rows = sources.read_rows(data)
-    if src.get("max_rows"):
-        rows = rows[: src["max_rows"]]  # the first N rows: a quick run over a large file
+    rows = sources.read_rows(data, src.get("max_rows") or 0)  # max_rows: a quick run
     fmt.check_columns(rows, name)
     report = SourceReport(name, rows=len(rows))
     examples = _parse_rows(rows, fmt, report)
@@ -233,11 +248,14 @@ def load_source(
     train_idx, eval_idx = split_eval(
         len(examples), cfg["eval_fraction"], cfg["eval_count"], seed=(cfg["seed"], index)
     )
-    encode = functools.partial(
-        _encode, template=template, tokenizer=tokenizer, cfg=cfg, report=report
-    )
-    train = [x for x in (encode(examples[i]) for i in train_idx) if x is not None]
-    evals = [x for x in (encode(examples[i]) for i in eval_idx) if x is not None]
+    if fmt.format == "text":
+        encoded = templates.encode_texts(tokenizer, examples)
+    else:
+        encoded = templates.encode_chats(template, examples, cfg["loss_on"])
+    del examples
+    fit = functools.partial(_fit, cfg=cfg, report=report)
+    train = [x for i in train_idx for x in fit(encoded[i])]
+    evals = [x for i in eval_idx for x in fit(encoded[i])]
     report.train, report.eval = len(train), len(evals)
     if not train:
         _raise_empty(name, report, "trainable")
@@ -274,32 +292,42 @@ def split_eval(n: int, fraction: float, count: int, seed) -> tuple[np.ndarray, n
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def _encode(example, *, template, tokenizer, cfg, report: SourceReport):
-    """One example -> {"tokens", "weights"} or None (the reason counted in report)."""
+def _fit(encoded, *, cfg, report: SourceReport) -> list[dict]:
+    """One tokenised example (or its InvalidRow) -> its samples {"tokens", "weights"} under the
+    overlength policy; none when skipped (the reason counted in report)."""
     try:
-        if isinstance(example, str):
-            ids, trained = templates.encode_text(tokenizer, example)
-        else:
-            ids, trained = templates.encode_chat(template, example, cfg["loss_on"])
-        n = len(ids)
-        ids, trained = _fit_length(ids, trained, cfg["seq_len"], cfg["overlength"])
-        if not trained[1:].any():  # Token 0 is never a target.
+        if isinstance(encoded, formats.InvalidRow):
+            raise encoded
+        ids, trained = encoded
+        pieces = _fit_length(ids, trained, cfg["seq_len"], cfg["overlength"])
+        kept = [(i, t) for i, t in pieces if t[1:].any()]  # Token 0 is never a target.
+        if len(pieces) > 1:
+            report.split += 1
+            report.pieces += len(kept)
+            report.pieces_dropped += len(pieces) - len(kept)
+        if not kept:
             raise formats.InvalidRow("no_trained_tokens")
     except formats.InvalidRow as e:
         report.skipped[e.reason] += 1
-        return None
-    report.truncated += int(len(ids) < n)
-    report.tokens += len(ids)
-    report.trained_tokens += int(trained[1:].sum())
-    return {"tokens": ids, "weights": trained}
+        return []
+    report.truncated += int(cfg["overlength"] == "truncate" and len(ids) > cfg["seq_len"])
+    for i, t in kept:
+        report.tokens += len(i)
+        report.trained_tokens += int(t[1:].sum())
+    return [{"tokens": i, "weights": t} for i, t in kept]
 
 
-def _fit_length(ids, trained, seq_len: int, policy: str):
+def _fit_length(ids, trained, seq_len: int, policy: str) -> list[tuple]:
+    """[(ids, trained)] pieces of one sample; split pieces are views of the whole (kept in
+    full anyway), a truncated sample a copy (so the long original can be freed)."""
     if len(ids) <= seq_len:
-        return ids, trained
+        return [(ids, trained)]
     if policy == "drop":
         raise formats.InvalidRow("overlength_dropped", f"{len(ids)} > {seq_len}")
-    return ids[:seq_len], trained[:seq_len]
+    if policy == "split":
+        starts = range(0, len(ids), seq_len)
+        return [(ids[s : s + seq_len], trained[s : s + seq_len]) for s in starts]
+    return [(ids[:seq_len].copy(), trained[:seq_len].copy())]
 
 
 def mix_sources(

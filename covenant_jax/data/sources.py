@@ -25,29 +25,31 @@ class BadRow:
     detail: str = ""
 
 
-def read_rows(source: Any) -> list[dict | BadRow]:
+def read_rows(source: Any, max_rows: int = 0) -> list[dict | BadRow]:
     """Returns the rows of `source`: a .jsonl/.json/.parquet path, a list of dicts, or an HF
-    `datasets.Dataset` (anything with `column_names` that iterates over dict rows)."""
+    `datasets.Dataset` (anything with `column_names` that iterates over dict rows). With
+    max_rows > 0 only the first max_rows rows (a JSONL file is read no further)."""
+    limit = max_rows if max_rows > 0 else None
     if isinstance(source, (str, os.PathLike)):
-        return _read_path(os.fspath(source))
+        return _read_path(os.fspath(source), limit)[:limit]
     if isinstance(source, (list, tuple)):
-        return list(source)
+        return list(source[:limit])
     if hasattr(source, "column_names"):  # datasets.Dataset; optional dependency, duck-typed.
-        return [dict(row) for row in source]
+        return [dict(row) for row, _ in zip(source, range(limit or len(source)))]
     raise TypeError(
         f"Unsupported data source {type(source).__name__}: expected a path, "
         "a list of dicts or a datasets.Dataset"
     )
 
 
-def _read_path(path: str) -> list[dict | BadRow]:
+def _read_path(path: str, limit: int | None = None) -> list[dict | BadRow]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"Data file not found: {path}")
     if os.path.isdir(path):
         return _read_hf_dir(path)
     ext = path.lower().rsplit(".", 1)[-1]
     if ext == "jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, limit)
     if ext == "json":
         return _read_json(path)
     if ext == "parquet":
@@ -55,12 +57,16 @@ def _read_path(path: str) -> list[dict | BadRow]:
     raise UserError(f"{path}: unknown data file extension {ext!r} (use .jsonl, .json, .parquet)")
 
 
-def _read_jsonl(path: str) -> list[dict | BadRow]:
+def _read_jsonl(path: str, limit: int | None = None) -> list[dict | BadRow]:
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            rows.append(_parse_jsonl_line(raw, f"{path}:{lineno}"))
-    return [r for r in rows if r is not None]
+            if limit is not None and len(rows) >= limit:
+                break
+            row = _parse_jsonl_line(raw, f"{path}:{lineno}")
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
 def _parse_jsonl_line(raw: bytes, where: str) -> dict | BadRow | None:

@@ -17,6 +17,7 @@ role; the system text is prepended to the first user turn, as Gemma's own templa
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jinja2
@@ -144,20 +145,71 @@ def _common_prefix_len(a: str, b: str) -> int:
     return n
 
 
+# Texts per tokenizer batch call: the Rust tokenizer encodes a batch in parallel; bounded so the
+# Encoding objects (ids, offsets, ...) of one batch stay small next to the int32 arrays kept.
+TOKENIZE_BATCH = 64
+# Raw text longer than this is cut (at places that cannot change its tokens) and the pieces are
+# encoded as one batch: memory stays bounded and the pieces are encoded in parallel.
+TEXT_CHUNK_CHARS = 1 << 15
+
+
 def encode_chat(
     template: ChatTemplate, messages: list[dict], loss_on: str = "assistant"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [T] int32 and trained flags [T] bool for one conversation."""
+    (out,) = encode_chats(template, [messages], loss_on)
+    if isinstance(out, InvalidRow):
+        raise out
+    return out
+
+
+def encode_chats(
+    template: ChatTemplate, conversations: list[list[dict]], loss_on: str = "assistant"
+) -> list[tuple[np.ndarray, np.ndarray] | InvalidRow]:
+    """`encode_chat` for many conversations, tokenised in batches with the fast tokenizer's
+    batch API; a conversation the template rejects gives its InvalidRow in its place."""
     if loss_on not in LOSS_ON:
         raise UserError(f"loss_on={loss_on!r}; expected one of {LOSS_ON}")
-    text, spans = template.assistant_spans(messages)
-    if loss_on == "last_assistant":
-        spans = spans[-1:]
-    enc = template.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], np.int32)
-    if loss_on == "all":
-        return ids, np.ones(len(ids), bool)
-    return ids, tokens_in_spans(np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2), spans)
+    out: list = [None] * len(conversations)
+    rendered = []  # (index, text, spans)
+    for i, messages in enumerate(conversations):
+        try:
+            text, spans = template.assistant_spans(messages)
+        except InvalidRow as e:
+            out[i] = e
+            continue
+        rendered.append((i, text, spans[-1:] if loss_on == "last_assistant" else spans))
+    encoded = _encode_batch(template.tokenizer, [t for _, t, _ in rendered], offsets=True)
+    for (i, _, spans), (ids, offsets) in zip(rendered, encoded, strict=True):
+        trained = np.ones(len(ids), bool) if loss_on == "all" else tokens_in_spans(offsets, spans)
+        out[i] = (ids, trained)
+    return out
+
+
+def _encode_batch(tokenizer, texts: list[str], offsets: bool = False):
+    """[(ids int32 [T], offsets int64 [T, 2] or None)] per text, without special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # `encode_batch_fast` (tokenizers >= 0.20) skips the offsets.
+        fast = getattr(backend, "encode_batch_fast", None)
+        encode = backend.encode_batch if offsets or fast is None else fast
+    out = []
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        batch = texts[start : start + TOKENIZE_BATCH]
+        if backend is not None:
+            encs = encode(batch, add_special_tokens=False)
+            pairs = [(e.ids, e.offsets if offsets else None) for e in encs]
+        else:  # Not a fast tokenizer: its own (per-text) encoding.
+            encs = [
+                tokenizer(t, add_special_tokens=False, return_offsets_mapping=offsets)
+                for t in batch
+            ]
+            pairs = [(e["input_ids"], e["offset_mapping"] if offsets else None) for e in encs]
+        for ids, offs in pairs:
+            out.append((
+                np.asarray(ids, np.int32),
+                None if offs is None else np.asarray(offs, np.int64).reshape(-1, 2),
+            ))  # fmt: skip
+    return out
 
 
 def tokens_in_spans(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -171,7 +223,84 @@ def tokens_in_spans(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.nda
 
 def encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     """Raw document: BOS + text + EOS (when the tokenizer has them), every token trained."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_texts(tokenizer, [text])[0]
+
+
+def encode_texts(
+    tokenizer, texts: list[str], chunk_chars: int = TEXT_CHUNK_CHARS
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`encode_text` for many documents. Work is linear in the text length: a long document is
+    cut into pieces of about `chunk_chars` characters at places where the tokenizer's
+    pre-tokenizer has a boundary anyway (so the tokens are exactly those of the whole text),
+    and all pieces are encoded in batches; tokenizers where that cannot be checked (one with a
+    normalizer, or no pre-tokenizer) encode each document whole."""
+    can_cut = _can_cut(tokenizer)
+    pieces, owner = [], []
+    for i, text in enumerate(texts):
+        parts = _cut_text(tokenizer, text, chunk_chars) if can_cut else [text]
+        pieces += parts
+        owner += [i] * len(parts)
+    per_doc: list[list[np.ndarray]] = [[] for _ in texts]
+    for i, (ids, _) in zip(owner, _encode_batch(tokenizer, pieces), strict=True):
+        per_doc[i].append(ids)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
-    return np.asarray(ids, np.int32), np.ones(len(ids), bool)
+    head = np.asarray([bos] if bos is not None else [], np.int32)
+    tail = np.asarray([eos] if eos is not None else [], np.int32)
+    out = []
+    for parts in per_doc:
+        ids = np.concatenate([head, *parts, tail])
+        out.append((ids, np.ones(len(ids), bool)))
+    return out
+
+
+def _can_cut(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None or backend.pre_tokenizer is None:
+        return False
+    # An added (special) token spanning a space could be cut in two.
+    return not any(" " in t for t in getattr(tokenizer, "added_tokens_encoder", {}))
+
+
+_WINDOW = 64  # Characters of context either side when checking a cut.
+
+
+def _cut_text(tokenizer, text: str, size: int) -> list[str]:
+    """`text` cut before single spaces between non-space characters, about every `size`
+    characters, at places the pre-tokenizer (run on a window around each) never spans."""
+    if len(text) <= size:
+        return [text]
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    parts, start = [], 0
+    while len(text) - start > size:
+        cut = _find_cut(pre, text, start + size // 2, start + size)
+        if cut is None:
+            break  # No safe place: the rest stays whole.
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts
+
+
+def _find_cut(pre, text: str, lo: int, hi: int) -> int | None:
+    """A safe cut in [lo, hi], searched backwards from hi; else the first one after hi."""
+    i = text.rfind(" ", lo, hi + 1)
+    while i >= lo:
+        if _safe_cut(pre, text, i):
+            return i
+        i = text.rfind(" ", lo, i)
+    for m in _CANDIDATE.finditer(text, hi):
+        if _safe_cut(pre, text, m.start()):
+            return m.start()
+    return None
+
+
+_CANDIDATE = re.compile(r"(?<=\S) (?=\S)")
+
+
+def _safe_cut(pre, text: str, i: int) -> bool:
+    if not (0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()):
+        return False
+    lo = max(0, i - _WINDOW)
+    window = text[lo : i + _WINDOW]
+    cut = i - lo
+    return all(e <= cut or s >= cut for _, (s, e) in pre.pre_tokenize_str(window))

@@ -117,6 +117,25 @@ def test_every_bad_input_is_counted_by_reason(tmp_path):
     assert "overlength_dropped=1" in str(report) and path in str(report)
 
 
+def test_max_rows_reads_only_the_first_rows_of_a_jsonl_file(tmp_path):
+    rows = [common.chat_row(i) for i in range(4)]
+    path = tmp_path / "d.jsonl"
+    # Blank lines are not rows; an undecodable line is one (it is counted as skipped).
+    lines = [rows[0], b"", b"{bad", b""] + rows[1:] + [b"{truncated"]
+    encoded = [x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines]
+    path.write_bytes(b"\n".join(encoded))
+    got = sources.read_rows(path, max_rows=3)
+    assert got[0] == rows[0] and got[1].reason == "invalid_json" and got[2] == rows[1]
+    assert len(sources.read_rows(path)) == 6
+    report = pipeline.build_pipeline(
+        _cfg(sources=[{"path": str(path), "max_rows": 4}]),
+        common.word_tokenizer(),
+        process_index=0,
+        process_count=1,
+    ).report.sources[0]
+    assert (report.rows, report.train, dict(report.skipped)) == (4, 3, {"invalid_json": 1})
+
+
 def test_nothing_valid_raises_naming_the_file(tmp_path):
     path = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": _msgs((U, "w1"))}] * 3)
     with pytest.raises(ValueError, match=r"bad\.jsonl.*no valid rows.*no_assistant"):
@@ -173,6 +192,8 @@ def test_readers_json_parquet_and_dataset_objects(tmp_path):
         column_names = ["messages"]
 
     assert sources.read_rows(FakeHFDataset(rows)) == rows
+    for src in (tmp_path / "a.json", tmp_path / "c.parquet", rows, FakeHFDataset(rows)):
+        assert sources.read_rows(src, max_rows=2) == rows[:2]
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         sources.read_rows(tmp_path / "nope.jsonl")
 

@@ -228,3 +228,77 @@ def test_config_dict_and_errors():
         _build([{"dataset": _rows(5)}], overlength="wrap")
     with pytest.raises(ValueError, match=r"sources\[0\]: unknown key.*wieght"):
         _build([{"dataset": _rows(5), "wieght": 2.0}])
+
+
+def _text_build(docs, **kw):
+    return _build([{"dataset": [{"text": d} for d in docs], "format": "text"}], **kw)
+
+
+def test_split_cuts_a_long_document_into_consecutive_pieces():
+    tok = common.word_tokenizer()
+    long_doc = common.words(1, 100)  # 102 tokens with <bos>/<eos>: pieces 32, 32, 32, 6.
+    short = [common.words(200 + i, 5 + i) for i in range(3)]
+    data = _text_build([long_doc] + short, overlength="split", batch_size=2)
+    whole = templates.encode_text(tok, long_doc)[0].tolist()
+    assert len(whole) == 102
+    pieces = [tuple(whole[s : s + SEQ]) for s in range(0, len(whole), SEQ)]
+    assert len(pieces) == -(-len(whole) // SEQ) == 4
+    assert [t for p in pieces for t in p] == whole and max(map(len, pieces)) <= SEQ
+    samples = _samples(data.train)  # Also checks positions, segments, targets per sample.
+    want = pieces + [tuple(templates.encode_text(tok, d)[0].tolist()) for d in short]
+    assert collections.Counter(t for t, _ in samples) == collections.Counter(want)
+    assert all(mask and all(m == 1.0 for m in mask) for _, mask in samples), "all trained"
+    s = data.report.sources[0]
+    assert (s.split, s.pieces, s.pieces_dropped, s.train, s.truncated) == (1, 4, 0, 7, 0)
+    assert s.tokens == sum(map(len, want)) and "split 1 into 4 pieces" in str(s)
+
+
+def test_split_drops_and_counts_pieces_without_a_target():
+    tok = common.word_tokenizer()
+    doc = common.words(3, SEQ - 1)  # SEQ + 1 tokens: a piece of SEQ and one of a single token.
+    data = _text_build([doc, common.words(9, 4)], overlength="split")
+    s = data.report.sources[0]
+    assert (s.split, s.pieces, s.pieces_dropped, s.train) == (1, 1, 1, 2)
+    first = tuple(templates.encode_text(tok, doc)[0][:SEQ].tolist())
+    assert first in [t for t, _ in _samples(data.train)]
+
+
+def test_split_chat_rows_keep_each_pieces_trained_mask():
+    long_user = common.chat_row(100, n_user=70, n_asst=5)
+    rows = _rows(5) + [long_user]
+    data = _build([{"dataset": rows}], overlength="split")
+    tpl = templates.ChatTemplate(common.word_tokenizer(), "chatml")
+    ids, trained = templates.encode_chat(tpl, long_user["messages"])
+    pieces = [(ids[s : s + SEQ], trained[s : s + SEQ]) for s in range(0, len(ids), SEQ)]
+    kept = [
+        (tuple(i.tolist()), tuple(t[1:].astype(float).tolist()))
+        for i, t in pieces
+        if t[1:].any()
+    ]
+    assert 0 < len(kept) < len(pieces)  # The user-only pieces are dropped.
+    s = data.report.sources[0]
+    assert (s.split, s.pieces, s.pieces_dropped) == (1, len(kept), len(pieces) - len(kept))
+    assert collections.Counter(_samples(data.train)) == collections.Counter(
+        _expected(_rows(5)) + kept
+    )
+
+
+@pytest.mark.parametrize("make", [common.bpe_tokenizer, common.word_tokenizer])
+def test_long_text_is_tokenised_in_exact_chunks(make, monkeypatch):
+    tok = make()
+    text = " ".join(
+        f"hello world,  how are you?\n\nfine thanks {i}. the answer is forty two w{i % 300}"
+        for i in range(60)
+    ) + " héllo  wörld 日本語"
+    whole = templates.encode_texts(tok, [text], chunk_chars=10**9)[0][0]
+    parts = templates._cut_text(tok, text, 200)  # pylint: disable=protected-access
+    assert len(parts) > 10 and "".join(parts) == text
+    calls = []
+    real = templates._encode_batch  # pylint: disable=protected-access
+    monkeypatch.setattr(
+        templates, "_encode_batch", lambda t, x, **k: calls.append(x) or real(t, x, **k)
+    )
+    chunked, trained = templates.encode_texts(tok, [text, "hello"], chunk_chars=200)[0]
+    assert len(calls[0]) > 10, "the pieces were encoded as a batch"
+    np.testing.assert_array_equal(chunked, whole)
+    assert trained.all() and chunked[0] == tok.bos_token_id and chunked[-1] == tok.eos_token_id
