@@ -28,7 +28,7 @@ def get_config():
     cfg.data.sources = [dict(path="data/long_docs.jsonl", format="text")]
     cfg.data.seq_len = 32768
     cfg.data.batch_size = 64
-    cfg.data.overlength = "truncate"
+    cfg.data.overlength = "split"  # long documents become consecutive seq_len pieces
     cfg.optim.lr = 2e-5
     cfg.optim.warmup_steps = 20
     cfg.optim.schedule = "constant"

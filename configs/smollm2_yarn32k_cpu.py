@@ -23,7 +23,7 @@ def get_config(variant: str = ""):
     cfg.data.sources = [dict(path="material/long_text.jsonl", format="text")]
     cfg.data.seq_len = 32768
     cfg.data.batch_size = 1
-    cfg.data.overlength = "truncate"
+    cfg.data.overlength = "split"  # long documents become consecutive seq_len pieces
     cfg.data.eval_count = 2
     cfg.optim.lr = 2e-5
     cfg.optim.warmup_steps = 1

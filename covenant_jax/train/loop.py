@@ -8,6 +8,7 @@ run (the step skipped the update on device, so the last checkpoint and the state
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -95,7 +96,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
 
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
     model = _load(cfg, mesh)
-    recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"])
+    recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
     _check_vocab(tokenizer, model)
     data = data_pipeline.build_pipeline(cfg.data, tokenizer)
@@ -108,7 +109,8 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+    if jax.process_index() == 0:  # one writer
+        (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
     ckpt = checkpoint.RunCheckpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints,
                                       cfg.train.async_checkpoint)
     train_iter = iter(data.train)
@@ -116,7 +118,8 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     if cfg.train.resume and ckpt.latest_step() is not None:
         start = ckpt.latest_step()
         state = ckpt.restore(start, state_lib.abstract_like(state, shardings), train_iter)
-        print(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+        if jax.process_index() == 0:
+            print(f"resumed from {run_dir / 'checkpoints'} at step {start}")
     writer = metrics_lib.MetricsWriter(run_dir, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
@@ -148,6 +151,15 @@ def model_options(cfg) -> ModelOptions:
                         remat=cfg.model.remat, attention=cfg.model.attention)
 
 
+def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zig-zag context parallelism balances causal work by reordering T once, on the host."""
+    if run.cfg.model.attention == "context_zigzag":
+        from covenant_jax.model.context_parallel import zigzag_permute
+
+        return zigzag_permute(batch, run.mesh.shape["context"])
+    return batch
+
+
 def _device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_batches: int | None):
     """Host batch [rows, T] (this process's rows) -> global arrays, [A, b, T] when micro-batched."""
     def put(x):
@@ -161,16 +173,36 @@ def _device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_b
     return {k: put(v) for k, v in batch.items()}
 
 
+def _padding_batch(data: data_pipeline.DataPipeline) -> dict[str, np.ndarray]:
+    """A batch of padding rows (no tokens, no loss): what a process feeds once its share ends."""
+    shape = (data.rows_per_process, data.seq_len)
+    pad = np.full(shape, data.pad_id, np.int32)
+    zeros = np.zeros(shape, np.int32)
+    return {"tokens": pad, "targets": pad, "loss_mask": np.zeros(shape, np.float32),
+            "segment_ids": zeros, "positions": zeros}
+
+
 def evaluate(run: Run, params: dict) -> float | None:
     if run.data.eval is None:
         return None
     eval_sharding = run.eval_sharding
+    batches = itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None)
     total, count = 0.0, 0.0
-    for i, batch in enumerate(run.data.eval):
-        if run.cfg.train.eval_batches and i >= run.cfg.train.eval_batches:
+    while True:
+        batch = next(batches, None)
+        if jax.process_count() > 1:
+            # Each process packs its own share of the eval rows, so their batch counts can
+            # differ; all must run the same (collective) steps: go on while any has a batch,
+            # the others feeding no-loss padding.
+            from jax.experimental import multihost_utils
+
+            if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
+                break
+            batch = _padding_batch(run.data) if batch is None else batch
+        elif batch is None:
             break
         with activation_sharding(run.mesh):
-            loss_sum, n = run.eval_step(params, _device_batch(batch, eval_sharding, None))
+            loss_sum, n = run.eval_step(params, _device_batch(_host_layout(run, batch), eval_sharding, None))
         total, count = total + float(loss_sum), count + float(n)
     return total / count if count else None
 
@@ -251,7 +283,7 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
                 print(f"eval loss before training: {last_eval:.4f}")
     try:
         for step in range(run.start_step + 1, t.steps + 1):
-            batch = _device_batch(next(run.train_iter), run.batch_sharding, t.micro_batches)
+            batch = _device_batch(_host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches)
             with activation_sharding(run.mesh):
                 state, m = run.train_step(state, batch)
             if pending is not None:

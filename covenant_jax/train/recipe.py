@@ -59,7 +59,8 @@ def rope_override(model_cfg: ModelConfig, section) -> ModelConfig:
     return model_cfg.with_rope(rope, max_pos)
 
 
-def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int) -> None:
+def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int,
+             context: int = 1) -> None:
     """Mistakes that would otherwise surface as a failed compile or a silent wrong run."""
     t, d = cfg.train, cfg.data
     if not cfg.model.path:
@@ -76,6 +77,12 @@ def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_sh
         raise UserError(
             f"micro-batch of {micro} rows (data.batch_size / train.micro_batches) does not divide "
             f"over the {num_data_shards} data-parallel shards (mesh data x fsdp)"
+        )
+    chunks = 2 * context if cfg.model.attention == "context_zigzag" else context
+    if d.seq_len % chunks:
+        raise UserError(
+            f"data.seq_len={d.seq_len} must be divisible by {chunks} "
+            f"({'2 x ' if chunks != context else ''}mesh.context={context})"
         )
     if t.steps <= 0:
         raise UserError(f"train.steps={t.steps} must be positive")
