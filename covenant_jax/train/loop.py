@@ -262,8 +262,9 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
         m = jax.device_get(m)
         if not m["finite"]:
             raise NonFiniteLoss(
-                f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-                f"grad_norm={float(m['grad_norm'])}); the update was skipped, the last checkpoint "
+                f"non-finite loss or gradient at step {step}, on the run's batch #{step} "
+                f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); the update was "
+                f"skipped, the last checkpoint "
                 f"({run.checkpointer.latest_step()}) is intact. Lower optim.lr or check the data."
             )
         now = time.time()
