@@ -145,6 +145,14 @@ def cmd_plan(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covenant-jax", description=__doc__)
+    dist = parser.add_argument_group(
+        "multi-process (give these before the verb, the same on every process but --process-id; "
+        "on TPU pods / SLURM / with JAX_COORDINATOR_ADDRESS they are detected)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address [COVENANT_COORDINATOR]")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="[COVENANT_NUM_PROCESSES]")
+    dist.add_argument("--process-id", type=int, metavar="I", help="0..N-1 [COVENANT_PROCESS_ID]")
+    dist.add_argument("--init-timeout", type=int, metavar="S",
+                      help="seconds to wait for every process to connect (default 300) [COVENANT_INIT_TIMEOUT]")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     convert = verbs.add_parser("convert", help="convert checkpoints between HF and JAX")
@@ -227,13 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from covenant_jax.parallel import distributed  # no JAX import at module level
 
+    args = build_parser().parse_args(argv)
     try:
+        # Before the verb touches JAX; a no-op for a single process (flags, env and cluster unset).
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
         return args.fn(args)
     except USER_ERRORS as e:
         print(f"covenant-jax: error: {e}", file=sys.stderr)
+        distributed.abandon(EXIT_BAD_INPUT)  # multi-process: do not wait on the peers
         return EXIT_BAD_INPUT
+    except BaseException:
+        if distributed.is_multiprocess():  # a bug on one process: traceback, then exit now
+            import traceback
+
+            traceback.print_exc()
+            distributed.abandon(1)
+        raise
 
 
 if __name__ == "__main__":

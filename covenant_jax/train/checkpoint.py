@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+
+from covenant_jax.convert.hf_files import CheckpointError
 
 
 class RunCheckpointer:
@@ -20,8 +23,9 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         )
+        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(), options=options, item_names=("state", "data", "config"),
+            self.directory, options=options, item_names=("state", "data", "config"),
         )
 
     def latest_step(self) -> int | None:
@@ -36,6 +40,15 @@ class RunCheckpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """Restores the state onto the abstract target's shardings and the iterator in place."""
+        # Grain keeps one iterator-state file per process: a different process count cannot resume.
+        data_dir = self.directory / str(step) / "data"
+        mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if data_dir.is_dir() and not (data_dir / mine).is_file():
+            found = sorted(p.name for p in data_dir.glob("process_*.json"))
+            raise CheckpointError(
+                f"{self.directory / str(step)} was written by a different number of processes "
+                f"(data iterator states {found}); this run has {jax.process_count()}: resume with "
+                f"the same process count, or train into a new run_dir")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),

@@ -1,0 +1,13 @@
+"""The recipe the multi-process test trains, in both the worker processes and the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.train import common
+
+
+def recipe(root: Path, model: Path, data: Path, **train):
+    cfg = common.tiny_recipe(Path(root), Path(model), Path(data), **{"steps": 6, "eval_every": 3, **train})
+    cfg.optim.schedule = "constant"  # the train step's program does not depend on train.steps
+    return cfg
