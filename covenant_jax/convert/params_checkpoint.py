@@ -36,7 +36,7 @@ def is_params_checkpoint(path: str | Path) -> bool:
 
 def save_params(model: Llama, out_dir: Path) -> None:
     """Writes params/, config.json and covenant.json into ``out_dir`` (which must exist)."""
-    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     checkpointer = ocp.PyTreeCheckpointer()
     checkpointer.save(out_dir / PARAMS, pure)
     if jax.process_index() == 0:
@@ -76,10 +76,10 @@ def load_params_checkpoint(
     opts = opts or ModelOptions(param_dtype=stored_dtype, dtype=stored_dtype)
     graphdef, params, rest, abstract = _abstract_params(cfg, opts, mesh or make_mesh(), rules)
     stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype, sharding=a.sharding),
-                          abstract.to_pure_dict())
+                          nnx.to_pure_dict(abstract))
     restored = _restore(Path(ckpt_dir), stored, partial=False)
     restored = jax.tree.map(lambda x: x.astype(opts.param_dtype), restored)
-    params.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
 
 
