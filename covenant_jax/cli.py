@@ -130,10 +130,31 @@ def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the numbers as JSON here")
 
 
+def _plan_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    p.add_argument("--topology", default=None,
+                   help="v5p-256 (v4/v5p: TensorCores), v5e-64 / v6e-256 (chips), v5p:4x4x8, v5e:16x16, h100:8")
+    p.add_argument("--json", action="store_true", default=None if not defaults else False,
+                   help="print the plan as JSON")
+    p.add_argument("--no-search", action="store_true", default=None if not defaults else False,
+                   help="do not search for a variant that fits")
+    p.add_argument("--max-candidates", type=int, default=None if not defaults else 6,
+                   help="compiles the search may spend (default 6)")
+    p.add_argument("--hbm-gib", type=float, help="memory per device to plan against (default: the chip's HBM)")
+
+
 def cmd_plan(args) -> int:
     from covenant_jax import plan as plan_lib
 
-    cfg = load_recipe(args.config, args.overrides)
+    # Options may come before or after CONFIG; what follows CONFIG also holds the --config.* overrides.
+    late = argparse.ArgumentParser(prog="covenant-jax plan", add_help=False)
+    _plan_options(late, defaults=False)
+    after, overrides = late.parse_known_args(args.overrides)
+    for key, value in vars(after).items():
+        if value is not None:
+            setattr(args, key, value)
+    if not args.topology:
+        raise UserError("plan needs --topology, e.g. --topology v5p-256")
+    cfg = load_recipe(args.config, overrides)
     result = plan_lib.plan(
         cfg, args.topology, search=not args.no_search, max_candidates=args.max_candidates,
         hbm_bytes=int(args.hbm_gib * plan_lib.GiB) if args.hbm_gib else None, recipe_name=args.config,
@@ -222,12 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "micro-batches / mesh / loss-chunk changes and report the first that fits. "
                     "GPU targets (h100:8) get an analytic estimate. Exit 1 when it does not fit.")
     pl.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/covenant72b_sft.py:8k)")
-    pl.add_argument("--topology", required=True,
-                    help="v5p-256 (v4/v5p: TensorCores), v5e-64 / v6e-256 (chips), v5p:4x4x8, v5e:16x16, h100:8")
-    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
-    pl.add_argument("--no-search", action="store_true", help="do not search for a variant that fits")
-    pl.add_argument("--max-candidates", type=int, default=6, help="compiles the search may spend")
-    pl.add_argument("--hbm-gib", type=float, help="memory per device to plan against (default: the chip's HBM)")
+    _plan_options(pl, defaults=True)
     pl.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
     pl.set_defaults(fn=cmd_plan)
 

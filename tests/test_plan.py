@@ -1,0 +1,157 @@
+"""`plan`: the real TPU compiler (libtpu, no TPU) on a tiny model; analytic checks of its numbers."""
+
+import json
+import math
+
+import pytest
+
+from covenant_jax import plan as plan_lib
+from covenant_jax.cli import load_recipe, main
+from covenant_jax.train import recipe
+from covenant_jax.train.metrics import train_flops_per_token
+
+pytest.importorskip("libtpu", reason="plan needs libtpu: pip install -e '.[tpu]'")
+
+# Shard shapes are multiples of the TPU's (8, 128) float32 tiles, so the compiler's argument
+# bytes equal the analytic ones (no tile padding): 16 heads of 128 over tensor=2, 8 layers.
+TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=1024, hidden_size=256,
+            intermediate_size=512, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+            head_dim=128, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+            tie_word_embeddings=False)
+TOPOLOGY = "v5e:2x2"  # 4 chips, 16 GiB each
+
+
+RECIPE = """
+from covenant_jax.train.recipe import default_config
+
+
+def get_config():
+    cfg = default_config()
+    cfg.model.path = {path!r}
+    cfg.model.attention = "naive"
+    cfg.model.dtype = "bfloat16"
+    cfg.model.remat = "save_dots"
+    cfg.data.seq_len, cfg.data.batch_size = 2048, 16
+    cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2
+    return cfg
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    (path / "config.json").write_text(json.dumps(TINY))
+    (path / "recipe.py").write_text(RECIPE.format(path=str(path)))
+    return str(path / "recipe.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny_recipe):
+    return load_recipe(tiny_recipe, [])
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tiny_cfg):
+    return plan_lib.plan(tiny_cfg, TOPOLOGY, search=False)
+
+
+def _params_per_device(c: dict, fsdp: int, tensor: int) -> int:
+    """Every matrix is split over fsdp (hidden) x tensor (heads / mlp / vocab); norms replicated."""
+    d, f, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    n, k, h = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    matrices = 2 * v * d + layers * (d * n * h * 2 + d * k * h * 2 + 3 * d * f)
+    norms = (2 * layers + 1) * d
+    return matrices // (fsdp * tensor) + norms
+
+
+def test_topology_names():
+    assert plan_lib.parse_topology("v5p-256") == ("tpu", "v5p", "v5p:4x4x8")  # 256 cores = 128 chips
+    assert plan_lib.parse_topology("v5p-512")[2] == "v5p:4x8x8"
+    assert plan_lib.parse_topology("v5e-64")[2] == "v5e:8x8"
+    assert plan_lib.parse_topology("v5litepod-256")[2] == "v5e:16x16"
+    assert plan_lib.parse_topology("v4-128")[2] == "v4:4x4x4"
+    assert plan_lib.parse_topology("v5e:16x16")[2] == "v5e:16x16"
+    assert plan_lib.parse_topology("h100:8") == ("gpu", "h100", "8")
+    topo = plan_lib.resolve_topology("v5p-256")
+    assert (topo.chips, topo.num_devices, topo.hbm_per_device) == (128, 128, 95 * plan_lib.GiB)
+
+
+@pytest.mark.parametrize("name", ["tpu9-64", "v5p-3", "v7x"])
+def test_unknown_topology_is_named(name):
+    with pytest.raises(plan_lib.PlanError, match=name):
+        plan_lib.resolve_topology(name)
+
+
+def test_tiny_plan_fits_and_arguments_are_the_state(tiny_plan, tiny_cfg):
+    m = tiny_plan.attempt.memory
+    assert tiny_plan.fits is True and not m.estimate
+    assert min(m.arguments, m.outputs, m.temporaries, m.generated_code, m.peak) > 0
+    params = 4 * _params_per_device(TINY, fsdp=2, tensor=2)  # float32
+    assert m.params == params
+    # AdamW: two float32 moments per parameter, plus a few scalars (count, apply_if_finite)
+    assert m.opt_state == pytest.approx(2 * params, abs=256)
+    rows, t = tiny_cfg.data.batch_size // 2, tiny_cfg.data.seq_len  # rows split over fsdp=2
+    batch = 5 * rows * t * 4
+    assert m.arguments == pytest.approx(3 * params + batch, rel=0.01)
+    assert m.aliased == pytest.approx(3 * params, rel=0.01)  # the donated state is updated in place
+    flops = tiny_plan.to_dict()["flops"]
+    tokens = tiny_cfg.data.batch_size * tiny_cfg.data.seq_len
+    assert flops["model_flops_per_step"] == pytest.approx(
+        train_flops_per_token(plan_lib.model_config(tiny_cfg), tiny_cfg.data.seq_len) * tokens)
+    assert flops["model_flops_per_chip"] == flops["model_flops_per_step"] / 4
+    assert flops["compiled_flops_per_device"] > 0  # XLA's count: scan bodies once, so not comparable
+
+
+def test_not_fitting_is_detected_and_a_fix_is_suggested(tiny_plan, tiny_cfg):
+    # Without remat, naive attention keeps every layer's [rows, heads, T, T] probabilities: 8
+    # layers x 8 rows x 8 heads x 2048^2 x 4 bytes = 16 GiB of temporaries per chip, over the v5e's
+    # 16 GiB; save_dots (the tiny recipe) fits, and its compile is the memoised one from tiny_plan.
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.model.remat = "none"
+    p = plan_lib.plan(cfg, TOPOLOGY, max_candidates=1)
+    assert p.fits is False and p.attempt.memory.peak > 16 * plan_lib.GiB
+    assert p.attempt.memory.temporaries > 15 * plan_lib.GiB
+    assert p.suggestion is not None and p.suggestion.changes == {"model.remat": "save_dots"}
+    assert p.suggestion.memory == tiny_plan.attempt.memory and p.suggestion.fits
+    assert "suggestion: --config.model.remat=save_dots" in plan_lib.report(p)
+
+
+def test_state_larger_than_hbm_is_ruled_out_without_compiling(tiny_plan, tiny_cfg):
+    p = plan_lib.plan(tiny_cfg, TOPOLOGY, hbm_bytes=1024)  # the baseline compile is memoised
+    assert p.fits is False and p.suggestion is None
+    assert p.tried and all(t.skipped for t in p.tried)
+
+
+def test_mesh_errors(tiny_cfg):
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.mesh.fsdp, cfg.mesh.tensor = 3, 1
+    with pytest.raises(plan_lib.PlanError, match="4"):
+        plan_lib.plan(cfg, TOPOLOGY)
+    cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4
+    ok = plan_lib.check_mesh(cfg, plan_lib.model_config(cfg), {"data": 1, "fsdp": 1, "context": 1, "tensor": 4})
+    assert ok == []
+    cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1
+    cfg.data.batch_size = 6
+    with pytest.raises(plan_lib.PlanError, match="data-parallel"):
+        plan_lib.plan(cfg, TOPOLOGY)
+
+
+def test_gpu_is_an_estimate(tiny_cfg):
+    p = plan_lib.plan(tiny_cfg, "h100:4")
+    m = p.attempt.memory
+    assert m.estimate and p.fits is True and any("ESTIMATE" in w for w in p.warnings)
+    assert m.params == 4 * _params_per_device(TINY, fsdp=2, tensor=2)
+    assert "(ESTIMATE)" in plan_lib.report(p)
+
+
+def test_cli_json(tiny_recipe, tiny_plan, capsys):
+    # the compile is memoised from tiny_plan (same process, same recipe)
+    rc = main(["plan", tiny_recipe, "--topology", TOPOLOGY, "--json", "--no-search",
+               "--config.train.steps=100"])  # an override that changes nothing
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] is True
+    assert out["topology"]["libtpu_topology"] == TOPOLOGY and out["mesh"]["fsdp"] == 2
+    assert out["memory_per_device"] == tiny_plan.attempt.memory.to_dict()
+    assert math.isfinite(out["flops"]["model_flops_per_step"])
+    assert main(["plan", tiny_recipe, "--topology", "tpu9-64"]) == 2
+    assert "tpu9-64" in capsys.readouterr().err
