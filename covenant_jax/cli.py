@@ -36,8 +36,7 @@ def cmd_hf_to_jax(args) -> int:
 def cmd_jax_to_hf(args) -> int:
     from covenant_jax.convert.api import jax_to_hf
 
-    out = jax_to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, mesh=_mesh_arg(args.mesh),
-                    max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
+    out = jax_to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -182,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     h2j.add_argument("hf_dir")
     h2j.add_argument("out_dir")
     h2j.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    h2j.add_argument("--mesh", help="e.g. fsdp=4,tensor=2 (default: fsdp over all devices)")
+    h2j.add_argument("--mesh", help="the mesh the stored chunks are cut for, e.g. fsdp=4,tensor=2 "
+                     "(default: fsdp over all devices); any mesh can restore it")
     h2j.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     h2j.set_defaults(fn=cmd_hf_to_jax)
 
@@ -191,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     j2h.add_argument("out_dir")
     j2h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the stored dtype")
     j2h.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size cap (GB)")
-    j2h.add_argument("--mesh", help="mesh to restore onto, e.g. fsdp=8")
     j2h.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     j2h.set_defaults(fn=cmd_jax_to_hf)
 

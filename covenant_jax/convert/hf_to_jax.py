@@ -1,9 +1,15 @@
-"""HF folder -> Llama whose parameters are created directly on their mesh shardings.
+"""HF folder -> parameters, two ways.
 
-Decision 4: the model is built abstractly (``nnx.eval_shape``), shardings are derived from
-the logical axes, and each array is made with ``jax.make_array_from_callback``: each device's
-callback reads just that device's slice from the memory-mapped file. With several processes,
-each process only reads the slices its own devices hold.
+:func:`load_hf` builds a live Llama whose parameters are created directly on their mesh
+shardings (decision 4): the model is built abstractly (``nnx.eval_shape``), shardings come
+from the logical axes, and each array is made with ``jax.make_array_from_callback``: each
+device's callback reads just that device's slice from the memory-mapped file. With several
+processes, each process only reads the slices its own devices hold.
+
+:func:`stream_hf` writes the converted checkpoint without a live model: each parameter goes
+to disk a unit (a range of HF rows of one layer) at a time (``param_store``), so converting
+costs a few units of memory, not the model's size. Units follow the target mesh's shard
+boundaries, so a restore onto that mesh reads whole chunks.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from covenant_jax.config import ModelConfig
-from covenant_jax.convert import keymap
+from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
@@ -88,3 +94,45 @@ def load_weights(source: WeightSource, cfg: ModelConfig, opts: ModelOptions, mes
             raise AssertionError(f"parameter {'.'.join(path)} has no entry in the key map")
         variable.set_value(_place(source, by_path[path], flat_shardings[path], dtype, cfg.num_hidden_layers))
     return nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+
+
+def _shards_along(sharding, axis: int) -> int:
+    entry = sharding.spec[axis] if axis < len(sharding.spec) else None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    return int(np.prod([sharding.mesh.shape[n] for n in names], dtype=np.int64))
+
+
+def _streamed(source: WeightSource, m: keymap.TensorMap, dtype: np.dtype, num_layers: int,
+              sharding) -> param_store.StreamedParam:
+    layer_axis = 1 if m.stacked else 0
+    pieces = param_store.row_ranges(m.shape, dtype.itemsize, m.split_axis,
+                                    shards=_shards_along(sharding, m.split_axis + layer_axis))
+
+    def read(index: param_store.Index) -> np.ndarray:
+        source.release()  # the previous unit's pages: its write has copied them
+        if m.stacked:
+            return m.read(source.tensor(m.hf_name(index[0].start)), index[1:])[None]
+        return m.read(source.tensor(m.hf_name()), index)
+
+    if m.stacked:
+        shape = (num_layers,) + m.shape
+        units = tuple((slice(layer, layer + 1),) + p for layer in range(num_layers) for p in pieces)
+    else:
+        shape, units = m.shape, tuple(pieces)
+    return param_store.StreamedParam(shape, dtype, units, read, source.dtype(m.hf_name(0 if m.stacked else None)),
+                                     m.storage_order)
+
+
+def stream_hf(source: WeightSource, cfg: ModelConfig, dtype: str, mesh: Mesh, params_dir: Path,
+              rules: Mapping = DEFAULT_RULES) -> None:
+    """Writes ``source``'s weights (see :func:`check_weights`) as the Orbax checkpoint ``params_dir``."""
+    _, state = nnx.split(abstract_model(cfg, ModelOptions(param_dtype=dtype, dtype=dtype)))
+    shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
+    tree: dict = {}
+    for m in keymap.tensor_maps(cfg):
+        node = tree
+        for key in m.path[:-1]:
+            node = node.setdefault(key, {})
+        node[m.path[-1]] = _streamed(source, m, np.dtype(jnp.dtype(dtype)), cfg.num_hidden_layers,
+                                     shardings[m.path])
+    param_store.save_streamed(params_dir, tree)

@@ -1,8 +1,9 @@
 """Parameters -> HF folder (size-capped safetensors shards + index, config, tokenizer).
 
-One parameter is fetched at a time (from a live model, or restored alone from a checkpoint),
-each layer's tensor is gathered to the host, converted by the key map and streamed into the
-shard file; process 0 writes every file. Peak host memory is one stacked parameter.
+Each HF tensor is written in pieces -- ranges of its rows, the same units ``param_store``
+stores -- read one at a time from a checkpoint on disk or gathered from a live model,
+converted by the key map and appended to the shard file. Process 0 writes every file. Peak
+host memory is about one piece.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 
 from covenant_jax.config import ModelConfig
-from covenant_jax.convert import keymap
+from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.safetensors_io import write_safetensors
 from covenant_jax.io import AUX_FILES, copy_aux_files, write_json
 
@@ -31,6 +32,29 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+# (tensor map, index into our array) -> that slice on the host, in our axis order.
+ReadSlice = Callable[[keymap.TensorMap, param_store.Index], np.ndarray]
+
+
+def live_reader(params: dict[tuple[str, ...], jax.Array]) -> ReadSlice:
+    """Slices of a live model's arrays (a collective: every process must call it)."""
+    return lambda m, index: to_host(params[m.path][index])
+
+
+def checkpoint_reader(params_dir: Path) -> ReadSlice:
+    """Slices read from a params checkpoint on disk (no devices, no collectives), laid out in
+    HF memory order so turning them into HF rows is a reshape, not a transpose."""
+    readers: dict[tuple[str, ...], param_store.ParamReader] = {}
+
+    def read(m, index):
+        if m.path not in readers:
+            readers.clear()  # one parameter open at a time
+            readers[m.path] = param_store.ParamReader(params_dir, ".".join(m.path), m.storage_order)
+        return readers[m.path][index]
+
+    return read
+
+
 def _plan_shards(entries, max_shard_bytes: int) -> list[list]:
     shards, size = [[]], 0
     for entry in entries:
@@ -43,11 +67,24 @@ def _plan_shards(entries, max_shard_bytes: int) -> list[list]:
     return shards
 
 
+def _pieces(read: ReadSlice, m: keymap.TensorMap, layer: int | None, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The HF tensor ``m`` (of ``layer``) as consecutive row ranges."""
+    for index in param_store.row_ranges(m.shape, dtype.itemsize, m.split_axis):
+        if layer is None:
+            piece = read(m, index)
+        else:
+            piece = read(m, (slice(layer, layer + 1),) + index)[0]
+        yield np.ascontiguousarray(m.piece_to_hf(piece), dtype=dtype)
+
+
 def export_hf(
-    get_param: Callable[[tuple[str, ...]], jax.Array], cfg: ModelConfig, out_dir: Path,
-    dtype: str, aux_dir: Path | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    read: ReadSlice, cfg: ModelConfig, out_dir: Path, dtype: str, aux_dir: Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, collective: bool = False,
 ) -> list[str]:
-    """Writes the HF folder into ``out_dir`` (an existing, empty folder); returns the weight files."""
+    """Writes the HF folder into ``out_dir`` (an existing, empty folder); returns the weight files.
+
+    ``collective``: ``read`` needs every process (a live model); otherwise only process 0 reads.
+    """
     out_dtype = np.dtype(jax.numpy.dtype(dtype))
     entries = [
         (m.hf_name(layer), layer, m, out_dtype)
@@ -58,24 +95,14 @@ def export_hf(
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     lead = jax.process_index() == 0
-    cache: dict[tuple[str, ...], jax.Array] = {}
-
-    def tensors(shard) -> Iterator[np.ndarray]:
-        for _, layer, m, dt in shard:
-            if m.path not in cache:
-                cache.clear()  # hold one parameter at a time
-                cache[m.path] = get_param(m.path)
-            value = cache[m.path] if layer is None else cache[m.path][layer]
-            yield np.ascontiguousarray(m.to_hf(to_host(value)), dtype=dt)  # one copy, HF layout
-
     for name, shard in zip(names, shards):
-        specs = [(key, m.hf_shape, dt) for key, _, m, dt in shard]
+        tensors = (_pieces(read, m, layer, dt) for _, layer, m, dt in shard)
         if lead:
-            write_safetensors(out_dir / name, specs, tensors(shard))
-        else:  # take part in the gathers, write nothing
-            for _ in tensors(shard):
-                pass
-    cache.clear()
+            write_safetensors(out_dir / name, [(key, m.hf_shape, dt) for key, _, m, dt in shard], tensors)
+        elif collective:  # take part in the gathers, write nothing
+            for pieces in tensors:
+                for _ in pieces:
+                    pass
     if lead:
         _write_side_files(cfg, out_dir, out_dtype, names, shards, aux_dir)
     return names

@@ -40,34 +40,63 @@ class TensorMap:
     def to_ours(self, hf: np.ndarray) -> np.ndarray:
         return (hf.T if self.transpose else hf).reshape(self.shape)
 
-    def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        t = np.asarray(ours).reshape(self._t_shape)
+    def _groups(self) -> list[tuple[int, int]]:
+        """(first axis, axis count) of ours for each axis of the (transposed) HF tensor."""
+        groups, axis = [], 0
+        for t_dim in self._t_shape:
+            start = axis
+            axis += 1
+            while math.prod(self.shape[start:axis]) < t_dim:
+                axis += 1
+            groups.append((start, axis - start))
+        return groups
+
+    @property
+    def split_axis(self) -> int:
+        """Our axis whose ranges are contiguous HF rows (HF axis 0): the unit to stream by."""
+        groups = self._groups()
+        return (groups[-1] if self.transpose else groups[0])[0] if groups else 0
+
+    @property
+    def hf_axis_order(self) -> tuple[int, ...]:
+        """Our axes in HF memory order: ``ours.transpose(hf_axis_order)`` is C-contiguous HF."""
+        groups = self._groups()[::-1] if self.transpose else self._groups()
+        return tuple(a for start, n in groups for a in range(start, start + n))
+
+    @property
+    def storage_order(self) -> tuple[int, ...]:
+        """:attr:`hf_axis_order` of the stored array (layers first when stacked)."""
+        if self.stacked:
+            return (0,) + tuple(a + 1 for a in self.hf_axis_order)
+        return self.hf_axis_order
+
+    def piece_to_hf(self, piece: np.ndarray) -> np.ndarray:
+        """HF rows for ``piece``, a range of :attr:`split_axis` of one layer (other axes whole)."""
+        t_shape = [math.prod(piece.shape[a : a + n]) for a, n in self._groups()]
+        t = piece.reshape(t_shape)
         return t.T if self.transpose else t
 
     def read(self, hf_tensor, index: tuple[slice, ...]) -> np.ndarray:
         """``to_ours(hf_tensor)[index]``, reading only the HF rows/columns the slice needs."""
         t_index, post_index, t_out_shape = [], [], []
-        dims = iter(zip(self.shape, index))
-        for t_dim in self._t_shape:
-            group = [next(dims)]
-            while math.prod(d for d, _ in group) < t_dim:
-                group.append(next(dims))
-            (first_dim, first), rest = group[0], group[1:]
-            first_range = range(*first.indices(first_dim))
-            rest_full = all(s.indices(d) == (0, d, 1) for d, s in rest) and first_range.step == 1
-            inner = math.prod(d for d, _ in rest)
-            if rest_full:
+        for start, n in self._groups():
+            dims, slices = self.shape[start : start + n], index[start : start + n]
+            first_range = range(*slices[0].indices(dims[0]))
+            rest_full = all(s.indices(d) == (0, d, 1) for d, s in zip(dims[1:], slices[1:]))
+            inner = math.prod(dims[1:])
+            if rest_full and first_range.step == 1:
                 t_index.append(slice(first_range.start * inner, first_range.stop * inner))
-                post_index.extend(slice(None) for _ in group)
-                t_out_shape.extend([len(first_range)] + [d for d, _ in rest])
+                post_index.extend(slice(None) for _ in dims)
+                t_out_shape.extend((len(first_range),) + dims[1:])
             else:
                 t_index.append(slice(None))
-                post_index.extend(s for _, s in group)
-                t_out_shape.extend(d for d, _ in group)
+                post_index.extend(slices)
+                t_out_shape.extend(dims)
         hf_index = tuple(t_index[::-1]) if self.transpose else tuple(t_index)
         part = np.asarray(hf_tensor[hf_index])
         part = part.T if self.transpose else part
-        return part.reshape(t_out_shape)[tuple(post_index)]
+        part = part.reshape(t_out_shape)
+        return part if all(s == slice(None) for s in post_index) else part[tuple(post_index)]
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:

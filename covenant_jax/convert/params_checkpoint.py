@@ -7,8 +7,8 @@ Layout::
     CKPT_DIR/covenant.json    {"param_dtype": ...}
     CKPT_DIR/tokenizer*, chat_template.jinja, generation_config.json   copied from the source
 
-Restores go straight onto the target shardings; :func:`restore_param` reads one parameter at
-a time (Orbax partial restore), which is what export uses to stay at one tensor's memory.
+Restores go straight onto the target shardings. Conversion writes and reads this folder a
+slice at a time instead (``param_store``); the format is the same.
 """
 
 from __future__ import annotations
@@ -39,9 +39,14 @@ def save_params(model: Llama, out_dir: Path) -> None:
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     checkpointer = ocp.PyTreeCheckpointer()
     checkpointer.save(out_dir / PARAMS, pure)
+    write_meta(model.config, model.options.param_dtype, out_dir)
+
+
+def write_meta(cfg: ModelConfig, param_dtype: str, out_dir: Path) -> None:
+    """config.json and covenant.json (process 0)."""
     if jax.process_index() == 0:
-        (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-        (out_dir / META).write_text(json.dumps({"param_dtype": model.options.param_dtype}) + "\n")
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        (out_dir / META).write_text(json.dumps({"param_dtype": param_dtype}) + "\n")
 
 
 def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
@@ -50,9 +55,9 @@ def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
     return cfg, json.loads((ckpt_dir / META).read_text())["param_dtype"]
 
 
-def _restore(ckpt_dir: Path, abstract_pure: dict, partial: bool) -> dict:
+def _restore(ckpt_dir: Path, abstract_pure: dict) -> dict:
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_pure)
-    args = ocp.args.PyTreeRestore(item=abstract_pure, restore_args=restore_args, partial_restore=partial)
+    args = ocp.args.PyTreeRestore(item=abstract_pure, restore_args=restore_args)
     return ocp.PyTreeCheckpointer().restore(Path(ckpt_dir).absolute() / PARAMS, args=args)
 
 
@@ -77,20 +82,7 @@ def load_params_checkpoint(
     graphdef, params, rest, abstract = _abstract_params(cfg, opts, mesh or make_mesh(), rules)
     stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype, sharding=a.sharding),
                           nnx.to_pure_dict(abstract))
-    restored = _restore(Path(ckpt_dir), stored, partial=False)
+    restored = _restore(Path(ckpt_dir), stored)
     restored = jax.tree.map(lambda x: x.astype(opts.param_dtype), restored)
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
-
-
-def restore_param(ckpt_dir: str | Path, path: tuple[str, ...], like: jax.ShapeDtypeStruct) -> jax.Array:
-    """One parameter, restored onto ``like.sharding``."""
-    item: dict = {}
-    node = item
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    node[path[-1]] = like
-    restored = _restore(Path(ckpt_dir), item, partial=True)
-    for key in path:
-        restored = restored[key]
-    return restored

@@ -3,13 +3,14 @@
 Hand-written on purpose: the ``safetensors`` package's numpy backend cannot read bfloat16, and
 its writer needs every tensor of a file in memory at once. The format is an 8-byte header
 length, a JSON header (dtype, shape, byte offsets per tensor) and raw little-endian bytes, so
-reading is a ``np.memmap`` view (slices touch only their bytes) and writing is the header
+reading is a view of an ``mmap`` (slices touch only their bytes) and writing is the header
 followed by one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -55,7 +56,7 @@ class SafetensorsFile:
         self.entries: dict[str, dict[str, Any]] = header
         for name, entry in header.items():
             self._check_entry(name, entry, size)
-        self._mmap: np.memmap | None = None
+        self._mmap: mmap.mmap | None = None
 
     def _check_entry(self, name: str, entry: dict[str, Any], size: int) -> None:
         if entry.get("dtype") not in DTYPES:
@@ -82,21 +83,28 @@ class SafetensorsFile:
     def tensor(self, name: str) -> np.ndarray:
         """A read-only view; slicing it reads only the bytes the slice covers."""
         if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
-        raw = self._mmap[self.data_start + begin : self.data_start + end]
-        return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        dtype = DTYPES[entry["dtype"]]
+        raw = np.frombuffer(self._mmap, dtype, (end - begin) // dtype.itemsize, self.data_start + begin)
+        return raw.reshape(entry["shape"])
+
+    def release(self) -> None:
+        """Drops the pages read so far from this process's memory (they stay in the page cache),
+        so streaming through a file costs the pages in use, not the file's size."""
+        if self._mmap is not None:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def write_safetensors(
     path: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
-    produce: Iterator[np.ndarray], metadata: dict[str, str] | None = None,
+    produce: Iterator[np.ndarray | Iterable[np.ndarray]], metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write the header for ``tensors`` (name, shape, dtype), then each array ``produce`` yields.
-
-    Peak memory is one tensor. The arrays must arrive in ``tensors`` order.
-    """
+    """Write the header for ``tensors`` (name, shape, dtype), then each tensor ``produce`` yields,
+    in ``tensors`` order: an array, or an iterable of consecutive row ranges of it (pieces), so
+    peak memory is one tensor, or one piece."""
     specs = list(tensors)
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -110,13 +118,21 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name, shape, dtype in specs:
-            array = np.ascontiguousarray(next(produce))
-            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-                raise SafetensorsError(
-                    f"{path}: tensor {name!r} arrived as {array.dtype}{array.shape}, "
-                    f"header says {np.dtype(dtype)}{tuple(shape)}"
-                )
-            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        written = 0
+        for (name, shape, dtype), item in zip(specs, produce):
+            written, rows = written + 1, 0
+            for piece in [item] if isinstance(item, np.ndarray) else item:
+                piece = np.ascontiguousarray(piece)
+                if piece.dtype != np.dtype(dtype) or piece.shape[1:] != tuple(shape[1:]):
+                    raise SafetensorsError(
+                        f"{path}: tensor {name!r} arrived as {piece.dtype}{piece.shape}, "
+                        f"header says {np.dtype(dtype)}{tuple(shape)}"
+                    )
+                f.write(memoryview(piece.reshape(-1).view(np.uint8)))
+                rows += piece.shape[0] if piece.ndim else 1
+            if rows != (shape[0] if len(shape) else 1):
+                raise SafetensorsError(f"{path}: tensor {name!r} got {rows} rows, header says {tuple(shape)}")
+        if written != len(specs):
+            raise SafetensorsError(f"{path}: got {written} tensors, the header lists {len(specs)}")
         f.flush()
         os.fsync(f.fileno())

@@ -1,0 +1,169 @@
+"""Slice-by-slice reads and writes of the Orbax params checkpoint, for conversion.
+
+Conversion must not hold the model: on a CPU host a ``jax.Array`` *is* host memory, so saving
+whole arrays through Orbax costs the model's size (and its write transaction buffers another
+copy). Here a parameter is written one *unit* at a time -- a contiguous range of HF rows of
+one layer, at most ``UNIT_BYTES`` -- and read back the same way, so peak memory is a few units.
+
+Writing goes through Orbax's own save (``PyTreeCheckpointHandler``: tree metadata, per-process
+OCDBT stores and their merge, the atomic rename) with one extension point: a ``TypeHandler``
+for :class:`StreamedParam` leaves. It builds each array's TensorStore spec with Orbax's spec
+builder and records the leaf as a ``jax.Array``, so the result is an ordinary Orbax checkpoint
+that ``PyTreeCheckpointer.restore`` (training, verify) reads onto any sharding. Each array's
+chunk is one unit, so unit writes and reads touch whole chunks. With several processes, unit
+``i`` is read and written by process ``i % process_count``: each reads only its own share.
+
+Chunks keep the *source's* memory layout (zarr3 with a transpose codec), so a unit is written
+from a view of the memory-mapped HF file with a plain copy, and read back in HF layout the same
+way; numpy transposes of every weight cost more than the disk. Reading opens the arrays with
+TensorStore through Orbax's read spec; a slice read touches only the chunks it covers.
+
+Orbax has no public API for either (its TensorStore spec builders live in ``_src``), hence the
+pinned orbax-checkpoint minor version; the round-trip and restore tests guard the format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+# Largest slice read, converted and written at once (a chunk of the stored array).
+UNIT_BYTES = 64 << 20
+
+Index = tuple[slice, ...]
+
+
+def row_ranges(shape: Sequence[int], itemsize: int, axis: int, shards: int = 1) -> list[Index]:
+    """Cuts ``shape`` along ``axis`` into equal ranges of at most ``UNIT_BYTES`` (at least one
+    index each; the last may be shorter) that never cross a boundary between ``shards`` equal
+    shards, so every range is one whole chunk of the stored array."""
+    if not shape:
+        return [()]
+    rows = shape[axis]
+    row_bytes = math.prod(shape) // max(rows, 1) * itemsize
+    step = max(1, min(rows, UNIT_BYTES // max(row_bytes, 1)))
+    if shards > 1 and rows % shards == 0:
+        block = rows // shards
+        step = next(d for d in range(min(step, block), 0, -1) if block % d == 0)
+    ranges = []
+    for start in range(0, rows, step):
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(start, min(start + step, rows))
+        ranges.append(tuple(index))
+    return ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedParam:
+    """A parameter to be saved unit by unit.
+
+    ``read(index)`` gives that slice as numpy in ``read_dtype`` (any strides: a view of the
+    source is best), stored as ``dtype``. ``storage_order``: the axis order the chunks keep in
+    memory (a zarr3 transpose codec); chosen to match the source's layout, the write is a plain
+    copy instead of a transpose, and readers get the source layout back as cheaply.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    units: tuple[Index, ...]
+    read: Callable[[Index], np.ndarray]
+    read_dtype: np.dtype
+    storage_order: tuple[int, ...] | None = None
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        """The stored chunk: the first (largest) unit."""
+        return tuple(len(range(*s.indices(d))) for s, d in zip(self.units[0], self.shape))
+
+
+def _add_transpose_codec(spec: dict, order: Sequence[int]) -> None:
+    zarr = spec["base"] if spec.get("driver") == "cast" else spec
+    inner = zarr["metadata"]["codecs"][0]["configuration"]["codecs"]  # zarr3 sharding_indexed
+    inner.insert(0, {"name": "transpose", "configuration": {"order": list(order)}})
+
+
+class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
+    """Saves :class:`StreamedParam` leaves as the ``jax.Array`` entries Orbax restores.
+
+    Only ``serialize`` differs from Orbax's ArrayHandler: instead of copying whole device
+    arrays to host and writing them inside one transaction, it reads and writes one unit at a
+    time, the next unit's read overlapping the previous unit's write. Sharding files are not
+    written (restores always pass target shardings).
+    """
+
+    # Unit writes in flight: the source pages of one, the encode/fsync of the other.
+    IN_FLIGHT = 2
+
+    def __init__(self):
+        super().__init__(enable_write_sharding_file=False)
+
+    async def _open(self, value: StreamedParam, info, process: int):
+        await info.await_path_creation()
+        spec = ts_utils.build_array_write_spec(
+            info=info, arg=ocp.SaveArgs(dtype=value.dtype), global_shape=value.shape,
+            local_shape=value.chunk_shape, dtype=value.read_dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+            process_index=ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
+        ).json
+        if value.storage_order is not None and list(value.storage_order) != sorted(value.storage_order):
+            if not info.use_zarr3:
+                raise ValueError("a storage order needs zarr3 (PyTreeCheckpointHandler(use_zarr3=True))")
+            _add_transpose_codec(spec, value.storage_order)
+        if process == 0:
+            await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+        return await ts.open(ts.Spec(spec), open=True, assume_metadata=True, context=info.ts_context)
+
+    async def serialize(self, values: Sequence[StreamedParam], infos, args=None):
+        process, processes = jax.process_index(), jax.process_count()
+        unit_number, in_flight = 0, []
+        for value, info in zip(values, infos):
+            store = await self._open(value, info, process)
+            for index in value.units:
+                if unit_number % processes == process:
+                    in_flight.append(store[index].write(value.read(index)))
+                    if len(in_flight) >= self.IN_FLIGHT:
+                        await in_flight.pop(0)
+                unit_number += 1
+        for write in in_flight:
+            await write
+        return []
+
+
+def save_streamed(directory: Path, tree: dict) -> None:
+    """Writes a nested dict of :class:`StreamedParam` as an Orbax PyTree checkpoint (zarr3,
+    uncompressed: conversion is bound by the disk, and weights barely compress)."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler()), (StreamedParam, StreamedParamHandler()))
+    handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False,
+                                          type_handler_registry=registry)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
+
+
+class ParamReader:
+    """Sliced reads of one stored parameter: ``reader[index]`` -> numpy in our axis order, laid
+    out in memory in ``memory_order`` (a view of a C-contiguous array transposed that way)."""
+
+    def __init__(self, params_dir: Path, name: str, memory_order: Sequence[int] | None = None):
+        layout = json.loads((params_dir / "_METADATA").read_text())
+        spec = ts_utils.ArrayReadSpec(str(params_dir.absolute()), name, use_zarr3=layout["use_zarr3"],
+                                      use_ocdbt=layout["use_ocdbt"])
+        context = ts_utils.get_ts_context(use_ocdbt=layout["use_ocdbt"])
+        self._store = ts.open(spec.json, open=True, read=True, context=context).result()
+        self.shape = tuple(self._store.shape)
+        self.dtype = np.dtype(self._store.dtype.numpy_dtype)
+        self.chunk_shape = tuple(self._store.chunk_layout.write_chunk.shape)
+        self._order = list(memory_order) if memory_order is not None else list(range(len(self.shape)))
+
+    def __getitem__(self, index: Index) -> np.ndarray:
+        data = self._store[index].transpose(self._order).read().result()
+        return data.transpose(np.argsort(self._order))
