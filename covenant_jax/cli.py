@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--process-id", type=int, metavar="I", help="0..N-1 [COVENANT_PROCESS_ID]")
     dist.add_argument("--init-timeout", type=int, metavar="S",
                       help="seconds to wait for every process to connect (default 300) [COVENANT_INIT_TIMEOUT]")
+    dist.add_argument("--heartbeat-timeout", type=int, metavar="S",
+                      help="once running, seconds a silent (dead) process may go before the others are "
+                      "stopped (JAX default 100) [COVENANT_HEARTBEAT_TIMEOUT]")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     convert = verbs.add_parser("convert", help="convert checkpoints between HF and JAX")
@@ -255,17 +258,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # Before the verb touches JAX; a no-op for a single process (flags, env and cluster unset).
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout,
+                               args.heartbeat_timeout)
         return args.fn(args)
     except USER_ERRORS as e:
         print(f"covenant-jax: error: {e}", file=sys.stderr)
         distributed.abandon(EXIT_BAD_INPUT)  # multi-process: do not wait on the peers
         return EXIT_BAD_INPUT
-    except BaseException:
-        if distributed.is_multiprocess():  # a bug on one process: traceback, then exit now
+    except BaseException as e:
+        if distributed.is_multiprocess():  # a bug or a dead peer: say which, then exit now
             import traceback
 
             traceback.print_exc()
+            if type(e).__name__ == "JaxRuntimeError":
+                from jax import process_index as jax_process_index
+
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"covenant-jax: error: process {jax_process_index()}: a collective with the "
+                      f"other processes failed ({first}); a peer process has probably died. Completed "
+                      "checkpoints are intact: restart every process to resume.", file=sys.stderr)
             distributed.abandon(1)
         raise
 

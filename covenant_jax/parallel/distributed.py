@@ -30,6 +30,7 @@ ENV_COORDINATOR = "COVENANT_COORDINATOR"
 ENV_NUM_PROCESSES = "COVENANT_NUM_PROCESSES"
 ENV_PROCESS_ID = "COVENANT_PROCESS_ID"
 ENV_TIMEOUT = "COVENANT_INIT_TIMEOUT"
+ENV_HEARTBEAT = "COVENANT_HEARTBEAT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 EXIT_NO_PEER = 2  # the CLI's bad-input code
 
@@ -84,6 +85,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
     timeout_s = int(timeout_s if timeout_s is not None else (_env_int(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S))
+    heartbeat_s = heartbeat_s if heartbeat_s is not None else _env_int(ENV_HEARTBEAT)
     explicit = (coordinator, num_processes, process_id)
     if all(x is None for x in explicit):
         if cluster_detected() is None:

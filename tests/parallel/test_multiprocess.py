@@ -229,3 +229,55 @@ def test_missing_peer_fails_within_timeout(tmp_path):
     assert "process 0 of 2 could not join the job at coordinator 127.0.0.1:" in proc.stderr
     assert "within 5s" in proc.stderr
     assert elapsed < 5 + 15  # start-up (imports) + the 5 s timeout
+
+
+def test_dead_peer_stops_the_survivor_and_keeps_the_last_checkpoint(tmp_path):
+    """Process 1 is killed mid-run: process 0 exits (no hang) and the last checkpoint restores."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from covenant_jax.convert.api import hf_to_jax
+
+    hf = common.tiny_model_dir(tmp_path)
+    data = common.chat_jsonl(tmp_path)
+    hf_to_jax(hf, tmp_path / "conv")
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(RECIPE.format(repo=str(REPO), root=str(tmp_path), model=str(tmp_path / "conv"),
+                                    data=str(data)))
+    env, port = _env(4), _free_port()
+    procs = []
+    for i in range(2):
+        args = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                "--init-timeout", "60", "--heartbeat-timeout", "10", "train", str(recipe),
+                "--config.train.steps=10000", "--config.train.checkpoint_every=2",
+                "--config.train.eval_every=10000"]
+        log = open(tmp_path / f"proc{i}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", *args], env=env, cwd=REPO,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    try:
+        deadline = time.time() + 300
+        while not any(p.name.isdigit() and int(p.name) >= 4 for p in checkpoints.glob("*")):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint"
+            time.sleep(0.2)
+        procs[1].kill()
+        killed = time.time()
+        rc = procs[0].wait(timeout=120)
+        survived_s = time.time() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    tail = (tmp_path / "proc0.log").read_text()[-3000:]
+    assert rc != 0, tail
+    assert survived_s < 10 + 60, (survived_s, tail)  # heartbeat 10 s (gloo notices at once)
+    assert "a peer process has probably died" in tail, tail
+
+    # The newest complete checkpoint restores (here onto one device: a different topology).
+    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert step >= 4
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    stored = ocp.StandardCheckpointer().metadata(checkpoints / str(step) / "state").item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), stored)
+    state = ocp.StandardCheckpointer().restore(checkpoints / str(step) / "state", target)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
