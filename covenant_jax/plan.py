@@ -22,7 +22,6 @@ Topology names: ``v5p-256`` (v4/v5p count TensorCores: 128 chips), ``v5e-64`` / 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -197,6 +196,12 @@ def mesh_shape(cfg, num_devices: int) -> dict[str, int]:
     return sizes
 
 
+@dataclasses.dataclass(frozen=True)
+class _MeshShape:
+    """Stands in for a Mesh where only ``mesh.shape`` is read (``logical_to_spec``)."""
+    shape: dict[str, int]
+
+
 def check_mesh(cfg, model_cfg, sizes: dict[str, int]) -> list[str]:
     """Errors (raised) for a mesh the model or batch cannot be split over; warnings returned."""
     from covenant_jax.train import recipe
@@ -215,6 +220,15 @@ def check_mesh(cfg, model_cfg, sizes: dict[str, int]) -> list[str]:
         recipe.validate(cfg, model_cfg, sizes["data"] * sizes["fsdp"])
     except UserError as e:
         problems.append(str(e))
+    if cfg.model.attention == "splash":  # its shard_map takes only some meshes
+        from covenant_jax.model.gpu_attention import splash_partition
+        from covenant_jax.parallel.sharding import DEFAULT_RULES
+
+        try:
+            splash_partition(_MeshShape(sizes), DEFAULT_RULES, cfg.data.batch_size // cfg.train.micro_batches,
+                             model_cfg.num_attention_heads, model_cfg.num_key_value_heads)
+        except UserError as e:
+            problems.append(str(e))
     if problems:
         raise PlanError("the mesh does not fit the model / batch: " + "; ".join(problems))
     warnings = []
@@ -225,25 +239,6 @@ def check_mesh(cfg, model_cfg, sizes: dict[str, int]) -> list[str]:
 
 
 # ---- compiling ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _target_platform(platform: str) -> Iterator[None]:
-    """The fused attention backends check ``jax.default_backend()`` at trace time; while lowering
-    for compile-only TPU devices that is this host's backend, so point the check at the target."""
-    from covenant_jax.model import gpu_attention
-
-    original = gpu_attention._require_platform
-
-    def require(needed: str, what: str, name: str) -> None:
-        if needed != platform:
-            raise PlanError(f"attention backend {name!r} needs a {what}; the plan targets {platform}")
-
-    gpu_attention._require_platform = require
-    try:
-        yield
-    finally:
-        gpu_attention._require_platform = original
 
 
 def abstract_state(cfg, model_cfg, mesh):
@@ -331,7 +326,7 @@ def _compile_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> tu
     batch = abstract_batch(cfg, steps.batch_sharding)
     started = time.time()
     try:
-        with _target_platform(topo.platform), activation_sharding(mesh):
+        with activation_sharding(mesh):
             compiled = steps.train_step.lower(state, batch).compile()
     except RuntimeError as e:  # JaxRuntimeError: the TPU compiler refuses a program over HBM
         found = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
@@ -345,15 +340,6 @@ def _compile_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> tu
                         note=f"compiler: temporaries {found.group(1)}G exceed the available HBM "
                              f"{found.group(2)}G (compile stopped there)")
         return memory, None, time.time() - started
-    except NotImplementedError as e:
-        if "Mosaic" not in str(e):
-            raise
-        raise PlanError(
-            f"the train step does not compile for a {sizes} mesh: attention backend "
-            f"{cfg.model.attention!r} is a Pallas (Mosaic) kernel, which XLA cannot partition "
-            "automatically (it must be called inside shard_map); plan with "
-            "--config.model.attention=blockwise to see the memory of a flash-style attention"
-        ) from None
     seconds = time.time() - started
     stats = compiled.memory_analysis()
     summed = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
@@ -387,16 +373,13 @@ def estimate_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> Me
     from covenant_jax.train import optimizer
     from covenant_jax.train.loop import model_options
 
-    class _Shape:  # logical_to_spec only reads mesh.shape
-        shape = sizes
-
     model = abstract_model(model_cfg, model_options(cfg))
     _, params_state, _ = nnx.split(model, nnx.Param, ...)
     variables = jax.tree.leaves(params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     def shard_elems(v) -> int:
         value = v.get_value()
-        spec = logical_to_spec(_axes_of(v), value.shape, _Shape, )
+        spec = logical_to_spec(_axes_of(v), value.shape, _MeshShape(sizes))
         n = 1
         for dim, axes in zip(value.shape, tuple(spec) + (None,) * (len(value.shape) - len(spec))):
             axes = (axes,) if isinstance(axes, str) else (axes or ())

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from covenant_jax import plan
 from covenant_jax.cli import load_recipe
 from covenant_jax.config import ModelConfig
 from covenant_jax.train import recipe
@@ -31,6 +32,10 @@ def test_covenant_recipes_validate(path):
     recipe.validate(cfg, model_cfg, num_data_shards=cfg.mesh.data * cfg.mesh.fsdp)
     chips = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.context * cfg.mesh.tensor
     assert chips >= 64 and model_cfg.num_params() == pytest.approx(72.7e9, rel=0.02)
+    # the TPU kernel, shard_map-ped: plan's mesh check holds it to no context axis and kv heads
+    # that the tensor axis divides
+    assert cfg.model.attention == "splash"
+    plan.check_mesh(cfg, model_cfg, plan.mesh_shape(cfg, chips))
     if "yarn" in path:
         assert model_cfg.max_position_embeddings == 32768
         hf = model_cfg.to_hf_dict()

@@ -8,6 +8,8 @@ host memory is about one piece.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,13 +34,17 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# (tensor map, index into our array) -> that slice on the host, in our axis order.
-ReadSlice = Callable[[keymap.TensorMap, param_store.Index], np.ndarray]
+# (tensor map, index into our array) -> a call that returns that slice on the host, in our
+# axis order; a reader may start fetching before the call (read-ahead).
+ReadSlice = Callable[[keymap.TensorMap, param_store.Index], Callable[[], np.ndarray]]
+
+# Pieces being fetched while the current one is written.
+READ_AHEAD = 2
 
 
 def live_reader(params: dict[tuple[str, ...], jax.Array]) -> ReadSlice:
-    """Slices of a live model's arrays (a collective: every process must call it)."""
-    return lambda m, index: to_host(params[m.path][index])
+    """Slices of a live model's arrays (a collective: every process must call it, in order)."""
+    return lambda m, index: lambda: to_host(params[m.path][index])
 
 
 def checkpoint_reader(params_dir: Path) -> ReadSlice:
@@ -50,7 +56,7 @@ def checkpoint_reader(params_dir: Path) -> ReadSlice:
         if m.path not in readers:
             readers.clear()  # one parameter open at a time
             readers[m.path] = param_store.ParamReader(params_dir, ".".join(m.path), m.storage_order)
-        return readers[m.path][index]
+        return readers[m.path].read(index)
 
     return read
 
@@ -67,14 +73,29 @@ def _plan_shards(entries, max_shard_bytes: int) -> list[list]:
     return shards
 
 
-def _pieces(read: ReadSlice, m: keymap.TensorMap, layer: int | None, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """The HF tensor ``m`` (of ``layer``) as consecutive row ranges."""
-    for index in param_store.row_ranges(m.shape, dtype.itemsize, m.split_axis):
-        if layer is None:
-            piece = read(m, index)
-        else:
-            piece = read(m, (slice(layer, layer + 1),) + index)[0]
-        yield np.ascontiguousarray(m.piece_to_hf(piece), dtype=dtype)
+def _shard_tensors(read: ReadSlice, shard: list) -> Iterator[Iterator[np.ndarray]]:
+    """Each tensor of ``shard`` as its consecutive HF row ranges, fetched ``READ_AHEAD`` ahead."""
+    pieces = [[(m, layer, dt, index) for index in param_store.row_ranges(m.shape, dt.itemsize, m.split_axis)]
+              for _, layer, m, dt in shard]
+
+    def fetched() -> Iterator[np.ndarray]:
+        pending: collections.deque = collections.deque()
+        for m, layer, dt, index in itertools.chain.from_iterable(pieces):
+            full_index = index if layer is None else (slice(layer, layer + 1),) + index
+            pending.append((m, layer, dt, read(m, full_index)))
+            if len(pending) > READ_AHEAD:
+                yield _to_hf(*pending.popleft())
+        while pending:
+            yield _to_hf(*pending.popleft())
+
+    flat = fetched()
+    for tensor_pieces in pieces:
+        yield (next(flat) for _ in tensor_pieces)
+
+
+def _to_hf(m: keymap.TensorMap, layer: int | None, dtype: np.dtype, fetch) -> np.ndarray:
+    piece = fetch() if layer is None else fetch()[0]
+    return np.ascontiguousarray(m.piece_to_hf(piece), dtype=dtype)
 
 
 def export_hf(
@@ -96,7 +117,7 @@ def export_hf(
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     lead = jax.process_index() == 0
     for name, shard in zip(names, shards):
-        tensors = (_pieces(read, m, layer, dt) for _, layer, m, dt in shard)
+        tensors = _shard_tensors(read, shard)
         if lead:
             write_safetensors(out_dir / name, [(key, m.hf_shape, dt) for key, _, m, dt in shard], tensors)
         elif collective:  # take part in the gathers, write nothing

@@ -164,6 +164,10 @@ class ParamReader:
         self.chunk_shape = tuple(self._store.chunk_layout.write_chunk.shape)
         self._order = list(memory_order) if memory_order is not None else list(range(len(self.shape)))
 
+    def read(self, index: Index) -> Callable[[], np.ndarray]:
+        """Starts reading ``index``; the returned call waits for it."""
+        future = self._store[index].transpose(self._order).read()
+        return lambda: future.result().transpose(np.argsort(self._order))
+
     def __getitem__(self, index: Index) -> np.ndarray:
-        data = self._store[index].transpose(self._order).read().result()
-        return data.transpose(np.argsort(self._order))
+        return self.read(index)()

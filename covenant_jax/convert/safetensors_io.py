@@ -80,8 +80,29 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return DTYPES[self.entries[name]["dtype"]]
 
-    def tensor(self, name: str) -> np.ndarray:
-        """A read-only view; slicing it reads only the bytes the slice covers."""
+    def tensor(self, name: str) -> "TensorRows":
+        """The tensor, read lazily: slicing reads only the bytes the slice covers."""
+        return TensorRows(self, name)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (axis 0) in a fresh array, with one ``pread``: a large sequential
+        read, where touching a mapping would fault pages in a few at a time."""
+        entry = self.entries[name]
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        out = np.empty((stop - start, *shape[1:]), dtype)
+        offset = self.data_start + entry["data_offsets"][0] + start * row_bytes
+        with open(self.path, "rb", buffering=0) as f:
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            while view.nbytes:  # pread may return less than asked
+                got = os.preadv(f.fileno(), [view], offset)
+                if got == 0:
+                    raise SafetensorsError(f"{self.path}: truncated while reading tensor {name!r}")
+                view, offset = view[got:], offset + got
+        return out
+
+    def mapped(self, name: str) -> np.ndarray:
+        """A read-only view of the memory-mapped tensor."""
         if self._mmap is None:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -96,6 +117,29 @@ class SafetensorsFile:
         so streaming through a file costs the pages in use, not the file's size."""
         if self._mmap is not None:
             self._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+class TensorRows:
+    """One stored tensor: ``[rows, ...]`` with whole trailing axes reads those rows with one
+    ``pread``; any other index goes through the memory map."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name = file, name
+        self.shape = file.shape(name)
+        self.dtype = file.dtype(name)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        if self.shape and index and isinstance(index[0], slice) and all(
+                isinstance(s, slice) and s.indices(d) == (0, d, 1) for s, d in zip(index[1:], self.shape[1:])):
+            start, stop, step = index[0].indices(self.shape[0])
+            if step == 1:
+                return self.file.rows(self.name, start, max(start, stop))
+        return self.file.mapped(self.name)[index]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[(slice(None),) * len(self.shape)] if self.shape else self.file.mapped(self.name)
+        return out if dtype is None else out.astype(dtype)
 
 
 def write_safetensors(

@@ -30,6 +30,16 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so max/exp never see
 _PAD_SEGMENT = -1
 
 
+def check_self_attention(name: str, q_BTNH: jnp.ndarray, k_BSKH: jnp.ndarray) -> None:
+    """The shapes the flash-style backends take: S == T, and N a multiple of K (GQA)."""
+    t, n = q_BTNH.shape[1], q_BTNH.shape[2]
+    s, kh = k_BSKH.shape[1], k_BSKH.shape[2]
+    if s != t:
+        raise ValueError(f"{name} attention is self-attention: query length {t} != key length {s}")
+    if n % kh:
+        raise ValueError(f"query heads {n} are not a multiple of kv heads {kh}")
+
+
 def blockwise_attention(
     q_BTNH: jnp.ndarray,
     k_BSKH: jnp.ndarray,
@@ -41,12 +51,9 @@ def blockwise_attention(
 ) -> jnp.ndarray:
     """Causal, segment-masked GQA attention; block sizes are clipped to T, and T is padded up to
     a multiple of lcm(block_q, block_kv) (choose blocks that divide one another)."""
+    check_self_attention("blockwise", q_BTNH, k_BSKH)
     b, t, n, h = q_BTNH.shape
-    s, kh = k_BSKH.shape[1], k_BSKH.shape[2]
-    if s != t:
-        raise ValueError(f"blockwise attention is self-attention: query length {t} != key length {s}")
-    if n % kh:
-        raise ValueError(f"query heads {n} are not a multiple of kv heads {kh}")
+    kh = k_BSKH.shape[2]
     bq, bk = min(block_q, t), min(block_kv, t)
     step = math.lcm(bq, bk)
     pad = -t % step

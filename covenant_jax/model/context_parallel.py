@@ -107,16 +107,12 @@ def context_attention(
     block_kv: int = 512,
 ) -> jnp.ndarray:
     """``attention.naive_attention``'s contract, with T sharded over the active mesh's ``seq`` axes."""
-    b, t, n, h = q_BTNH.shape
-    kh = k_BSKH.shape[2]
+    t = q_BTNH.shape[1]
     active = sharding_lib.active_sharding()
     fallback = functools.partial(blockwise_lib.blockwise_attention, block_q=block_q, block_kv=block_kv)
     if active is None:
         return fallback(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
-    if k_BSKH.shape[1] != t:
-        raise ValueError(f"context attention is self-attention: query length {t} != key length {k_BSKH.shape[1]}")
-    if n % kh:
-        raise ValueError(f"query heads {n} are not a multiple of kv heads {kh}")
+    blockwise_lib.check_self_attention("context", q_BTNH, k_BSKH)
     mesh, rules = active
     # heads take what the kv-head rule allows, so each device keeps whole GQA groups
     kv_spec = sharding_lib.logical_to_spec(("batch", "seq", "act_kv_heads", None), k_BSKH.shape, mesh, rules)

@@ -1,5 +1,6 @@
 """Blockwise attention == naive attention (values and gradients), never a [T, T] intermediate;
-the fused backends' CPU behaviour (cudnn refuses clearly, splash runs in the Pallas interpreter)."""
+the fused backends' CPU behaviour (cudnn refuses clearly; splash runs in the Pallas interpreter,
+alone and shard_map-ped over a data x fsdp x tensor mesh, and refuses meshes it cannot use)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,12 @@ from covenant_jax.config import ModelConfig
 from covenant_jax.model import attention, gpu_attention
 from covenant_jax.model.blockwise_attention import blockwise_attention, make_blockwise_attention
 from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.parallel.sharding import activation_sharding, make_mesh
 from tests import helpers
+
+# the real splash kernel in the Pallas interpreter, reachable by name like any backend
+attention.register_backend("splash_interpret", gpu_attention.make_splash_attention(128, 128, interpret=True))
+SPLASH_MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 def _inputs(b=2, t=37, n=4, k=2, h=8, dtype=jnp.float32, seed=0):
@@ -112,22 +118,28 @@ def test_compiled_temp_memory_is_bounded():
         assert temp(f) < scores_bytes / 8
 
 
-# ---- the model with the blockwise backend --------------------------------------------------
+# ---- the model with the blockwise and splash backends ---------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "blockwise_q8_kv8"])
-def test_llama_logits_match_naive(backend):
+@pytest.mark.parametrize(
+    "backend,mesh_shape",
+    [("blockwise", None), ("blockwise_q8_kv8", None), ("splash_interpret", SPLASH_MESH)],
+)
+def test_llama_logits_match_naive(backend, mesh_shape):
+    """splash: the model's sharded activations go through the shard_map (T=29 pads to 128)."""
     attention.register_backend("blockwise_q8_kv8", make_blockwise_attention(8, 8))
     cfg = ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama"})
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 29)))
     seg = jnp.asarray(np.array([[1] * 12 + [2] * 13 + [0] * 4, [5] * 29]))
     positions = jnp.asarray(np.array([list(range(12)) + list(range(13)) + [0] * 4, range(29)]))
 
-    def logits(name):
+    def logits(name, mesh=None):
         model = Llama(cfg, ModelOptions(attention=name), rngs=nnx.Rngs(0))
-        return np.asarray(nnx.jit(lambda m: m(tokens, positions, seg))(model))
+        with activation_sharding(mesh):
+            return np.asarray(nnx.jit(lambda m: m(tokens, positions, seg))(model))
 
-    np.testing.assert_allclose(logits(backend), logits("naive"), atol=1e-5, rtol=0)
+    mesh = make_mesh(mesh_shape) if mesh_shape else None
+    np.testing.assert_allclose(logits(backend, mesh), logits("naive"), atol=1e-5, rtol=0)
 
 
 # ---- fused backends on CPU -----------------------------------------------------------------
@@ -153,22 +165,63 @@ def test_segment_runs_in_cudnn_packed_convention():
     np.testing.assert_array_equal(lengths, [[3, 2, 2], [7, -1, -1], [1, 1, 1]])
 
 
+def _backend(name):
+    """A fresh function per call: jit's trace cache keys on the function and the argument shapes,
+    not on the enclosing activation_sharding, so a shared one would replay another mesh's trace."""
+    fn = attention.get_backend(name)
+    return lambda *args: fn(*args)
+
+
 @pytest.mark.skipif(jax.default_backend() == "tpu", reason="checks the refusal off TPU")
-def test_splash_refuses_off_tpu():
+@pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 8}], ids=["no_mesh", "cpu_mesh"])
+def test_splash_refuses_off_tpu(mesh_shape):
+    """The check reads the devices in use: the active mesh's (plan lowers on TPU topology
+    devices from a CPU host and passes it), else the default backend's."""
     q, key, v, seg, _ = _inputs()
-    with pytest.raises(ValueError, match="attention backend 'splash' needs a TPU; use 'blockwise'"):
-        jax.jit(attention.get_backend("splash")).lower(q, key, v, seg)
+    with activation_sharding(make_mesh(mesh_shape) if mesh_shape else None):
+        with pytest.raises(gpu_attention.AttentionBackendError,
+                           match="attention backend 'splash' needs a TPU; use 'blockwise' "
+                                 "\\(the devices in use are 'cpu'\\)"):
+            jax.jit(_backend("splash")).lower(q, key, v, seg)
 
 
-def test_splash_interpreted_matches_naive():
-    """The real splash kernel, run by the Pallas interpreter; T=150 pads to two 128-blocks."""
-    q, key, v, seg, w = _inputs(b=1, t=150, n=2, k=1, h=8)
+def _shard_map_outputs(fn, *args):
+    """The per-device output shapes of the shard_maps in fn's jaxpr."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [tuple(eqn.params["jaxpr"].outvars[0].aval.shape)
+            for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map"]
 
-    def splash(q, k, v, s):
-        return gpu_attention.splash_attention(q, k, v, s, block_q=128, block_kv=128, interpret=True)
 
-    out, grads = _value_and_grads(splash, q, key, v, seg, w, jit=True)
+@pytest.mark.parametrize(
+    "mesh_shape,devices,local_out",
+    [(None, None, None), ({"fsdp": 1}, 1, (4, 150, 4, 8)), (SPLASH_MESH, None, (1, 150, 2, 8))],
+    ids=["no_mesh", "one_device", "data2_fsdp2_tensor2"],
+)
+def test_splash_interpreted_matches_naive(mesh_shape, devices, local_out):
+    """The real splash kernel in the Pallas interpreter == naive, values and q/k/v gradients:
+    packed segments, padding (id 0) in row 0, GQA (4 q heads on 2 kv heads); T=150 pads to two
+    128-blocks. Under a mesh it runs in a shard_map whose per-device output is ``local_out``: on
+    data2 x fsdp2 x tensor2 each device attends 1 row with 2 q heads on 1 kv head."""
+    q, key, v, seg, w = _inputs(b=4, t=150, n=4, k=2, h=8)
+    splash = _backend("splash_interpret")
+    mesh = make_mesh(mesh_shape, jax.devices()[:devices] if devices else None) if mesh_shape else None
+    with activation_sharding(mesh):
+        out, grads = _value_and_grads(splash, q, key, v, seg, w, jit=True)
+        assert _shard_map_outputs(splash, q, key, v, seg) == ([local_out] if local_out else [])
     ref_out, ref_grads = _value_and_grads(attention.naive_attention, q, key, v, seg, w, jit=True)
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for name, got, want in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "mesh_shape,heads,match",
+    [({"context": 2, "fsdp": 4}, (4, 2), "splits it 2 ways \\(context axis\\); use attention 'context'"),
+     ({"tensor": 2, "fsdp": 4}, (4, 1), "4 query heads split over \\('tensor',\\) but 1 kv heads do not")],
+    ids=["context", "kv_heads_not_divisible"],
+)
+def test_splash_refuses_meshes_it_cannot_use(mesh_shape, heads, match):
+    q, key, v, seg, _ = _inputs(b=4, t=128, n=heads[0], k=heads[1])
+    with activation_sharding(make_mesh(mesh_shape)):
+        with pytest.raises(gpu_attention.AttentionBackendError, match=match):
+            jax.jit(_backend("splash_interpret")).lower(q, key, v, seg)
