@@ -129,7 +129,9 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
             store = await self._open(value, info, process)
             for index in value.units:
                 if unit_number % processes == process:
-                    in_flight.append(store[index].write(value.read(index)))
+                    # A fresh buffer (or a read-only mapping): TensorStore may keep it, not copy it.
+                    data = value.read(index)
+                    in_flight.append(store[index].write(data, can_reference_source_data_indefinitely=True))
                     if len(in_flight) >= self.IN_FLIGHT:
                         await in_flight.pop(0)
                 unit_number += 1
