@@ -9,9 +9,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from covenant_jax.config import ModelConfig
 from covenant_jax.convert import hf_to_jax as hf_to_jax_lib
-from covenant_jax.convert.hf_files import open_weights
 from covenant_jax.convert import params_checkpoint
 from covenant_jax.convert.jax_to_hf import DEFAULT_MAX_SHARD_BYTES, checkpoint_reader, export_hf, live_reader
 from covenant_jax.io import atomic_output_dir, copy_aux_files
@@ -32,9 +30,7 @@ def hf_to_jax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = No
     """HF folder -> converted folder (Orbax params + config + tokenizer), streamed: memory stays
     at a few slices, whatever the model's size. Stored chunks follow ``mesh``'s shards."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    cfg = ModelConfig.from_json_file(hf_dir / "config.json")
-    source = open_weights(hf_dir)
-    hf_to_jax_lib.check_weights(source, cfg)
+    cfg, source = hf_to_jax_lib.open_checked(hf_dir)
     dtype = dtype or hf_to_jax_lib.source_dtype(source, cfg)
     with atomic_output_dir(out_dir, overwrite) as tmp:  # checks OUT_DIR before any work
         hf_to_jax_lib.stream_hf(source, cfg, dtype, mesh or make_mesh(), tmp / params_checkpoint.PARAMS)

@@ -97,12 +97,6 @@ class WeightSource:
     def tensor(self, key: str):
         return self._owner[key].tensor(key)
 
-    def release(self) -> None:
-        """Drops the memory-mapped pages read so far (safetensors files; a no-op for others)."""
-        for f in self.files:
-            if hasattr(f, "release"):
-                f.release()
-
 
 def open_weights(folder: str | Path) -> WeightSource:
     """Finds and opens the weight files of an HF folder, safetensors first."""

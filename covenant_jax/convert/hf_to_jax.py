@@ -14,6 +14,7 @@ boundaries, so a restore onto that mesh reads whole chunks.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -27,7 +28,16 @@ from covenant_jax.config import ModelConfig
 from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
 from covenant_jax.model.llama import Llama, ModelOptions
-from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, spec_axes, state_shardings
+
+
+def open_checked(hf_dir: str | Path) -> tuple[ModelConfig, WeightSource]:
+    """An HF folder's config and weights, every tensor checked against the config."""
+    hf_dir = Path(hf_dir)
+    cfg = ModelConfig.from_json_file(hf_dir / "config.json")
+    source = open_weights(hf_dir)
+    check_weights(source, cfg)
+    return cfg, source
 
 
 def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
@@ -74,10 +84,7 @@ def load_hf(
     rules: Mapping = DEFAULT_RULES,
 ) -> Llama:
     """Loads an HF folder's weights onto ``mesh``; ``opts.param_dtype`` None keeps the file's dtype."""
-    hf_dir = Path(hf_dir)
-    cfg = ModelConfig.from_json_file(hf_dir / "config.json")
-    source = open_weights(hf_dir)
-    check_weights(source, cfg)
+    cfg, source = open_checked(hf_dir)
     opts = opts or ModelOptions(param_dtype=source_dtype(source, cfg), dtype=source_dtype(source, cfg))
     return load_weights(source, cfg, opts, mesh or make_mesh(), rules)
 
@@ -98,8 +105,7 @@ def load_weights(source: WeightSource, cfg: ModelConfig, opts: ModelOptions, mes
 
 def _shards_along(sharding, axis: int) -> int:
     entry = sharding.spec[axis] if axis < len(sharding.spec) else None
-    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-    return int(np.prod([sharding.mesh.shape[n] for n in names], dtype=np.int64))
+    return math.prod(sharding.mesh.shape[n] for n in spec_axes(entry))
 
 
 def _streamed(source: WeightSource, m: keymap.TensorMap, dtype: np.dtype, num_layers: int,
@@ -108,8 +114,7 @@ def _streamed(source: WeightSource, m: keymap.TensorMap, dtype: np.dtype, num_la
     pieces = param_store.row_ranges(m.shape, dtype.itemsize, m.split_axis,
                                     shards=_shards_along(sharding, m.split_axis + layer_axis))
 
-    def read(index: param_store.Index) -> np.ndarray:
-        source.release()  # the previous unit's pages: its write has copied them
+    def read(index: param_store.Index) -> np.ndarray:  # whole HF rows: one pread, a fresh buffer
         if m.stacked:
             return m.read(source.tensor(m.hf_name(index[0].start)), index[1:])[None]
         return m.read(source.tensor(m.hf_name()), index)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,7 +19,7 @@ import numpy as np
 from covenant_jax.config import ModelConfig
 from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.safetensors_io import write_safetensors
-from covenant_jax.io import AUX_FILES, copy_aux_files, write_json
+from covenant_jax.io import copy_aux_files, write_json
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
 

@@ -14,7 +14,7 @@ chunk is one unit, so unit writes and reads touch whole chunks. With several pro
 ``i`` is read and written by process ``i % process_count``: each reads only its own share.
 
 Chunks keep the *source's* memory layout (zarr3 with a transpose codec), so a unit is written
-from a view of the memory-mapped HF file with a plain copy, and read back in HF layout the same
+from the HF rows one ``pread`` brought in, with a plain copy, and read back in HF layout the same
 way; numpy transposes of every weight cost more than the disk. Reading opens the arrays with
 TensorStore through Orbax's read spec; a slice read touches only the chunks it covers.
 
@@ -67,8 +67,8 @@ def row_ranges(shape: Sequence[int], itemsize: int, axis: int, shards: int = 1) 
 class StreamedParam:
     """A parameter to be saved unit by unit.
 
-    ``read(index)`` gives that slice as numpy in ``read_dtype`` (any strides: a view of the
-    source is best), stored as ``dtype``. ``storage_order``: the axis order the chunks keep in
+    ``read(index)`` gives that slice as numpy in ``read_dtype`` (any strides, in a buffer
+    nobody writes to again: TensorStore keeps it rather than copying), stored as ``dtype``. ``storage_order``: the axis order the chunks keep in
     memory (a zarr3 transpose codec); chosen to match the source's layout, the write is a plain
     copy instead of a transpose, and readers get the source layout back as cheaply.
     """
@@ -101,7 +101,7 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
     written (restores always pass target shardings).
     """
 
-    # Unit writes in flight: the source pages of one, the encode/fsync of the other.
+    # Unit writes in flight: the next unit is read while the previous one is written.
     IN_FLIGHT = 2
 
     def __init__(self):
@@ -129,8 +129,7 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
             store = await self._open(value, info, process)
             for index in value.units:
                 if unit_number % processes == process:
-                    # A fresh buffer (or a read-only mapping): TensorStore may keep it, not copy it.
-                    data = value.read(index)
+                    data = value.read(index)  # never written to again: no copy needed
                     in_flight.append(store[index].write(data, can_reference_source_data_indefinitely=True))
                     if len(in_flight) >= self.IN_FLIGHT:
                         await in_flight.pop(0)

@@ -3,8 +3,8 @@
 Hand-written on purpose: the ``safetensors`` package's numpy backend cannot read bfloat16, and
 its writer needs every tensor of a file in memory at once. The format is an 8-byte header
 length, a JSON header (dtype, shape, byte offsets per tensor) and raw little-endian bytes, so
-reading is a view of an ``mmap`` (slices touch only their bytes) and writing is the header
-followed by one tensor at a time.
+a range of whole rows is one ``pread``, any other slice a view of an ``mmap`` (touching only its
+bytes), and writing is the header followed by one tensor (or row range) at a time.
 """
 
 from __future__ import annotations
@@ -111,12 +111,6 @@ class SafetensorsFile:
         dtype = DTYPES[entry["dtype"]]
         raw = np.frombuffer(self._mmap, dtype, (end - begin) // dtype.itemsize, self.data_start + begin)
         return raw.reshape(entry["shape"])
-
-    def release(self) -> None:
-        """Drops the pages read so far from this process's memory (they stay in the page cache),
-        so streaming through a file costs the pages in use, not the file's size."""
-        if self._mmap is not None:
-            self._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 class TensorRows:

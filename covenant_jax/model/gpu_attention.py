@@ -124,10 +124,6 @@ def _splash_kernel(t: int, n: int, bq: int, bk: int, interpret: bool):
     return splash.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
 
 
-def _mesh_axes(spec_entry) -> tuple[str, ...]:
-    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
-
-
 def splash_partition(mesh, rules: Mapping, b: int, n: int, k: int) -> tuple[P, P]:
     """(q/k/v spec [B, T, heads, H], segment-id spec [B, T]) of splash's ``shard_map`` on
     ``mesh`` (anything with a ``.shape`` mapping axis -> size); refuses a mesh splash cannot use.
@@ -149,10 +145,10 @@ def splash_partition(mesh, rules: Mapping, b: int, n: int, k: int) -> tuple[P, P
         )
     q_heads = sharding_lib.logical_to_spec(("act_heads",), (n,), mesh, rules)[0]
     kv_heads = sharding_lib.logical_to_spec(("act_kv_heads",), (k,), mesh, rules)[0]
-    if _mesh_axes(q_heads) != _mesh_axes(kv_heads):
+    if sharding_lib.spec_axes(q_heads) != sharding_lib.spec_axes(kv_heads):
         raise AttentionBackendError(
             f"attention backend 'splash' splits query and kv heads alike: {n} query heads split over "
-            f"{_mesh_axes(q_heads)} but {k} kv heads do not; use a tensor size that divides "
+            f"{sharding_lib.spec_axes(q_heads)} but {k} kv heads do not; use a tensor size that divides "
             "num_key_value_heads, or attention 'blockwise'"
         )
     batch = sharding_lib.logical_to_spec(("batch",), (b,), mesh, rules)[0]

@@ -94,6 +94,11 @@ def logical_to_spec(
     return P(*spec)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     axes = variable.get_metadata().get("axes")
     if axes is None or len(axes) != variable.get_value().ndim:
