@@ -9,41 +9,26 @@ step after one warm-up step on this machine's default device.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
-import numpy as np
-import optax
 from flax import nnx
 
+from bench_step import one_device_step, random_batch, time_steps
 from covenant_jax.config import ModelConfig
 from covenant_jax.model.llama import REMAT_POLICIES, Llama, ModelOptions
-from covenant_jax.parallel.sharding import make_mesh
-from covenant_jax.train import state as state_lib, step as step_lib
 
 
 def measure(cfg: ModelConfig, remat: str, seq: int, steps: int, attention: str) -> dict:
     model = Llama(cfg, ModelOptions(remat=remat, attention=attention), rngs=nnx.Rngs(0))
-    graphdef, params, rest = state_lib.split_model(model)
-    tx = optax.adamw(1e-4)
-    state, _ = state_lib.create_state(params, tx, make_mesh(devices=jax.devices()[:1]))
-    fn = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(graphdef, rest, 512), tx,
-                                          optax.constant_schedule(1e-4)), donate_argnums=0)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 1, seq)).astype(np.int32)
-    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, -1), "loss_mask": np.ones(tokens.shape, np.float32),
-             "segment_ids": np.ones_like(tokens), "positions": np.arange(seq, dtype=np.int32)[None, None]}
+    fn, state = one_device_step(model, lr=1e-4, loss_chunk_size=512)
+    batch = random_batch(cfg.vocab_size, rows=1, seq=seq)
     try:
         compiled = fn.lower(state, batch).compile()
     except Exception as e:  # e.g. offload on a platform without pinned host memory
         return {"remat": remat, "error": str(e).splitlines()[0][:80]}
     temp = compiled.memory_analysis().temp_size_in_bytes
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    return {"remat": remat, "temp_mib": temp / 2**20, "step_s": (time.perf_counter() - start) / steps}
+    _, _, seconds = time_steps(compiled, state, batch, steps, warmup=1)
+    return {"remat": remat, "temp_mib": temp / 2**20, "step_s": seconds}
 
 
 def main() -> None:

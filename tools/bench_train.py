@@ -38,38 +38,20 @@ def flops_per_token(cfg: dict, seq_len: int) -> float:
 
 def run_covenant_jax(cfg: dict, batch: int, seq: int, steps: int, remat: str) -> dict:
     import jax
-    import numpy as np
-    import optax
     from flax import nnx
 
+    from bench_step import one_device_step, random_batch, time_steps
     from covenant_jax.config import ModelConfig
     from covenant_jax.model.llama import Llama, ModelOptions
-    from covenant_jax.parallel.sharding import make_mesh
-    from covenant_jax.train import state as state_lib, step as step_lib
 
     gpu = jax.devices()[0].platform == "gpu"
     opts = ModelOptions(param_dtype="bfloat16", dtype="bfloat16", remat=remat,
                         attention="cudnn" if gpu else "blockwise")
     model_cfg = ModelConfig.from_hf_dict({**cfg, "model_type": "llama"})
     model = nnx.jit(lambda: Llama(model_cfg, opts, rngs=nnx.Rngs(0)))()
-    graphdef, params, rest = state_lib.split_model(model)
-    tx = optax.adamw(1e-5)
-    state, _ = state_lib.create_state(params, tx, make_mesh(devices=jax.devices()[:1]))
-    loss_fn = step_lib.make_loss_fn(graphdef, rest, chunk_size=4096)
-    step = jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(1e-5)), donate_argnums=0)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg["vocab_size"], (1, batch, seq)).astype(np.int32)
-    data = {"tokens": tokens, "targets": np.roll(tokens, -1, -1), "loss_mask": np.ones_like(tokens, np.float32),
-            "segment_ids": np.ones_like(tokens), "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape)}
-    data = jax.device_put(data)
-    for _ in range(2):
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps
+    step, state = one_device_step(model, lr=1e-5, loss_chunk_size=4096)
+    data = jax.device_put(random_batch(cfg["vocab_size"], rows=batch, seq=seq))
+    _, metrics, seconds = time_steps(step, state, data, steps, warmup=2)
     stats = jax.devices()[0].memory_stats() or {}
     return {"step_s": seconds, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
             "device": jax.devices()[0].device_kind, "loss": float(metrics["loss"])}
