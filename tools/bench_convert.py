@@ -7,13 +7,20 @@
 
 1. Writes a random HF checkpoint (LlamaForCausalLM, untied, sharded safetensors + index +
    config.json) tensor by tensor, so the generator never holds the model.
-2. Runs each contender in a fresh subprocess under ``/usr/bin/time -v`` (else ``wait4`` rusage)
-   and drops the page cache before each one (root only; the report says whether it worked), so
-   every contender reads its input cold:
-     cp            ``cp -r HF OUT``
+2. Runs each contender in a fresh subprocess under ``/usr/bin/time -v`` (else ``wait4`` rusage),
+   every contender reading its input cold:
+     cp            ``cp -r HF OUT`` (coreutils: ``copy_file_range``, a copy inside the kernel)
+     py-copy       the same files through user memory: ``readinto`` a reused 64 MB buffer, then
+                   ``write`` -- the floor for any converter that looks at the bytes
      transformers  ``AutoModelForCausalLM.from_pretrained(HF, dtype=float32).save_pretrained(OUT)``
      hf-to-jax     ``covenant-jax convert hf-to-jax HF CKPT``
      jax-to-hf     ``covenant-jax convert jax-to-hf CKPT OUT``
+   ``--cold input`` (default) evicts the contender's input files from the page cache
+   (``posix_fadvise(DONTNEED)`` after a sync); programs and libraries stay cached, as on any
+   machine that has run Python before. ``--cold all`` drops the whole page cache (root only), so
+   Python's imports (~0.4 GB of libraries) are read from disk too.
+   ``--repeat N`` runs the contenders N times, round-robin (the disk's speed drifts: on a shared
+   VM disk a contender's wall time varies by +-20% from run to run) and reports medians.
    Wall time includes process start-up and imports, plus an fsync of every output file after the
    command (covenant's safetensors writer fsyncs, cp and safetensors do not; this keeps it fair).
    Peak RSS is the kernel's high-water mark (``ru_maxrss``); its anonymous / file-backed split
@@ -128,6 +135,37 @@ def drop_caches() -> bool:
         return False
 
 
+def evict(folder: Path) -> bool:
+    """sync + evict ``folder``'s files from the page cache (any user); True if it worked."""
+    os.sync()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return True
+
+
+PY_COPY = """import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+buf = memoryview(bytearray(64 << 20))
+for root, _, files in os.walk(src):
+    out_root = os.path.join(dst, os.path.relpath(root, src))
+    os.makedirs(out_root, exist_ok=True)
+    for name in files:
+        fi = open(os.path.join(root, name), "rb", buffering=0)
+        fo = open(os.path.join(out_root, name), "wb", buffering=0)
+        while n := fi.readinto(buf):
+            view = buf[:n]
+            while view:
+                view = view[fo.write(view):]
+        fi.close()
+        fo.close()
+"""
+
+
 def _tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
@@ -228,6 +266,16 @@ def measure(name: str, argv: list[str], out: Path, workdir: Path, env: dict) -> 
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time, with the largest peak RSS of all runs."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    result = dict(ordered[(len(ordered) - 1) // 2])
+    for key in ("peak_rss_bytes", "polled_peak_anon_bytes", "polled_peak_file_bytes", "polled_peak_rss_bytes"):
+        result[key] = max(r[key] for r in runs)
+    result["walls_s"] = [r["wall_s"] for r in runs]
+    return result
+
+
 # ---- bit-identity check -----------------------------------------------------------------------
 
 def compare(a_dir: Path, b_dir: Path, chunk: int = 64 << 20) -> list[str]:
@@ -253,16 +301,17 @@ def compare(a_dir: Path, b_dir: Path, chunk: int = 64 << 20) -> list[str]:
 def table(results: list[dict], ckpt_bytes: int) -> str:
     cp_wall = next(r["wall_s"] for r in results if r["contender"] == "cp")
     lines = [
-        "| contender | wall s | GB/s | peak RSS GB | RSS % of ckpt | peak anon GB (polled) "
+        "| contender | wall s | runs s | GB/s | peak RSS GB | RSS % of ckpt | peak anon GB (polled) "
         "| peak file-backed GB (polled) | wall / cp | RSS < 25% | wall <= 1.5x cp |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results:
         covenant = r["contender"] in ("hf-to-jax", "jax-to-hf")
         rss_met = "met" if r["rss_fraction"] < RSS_TARGET else "not met"
         wall_met = "met" if r["wall_vs_cp"] <= WALL_TARGET else "not met"
         lines.append(
-            f"| {r['contender']} | {r['wall_s']:.1f} | {r['gb_per_s']:.2f} | {r['peak_rss_bytes'] / GB:.2f} "
+            f"| {r['contender']} | {r['wall_s']:.1f} | {' '.join(f'{w:.1f}' for w in r['walls_s'])} "
+            f"| {r['gb_per_s']:.2f} | {r['peak_rss_bytes'] / GB:.2f} "
             f"| {100 * r['rss_fraction']:.1f}% | {r['polled_peak_anon_bytes'] / GB:.2f} "
             f"| {r['polled_peak_file_bytes'] / GB:.2f} | {r['wall_s'] / cp_wall:.2f}x "
             f"| {rss_met if covenant else '—'} | {wall_met if covenant else '—'} |"
@@ -285,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_convert"))
     ap.add_argument("--keep", action="store_true", help="keep --workdir (default: removed at the end)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
-    ap.add_argument("--only", default="cp,transformers,hf-to-jax,jax-to-hf",
+    ap.add_argument("--hf", type=Path, help="an existing HF folder to convert (default: generate one)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all contenders; medians reported")
+    ap.add_argument("--cold", choices=["input", "all"], default="input",
+                    help="evict only each contender's input from the page cache, or drop it all")
+    ap.add_argument("--only", default="cp,py-copy,transformers,hf-to-jax,jax-to-hf",
                     help="comma-separated contenders to run (cp is always run: it is the baseline)")
     args = ap.parse_args(argv)
 
@@ -294,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     only = {"cp", *args.only.split(",")}
-    hf, ckpt = work / "hf", work / "ckpt"
+    hf, ckpt = (args.hf.absolute() if args.hf else work / "hf"), work / "ckpt"
     bin_dir = Path(sys.executable).parent
     cli = str(bin_dir / "covenant-jax") if (bin_dir / "covenant-jax").exists() else None
     cli_argv = [cli] if cli else [sys.executable, "-m", "covenant_jax.cli"]
@@ -302,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         t0 = time.perf_counter()
-        ckpt_bytes = make_checkpoint(hf, args)
+        ckpt_bytes = (sum(p.stat().st_size for p in hf.glob("*.safetensors")) if args.hf else
+                      make_checkpoint(hf, args))
         gen_s = time.perf_counter() - t0
         print(f"[bench] checkpoint: {ckpt_bytes / GB:.2f} GB in {gen_s:.1f}s at {hf}", flush=True)
 
@@ -311,23 +365,27 @@ def main(argv: list[str] | None = None) -> int:
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
             "m.save_pretrained(sys.argv[2])\n"
         )
-        contenders = [
-            ("cp", ["cp", "-r", str(hf), str(work / "cp_out")], work / "cp_out"),
-            ("transformers", [sys.executable, "-c", tf_script, str(hf), str(work / "tf_out")], work / "tf_out"),
-            ("hf-to-jax", [*cli_argv, "convert", "hf-to-jax", str(hf), str(ckpt)], ckpt),
-            ("jax-to-hf", [*cli_argv, "convert", "jax-to-hf", str(ckpt), str(work / "roundtrip")],
+        contenders = [  # (name, command, input, output)
+            ("cp", ["cp", "-r", str(hf), str(work / "cp_out")], hf, work / "cp_out"),
+            ("py-copy", [sys.executable, "-c", PY_COPY, str(hf), str(work / "py_out")], hf, work / "py_out"),
+            ("transformers", [sys.executable, "-c", tf_script, str(hf), str(work / "tf_out")], hf,
+             work / "tf_out"),
+            ("hf-to-jax", [*cli_argv, "convert", "hf-to-jax", str(hf), str(ckpt)], hf, ckpt),
+            ("jax-to-hf", [*cli_argv, "convert", "jax-to-hf", str(ckpt), str(work / "roundtrip")], ckpt,
              work / "roundtrip"),
         ]
-        results, dropped = [], []
-        for name, cmd, out in contenders:
-            if name not in only:
-                continue
-            dropped.append(drop_caches())
-            r = measure(name, cmd, out, work, env)
-            r["page_cache_dropped"] = dropped[-1]
-            results.append(r)
-            if name in ("cp", "transformers") and not args.keep:
-                shutil.rmtree(out)  # keep the disk footprint down
+        runs: dict[str, list[dict]] = {}
+        dropped = []
+        for _ in range(args.repeat):
+            for name, cmd, source, out in contenders:
+                if name not in only:
+                    continue
+                shutil.rmtree(out, ignore_errors=True)  # the last round's hf-to-jax output stays
+                dropped.append(drop_caches() if args.cold == "all" else evict(source))
+                runs.setdefault(name, []).append(measure(name, cmd, out, work, env))
+                if name in ("cp", "py-copy", "transformers"):
+                    shutil.rmtree(out)  # keep the disk footprint down
+        results = [median_run(r) for r in runs.values()]
 
         # The fixed cost inside the covenant rows: interpreter + jax/flax/orbax imports.
         startup = measure("startup", [sys.executable, "-c", "import covenant_jax.convert.api"],
@@ -347,11 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             r["anon_fraction"] = r["polled_peak_anon_bytes"] / ckpt_bytes
             r["wall_vs_cp"] = r["wall_s"] / cp_wall
 
-        shape = (f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+        shape = f"{hf} as given" if args.hf else (f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
                  f"ffn {args.ffn}, vocab {args.vocab}, untied, {args.dtype}, {args.shards} shards")
-        caches = ("page cache dropped before each contender (cold reads)" if all(dropped) else
-                  "page cache could NOT be dropped for every contender: reads may be warm"
-                  f" (dropped: {dropped})")
+        caches = (("input evicted from the page cache before each run" if args.cold == "input" else
+                   "whole page cache dropped before each run (cold imports too)") if all(dropped) else
+                  "page cache could NOT be dropped for every run: reads may be warm")
+        caches += f"; median of {args.repeat} round-robin runs" if args.repeat > 1 else "; one run each"
         print(f"\nCheckpoint: {ckpt_bytes / GB:.2f} GB ({shape}); {caches}; "
               f"{os.cpu_count()} CPUs, {platform.machine()}.")
         print("Wall includes start-up/imports and an fsync of the outputs; GB/s = checkpoint bytes / wall.\n")
@@ -365,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps({
                 "checkpoint_bytes": ckpt_bytes, "shape": shape, "generate_s": gen_s,
-                "page_cache_dropped": dropped, "targets": {"rss_fraction_below": RSS_TARGET,
+                "cold": args.cold, "repeat": args.repeat, "page_cache_dropped": dropped,
+                "runs": runs, "targets": {"rss_fraction_below": RSS_TARGET,
                                                            "wall_vs_cp_at_most": WALL_TARGET},
                 "roundtrip_bit_identical": identical, "results": results, "startup": startup,
             }, indent=2) + "\n")

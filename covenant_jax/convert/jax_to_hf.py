@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,9 +34,22 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# (tensor map, index into our array) -> a call that returns that slice on the host, in our
-# axis order; a reader may start fetching before the call (read-ahead).
-ReadSlice = Callable[[keymap.TensorMap, param_store.Index], Callable[[], np.ndarray]]
+class Scratch:
+    """A reusable read buffer, grown to the largest piece read into it."""
+
+    def __init__(self):
+        self._buffer = np.empty(0, np.uint8)
+
+    def buffer(self, nbytes: int) -> np.ndarray:
+        if self._buffer.nbytes < nbytes:
+            self._buffer = np.empty(nbytes, np.uint8)
+        return self._buffer
+
+
+# (tensor map, index into our array, scratch) -> a call that returns that slice on the host, in
+# our axis order. A reader may start fetching before the call (read-ahead) and may read into
+# the scratch buffer, which belongs to that piece until the piece is written.
+ReadSlice = Callable[[keymap.TensorMap, param_store.Index, Scratch], Callable[[], np.ndarray]]
 
 # Pieces being fetched while the current one is written.
 READ_AHEAD = 2
@@ -43,7 +57,7 @@ READ_AHEAD = 2
 
 def live_reader(params: dict[tuple[str, ...], jax.Array]) -> ReadSlice:
     """Slices of a live model's arrays (a collective: every process must call it, in order)."""
-    return lambda m, index: lambda: to_host(params[m.path][index])
+    return lambda m, index, scratch: lambda: to_host(params[m.path][index])
 
 
 def checkpoint_reader(params_dir: Path) -> ReadSlice:
@@ -51,11 +65,13 @@ def checkpoint_reader(params_dir: Path) -> ReadSlice:
     HF memory order so turning them into HF rows is a reshape, not a transpose."""
     readers: dict[tuple[str, ...], param_store.ParamReader] = {}
 
-    def read(m, index):
+    def read(m, index, scratch):
         if m.path not in readers:
             readers.clear()  # one parameter open at a time
             readers[m.path] = param_store.ParamReader(params_dir, ".".join(m.path), m.storage_order)
-        return readers[m.path].read(index)
+        reader = readers[m.path]
+        nbytes = math.prod(len(range(*s.indices(d))) for s, d in zip(index, reader.shape)) * reader.dtype.itemsize
+        return reader.read(index, out=scratch.buffer(nbytes))
 
     return read
 
@@ -73,15 +89,21 @@ def _plan_shards(entries, max_shard_bytes: int) -> list[list]:
 
 
 def _shard_tensors(read: ReadSlice, shard: list) -> Iterator[Iterator[np.ndarray]]:
-    """Each tensor of ``shard`` as its consecutive HF row ranges, fetched ``READ_AHEAD`` ahead."""
+    """Each tensor of ``shard`` as its consecutive HF row ranges, fetched ``READ_AHEAD`` ahead.
+
+    Read ``n`` goes into scratch buffer ``n % (READ_AHEAD + 1)``: when it starts, reads ``n - 1``
+    .. ``n - READ_AHEAD`` are in flight and read ``n - READ_AHEAD - 1``, the buffer's last user,
+    has been written (the writer takes each piece before asking for the next).
+    """
     pieces = [[(m, layer, dt, index) for index in param_store.row_ranges(m.shape, dt.itemsize, m.split_axis)]
               for _, layer, m, dt in shard]
+    scratch = itertools.cycle([Scratch() for _ in range(READ_AHEAD + 1)])
 
     def fetched() -> Iterator[np.ndarray]:
         pending: collections.deque = collections.deque()
         for m, layer, dt, index in itertools.chain.from_iterable(pieces):
             full_index = index if layer is None else (slice(layer, layer + 1),) + index
-            pending.append((m, layer, dt, read(m, full_index)))
+            pending.append((m, layer, dt, read(m, full_index, next(scratch))))
             if len(pending) > READ_AHEAD:
                 yield _to_hf(*pending.popleft())
         while pending:

@@ -24,6 +24,9 @@ pinned orbax-checkpoint minor version; the round-trip and restore tests guard th
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -97,11 +100,13 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
 
     Only ``serialize`` differs from Orbax's ArrayHandler: instead of copying whole device
     arrays to host and writing them inside one transaction, it reads and writes one unit at a
-    time, the next unit's read overlapping the previous unit's write. Sharding files are not
+    time, reading the next units while the last ones are written. Sharding files are not
     written (restores always pass target shardings).
     """
 
-    # Unit writes in flight: the next unit is read while the previous one is written.
+    # Units being read (one thread, in order) and written (TensorStore's threads) at once: the
+    # disk reads the next units while it writes the last ones.
+    READ_AHEAD = 2
     IN_FLIGHT = 2
 
     def __init__(self):
@@ -124,18 +129,24 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
 
     async def serialize(self, values: Sequence[StreamedParam], infos, args=None):
         process, processes = jax.process_index(), jax.process_count()
-        unit_number, in_flight = 0, []
-        for value, info in zip(values, infos):
-            store = await self._open(value, info, process)
-            for index in value.units:
-                if unit_number % processes == process:
-                    data = value.read(index)  # never written to again: no copy needed
-                    in_flight.append(store[index].write(data, can_reference_source_data_indefinitely=True))
-                    if len(in_flight) >= self.IN_FLIGHT:
-                        await in_flight.pop(0)
-                unit_number += 1
-        for write in in_flight:
-            await write
+        stores = [await self._open(value, info, process) for value, info in zip(values, infos)]
+        units = [(store, value, index) for store, value in zip(stores, values) for index in value.units]
+        mine = units[process::processes]
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unit-read") as reader:
+            reads = collections.deque(loop.run_in_executor(reader, value.read, index)
+                                      for _, value, index in mine[:self.READ_AHEAD])
+            writes: collections.deque = collections.deque()
+            for k, (store, _, index) in enumerate(mine):
+                data = await reads.popleft()  # never written to again: TensorStore keeps it, no copy
+                if k + self.READ_AHEAD < len(mine):
+                    _, value, ahead = mine[k + self.READ_AHEAD]
+                    reads.append(loop.run_in_executor(reader, value.read, ahead))
+                writes.append(store[index].write(data, can_reference_source_data_indefinitely=True))
+                if len(writes) >= self.IN_FLIGHT:
+                    await writes.popleft()
+            for write in writes:
+                await write
         return []
 
 
@@ -152,23 +163,37 @@ def save_streamed(directory: Path, tree: dict) -> None:
 
 class ParamReader:
     """Sliced reads of one stored parameter: ``reader[index]`` -> numpy in our axis order, laid
-    out in memory in ``memory_order`` (a view of a C-contiguous array transposed that way)."""
+    out in memory in ``memory_order`` (a view of a C-contiguous array transposed that way).
+
+    The stored files are memory-mapped (TensorStore's ``memmap`` file mode): a chunk is copied
+    once, from the page cache into the result, instead of through a read buffer first.
+    """
 
     def __init__(self, params_dir: Path, name: str, memory_order: Sequence[int] | None = None):
         layout = json.loads((params_dir / "_METADATA").read_text())
         spec = ts_utils.ArrayReadSpec(str(params_dir.absolute()), name, use_zarr3=layout["use_zarr3"],
                                       use_ocdbt=layout["use_ocdbt"])
-        context = ts_utils.get_ts_context(use_ocdbt=layout["use_ocdbt"])
+        context = ts_utils.get_ts_context(use_ocdbt=layout["use_ocdbt"]).spec.to_json()
+        context = ts.Context(ts.Context.Spec({**context, "file_io_mode": {"mode": "memmap"}}))
         self._store = ts.open(spec.json, open=True, read=True, context=context).result()
         self.shape = tuple(self._store.shape)
         self.dtype = np.dtype(self._store.dtype.numpy_dtype)
         self.chunk_shape = tuple(self._store.chunk_layout.write_chunk.shape)
         self._order = list(memory_order) if memory_order is not None else list(range(len(self.shape)))
 
-    def read(self, index: Index) -> Callable[[], np.ndarray]:
-        """Starts reading ``index``; the returned call waits for it."""
-        future = self._store[index].transpose(self._order).read()
-        return lambda: future.result().transpose(np.argsort(self._order))
+    def read(self, index: Index, out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
+        """Starts reading ``index``; the returned call waits for it. ``out``: a flat uint8 buffer
+        of at least the slice's bytes to read into (reused buffers skip the page faults and
+        zeroing of fresh memory, a large part of the cost on a VM); the result is a view of it."""
+        view = self._store[index].transpose(self._order)
+        undo = np.argsort(self._order)
+        if out is None:
+            future = view.read()
+            return lambda: future.result().transpose(undo)
+        nbytes = math.prod(view.shape) * self.dtype.itemsize
+        target = out[:nbytes].view(self.dtype).reshape(view.shape)
+        future = ts.array(target, copy=False, write=True).write(view)
+        return lambda: (future.result(), target.transpose(undo))[1]
 
     def __getitem__(self, index: Index) -> np.ndarray:
         return self.read(index)()
