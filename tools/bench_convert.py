@@ -15,9 +15,9 @@
      transformers  ``AutoModelForCausalLM.from_pretrained(HF, dtype=float32).save_pretrained(OUT)``
      hf-to-jax     ``covenant-jax convert hf-to-jax HF CKPT``
      jax-to-hf     ``covenant-jax convert jax-to-hf CKPT OUT``
-   ``--cold input`` (default) evicts the contender's input files from the page cache
-   (``posix_fadvise(DONTNEED)`` after a sync); programs and libraries stay cached, as on any
-   machine that has run Python before. ``--cold all`` drops the whole page cache (root only), so
+   ``--cold input`` (default) evicts the checkpoint files (the input and every earlier output)
+   from the page cache (``posix_fadvise(DONTNEED)`` after a sync); programs and libraries stay
+   cached, as on any machine that has run Python before. ``--cold all`` drops the whole page cache (root only), so
    Python's imports (~0.4 GB of libraries) are read from disk too.
    ``--repeat N`` runs the contenders N times, round-robin (the disk's speed drifts: on a shared
    VM disk a contender's wall time varies by +-20% from run to run) and reports medians.
@@ -365,23 +365,24 @@ def main(argv: list[str] | None = None) -> int:
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
             "m.save_pretrained(sys.argv[2])\n"
         )
-        contenders = [  # (name, command, input, output)
-            ("cp", ["cp", "-r", str(hf), str(work / "cp_out")], hf, work / "cp_out"),
-            ("py-copy", [sys.executable, "-c", PY_COPY, str(hf), str(work / "py_out")], hf, work / "py_out"),
-            ("transformers", [sys.executable, "-c", tf_script, str(hf), str(work / "tf_out")], hf,
-             work / "tf_out"),
-            ("hf-to-jax", [*cli_argv, "convert", "hf-to-jax", str(hf), str(ckpt)], hf, ckpt),
-            ("jax-to-hf", [*cli_argv, "convert", "jax-to-hf", str(ckpt), str(work / "roundtrip")], ckpt,
+        contenders = [  # (name, command, output)
+            ("cp", ["cp", "-r", str(hf), str(work / "cp_out")], work / "cp_out"),
+            ("py-copy", [sys.executable, "-c", PY_COPY, str(hf), str(work / "py_out")], work / "py_out"),
+            ("transformers", [sys.executable, "-c", tf_script, str(hf), str(work / "tf_out")], work / "tf_out"),
+            ("hf-to-jax", [*cli_argv, "convert", "hf-to-jax", str(hf), str(ckpt)], ckpt),
+            ("jax-to-hf", [*cli_argv, "convert", "jax-to-hf", str(ckpt), str(work / "roundtrip")],
              work / "roundtrip"),
         ]
         runs: dict[str, list[dict]] = {}
         dropped = []
         for _ in range(args.repeat):
-            for name, cmd, source, out in contenders:
+            for name, cmd, out in contenders:
                 if name not in only:
                     continue
                 shutil.rmtree(out, ignore_errors=True)  # the last round's hf-to-jax output stays
-                dropped.append(drop_caches() if args.cold == "all" else evict(source))
+                # --cold input: every checkpoint file (this input, earlier outputs) leaves the cache,
+                # so each contender starts with the same free memory; libraries stay cached.
+                dropped.append(drop_caches() if args.cold == "all" else evict(hf) and evict(work))
                 runs.setdefault(name, []).append(measure(name, cmd, out, work, env))
                 if name in ("cp", "py-copy", "transformers"):
                     shutil.rmtree(out)  # keep the disk footprint down

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -69,9 +68,7 @@ def checkpoint_reader(params_dir: Path) -> ReadSlice:
         if m.path not in readers:
             readers.clear()  # one parameter open at a time
             readers[m.path] = param_store.ParamReader(params_dir, ".".join(m.path), m.storage_order)
-        reader = readers[m.path]
-        nbytes = math.prod(len(range(*s.indices(d))) for s, d in zip(index, reader.shape)) * reader.dtype.itemsize
-        return reader.read(index, out=scratch.buffer(nbytes))
+        return readers[m.path].read(index, scratch.buffer)
 
     return read
 

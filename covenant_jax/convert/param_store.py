@@ -181,17 +181,18 @@ class ParamReader:
         self.chunk_shape = tuple(self._store.chunk_layout.write_chunk.shape)
         self._order = list(memory_order) if memory_order is not None else list(range(len(self.shape)))
 
-    def read(self, index: Index, out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
-        """Starts reading ``index``; the returned call waits for it. ``out``: a flat uint8 buffer
-        of at least the slice's bytes to read into (reused buffers skip the page faults and
-        zeroing of fresh memory, a large part of the cost on a VM); the result is a view of it."""
+    def read(self, index: Index, buffer: Callable[[int], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
+        """Starts reading ``index``; the returned call waits for it. ``buffer(nbytes)``: a flat
+        uint8 array of at least ``nbytes`` to read into, the result being a view of it (reused
+        buffers skip the page faults and zeroing of fresh memory, a large part of the cost on a
+        VM); without it, a fresh array."""
         view = self._store[index].transpose(self._order)
         undo = np.argsort(self._order)
-        if out is None:
+        if buffer is None:
             future = view.read()
             return lambda: future.result().transpose(undo)
         nbytes = math.prod(view.shape) * self.dtype.itemsize
-        target = out[:nbytes].view(self.dtype).reshape(view.shape)
+        target = buffer(nbytes)[:nbytes].view(self.dtype).reshape(view.shape)
         future = ts.array(target, copy=False, write=True).write(view)
         return lambda: (future.result(), target.transpose(undo))[1]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from covenant_jax.convert import jax_to_hf as jax_to_hf_lib
 from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.api import hf_to_jax, jax_to_hf, load_model
 from covenant_jax.config import ModelConfig
@@ -105,3 +106,27 @@ def test_conversion_memory_is_a_few_units_not_the_model(tmp_path):
     to_jax, to_hf = map(int, out.stdout.split())
     assert to_jax < 0.25 * size and to_hf < 0.25 * size, (size, to_jax / size, to_hf / size)
     _assert_bit_identical(_all_tensors(src), _all_tensors(tmp_path / "out"))
+
+
+def test_export_reuses_a_read_buffer_only_after_its_piece_is_written(tiny_units):
+    """jax-to-hf reads READ_AHEAD pieces ahead into a ring of scratch buffers: every piece must
+    still hold what was read into it when the writer takes it."""
+    cfg = ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama"})
+    layers = cfg.num_hidden_layers
+    shard = [(m.hf_name(layer), layer, m, np.dtype(np.float32)) for m in keymap.tensor_maps(cfg)
+             for layer in (range(layers) if m.stacked else [None])]
+    slots, count = set(), iter(range(10**6))
+
+    def read(m, index, scratch):
+        full = ((layers,) if m.stacked else ()) + m.shape
+        shape = tuple(len(range(*s.indices(d))) for s, d in zip(index, full))
+        nbytes = int(np.prod(shape)) * 4
+        raw = scratch.buffer(nbytes)
+        slots.add(id(scratch))
+        piece = raw[:nbytes].view(np.float32).reshape(shape)
+        piece[...] = next(count)
+        return lambda: piece
+
+    taken = [np.unique(piece).tolist() for pieces in jax_to_hf_lib._shard_tensors(read, shard) for piece in pieces]
+    assert taken == [[n] for n in range(len(taken))]
+    assert len(taken) > 50 and len(slots) == jax_to_hf_lib.READ_AHEAD + 1
