@@ -36,7 +36,8 @@ def cmd_hf_to_jax(args) -> int:
 def cmd_jax_to_hf(args) -> int:
     from covenant_jax.convert.api import jax_to_hf
 
-    out = jax_to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
+    out = jax_to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype,
+                    max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

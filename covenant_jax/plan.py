@@ -369,7 +369,7 @@ def estimate_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> Me
     from flax import nnx
 
     from covenant_jax.convert.hf_to_jax import abstract_model
-    from covenant_jax.parallel.sharding import _axes_of, logical_to_spec
+    from covenant_jax.parallel.sharding import _axes_of, logical_to_spec, spec_axes
     from covenant_jax.train import optimizer
     from covenant_jax.train.loop import model_options
 
@@ -382,8 +382,7 @@ def estimate_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> Me
         spec = logical_to_spec(_axes_of(v), value.shape, _MeshShape(sizes))
         n = 1
         for dim, axes in zip(value.shape, tuple(spec) + (None,) * (len(value.shape) - len(spec))):
-            axes = (axes,) if isinstance(axes, str) else (axes or ())
-            n *= dim // math.prod(sizes[a] for a in axes)
+            n *= dim // math.prod(sizes[a] for a in spec_axes(axes))
         return n
 
     elems = [shard_elems(v) for v in variables]
@@ -618,7 +617,7 @@ def report(p: Plan) -> str:
         f"  model:  {p.model['params'] / 1e9:.2f}B params, {p.model['layers']} layers; "
         f"seq {p.train['seq_len']} x batch {p.train['batch_size']} "
         f"({p.train['micro_batches']} micro-batches), remat {p.train['remat']}, attention {p.train['attention']}",
-        f"  mesh:   " + " ".join(f"{k}={v}" for k, v in p.attempt.mesh.items()),
+        "  mesh:   " + " ".join(f"{k}={v}" for k, v in p.attempt.mesh.items()),
     ]
     if m:
         lines += [

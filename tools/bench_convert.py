@@ -17,8 +17,8 @@
      jax-to-hf     ``covenant-jax convert jax-to-hf CKPT OUT``
    ``--cold input`` (default) evicts the checkpoint files (the input and every earlier output)
    from the page cache (``posix_fadvise(DONTNEED)`` after a sync); programs and libraries stay
-   cached, as on any machine that has run Python before. ``--cold all`` drops the whole page cache (root only), so
-   Python's imports (~0.4 GB of libraries) are read from disk too.
+   cached, as on any machine that has run Python before. ``--cold all`` drops the whole page
+   cache (root only), so Python's imports (~0.4 GB of libraries) are read from disk too.
    ``--repeat N`` runs the contenders N times, round-robin (the disk's speed drifts: on a shared
    VM disk a contender's wall time varies by +-20% from run to run) and reports medians.
    Wall time includes process start-up and imports, plus an fsync of every output file after the
@@ -135,10 +135,10 @@ def drop_caches() -> bool:
         return False
 
 
-def evict(folder: Path) -> bool:
-    """sync + evict ``folder``'s files from the page cache (any user); True if it worked."""
+def evict(*folders: Path) -> bool:
+    """sync + evict the folders' files from the page cache (any user); True: it always works."""
     os.sync()
-    for path in folder.rglob("*"):
+    for path in (p for folder in folders for p in folder.rglob("*")):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", type=Path, help="an existing HF folder to convert (default: generate one)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all contenders; medians reported")
     ap.add_argument("--cold", choices=["input", "all"], default="input",
-                    help="evict only each contender's input from the page cache, or drop it all")
+                    help="evict the checkpoint files from the page cache, or drop it all (root)")
     ap.add_argument("--only", default="cp,py-copy,transformers,hf-to-jax,jax-to-hf",
                     help="comma-separated contenders to run (cp is always run: it is the baseline)")
     args = ap.parse_args(argv)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)  # the last round's hf-to-jax output stays
                 # --cold input: every checkpoint file (this input, earlier outputs) leaves the cache,
                 # so each contender starts with the same free memory; libraries stay cached.
-                dropped.append(drop_caches() if args.cold == "all" else evict(hf) and evict(work))
+                dropped.append(drop_caches() if args.cold == "all" else evict(hf, work))
                 runs.setdefault(name, []).append(measure(name, cmd, out, work, env))
                 if name in ("cp", "py-copy", "transformers"):
                     shutil.rmtree(out)  # keep the disk footprint down
@@ -406,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             r["anon_fraction"] = r["polled_peak_anon_bytes"] / ckpt_bytes
             r["wall_vs_cp"] = r["wall_s"] / cp_wall
 
-        shape = f"{hf} as given" if args.hf else (f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-                 f"ffn {args.ffn}, vocab {args.vocab}, untied, {args.dtype}, {args.shards} shards")
+        shape = f"{hf} as given" if args.hf else (
+            f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+            f"ffn {args.ffn}, vocab {args.vocab}, untied, {args.dtype}, {args.shards} shards")
         caches = (("input evicted from the page cache before each run" if args.cold == "input" else
                    "whole page cache dropped before each run (cold imports too)") if all(dropped) else
                   "page cache could NOT be dropped for every run: reads may be warm")
@@ -426,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({
                 "checkpoint_bytes": ckpt_bytes, "shape": shape, "generate_s": gen_s,
                 "cold": args.cold, "repeat": args.repeat, "page_cache_dropped": dropped,
-                "runs": runs, "targets": {"rss_fraction_below": RSS_TARGET,
-                                                           "wall_vs_cp_at_most": WALL_TARGET},
+                "runs": runs, "targets": {"rss_fraction_below": RSS_TARGET, "wall_vs_cp_at_most": WALL_TARGET},
                 "roundtrip_bit_identical": identical, "results": results, "startup": startup,
             }, indent=2) + "\n")
         return 0 if identical in (None, True) else 1

@@ -21,7 +21,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
 from covenant_jax.config import ModelConfig
@@ -133,11 +133,7 @@ def stream_hf(source: WeightSource, cfg: ModelConfig, dtype: str, mesh: Mesh, pa
     """Writes ``source``'s weights (see :func:`check_weights`) as the Orbax checkpoint ``params_dir``."""
     _, state = nnx.split(abstract_model(cfg, ModelOptions(param_dtype=dtype, dtype=dtype)))
     shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
-    tree: dict = {}
-    for m in keymap.tensor_maps(cfg):
-        node = tree
-        for key in m.path[:-1]:
-            node = node.setdefault(key, {})
-        node[m.path[-1]] = _streamed(source, m, np.dtype(jnp.dtype(dtype)), cfg.num_hidden_layers,
-                                     shardings[m.path])
-    param_store.save_streamed(params_dir, tree)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    flat = {m.path: _streamed(source, m, np_dtype, cfg.num_hidden_layers, shardings[m.path])
+            for m in keymap.tensor_maps(cfg)}
+    param_store.save_streamed(params_dir, traverse_util.unflatten_dict(flat))

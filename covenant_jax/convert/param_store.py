@@ -71,9 +71,10 @@ class StreamedParam:
     """A parameter to be saved unit by unit.
 
     ``read(index)`` gives that slice as numpy in ``read_dtype`` (any strides, in a buffer
-    nobody writes to again: TensorStore keeps it rather than copying), stored as ``dtype``. ``storage_order``: the axis order the chunks keep in
-    memory (a zarr3 transpose codec); chosen to match the source's layout, the write is a plain
-    copy instead of a transpose, and readers get the source layout back as cheaply.
+    nobody writes to again: TensorStore keeps it rather than copying), stored as ``dtype``.
+    ``storage_order``: the axis order the chunks keep in memory (a zarr3 transpose codec); chosen
+    to match the source's layout, the write is a plain copy instead of a transpose, and readers
+    get the source layout back as cheaply.
     """
 
     shape: tuple[int, ...]
@@ -194,7 +195,12 @@ class ParamReader:
         nbytes = math.prod(view.shape) * self.dtype.itemsize
         target = buffer(nbytes)[:nbytes].view(self.dtype).reshape(view.shape)
         future = ts.array(target, copy=False, write=True).write(view)
-        return lambda: (future.result(), target.transpose(undo))[1]
+
+        def wait() -> np.ndarray:
+            future.result()
+            return target.transpose(undo)
+
+        return wait
 
     def __getitem__(self, index: Index) -> np.ndarray:
         return self.read(index)()
