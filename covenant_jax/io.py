@@ -2,6 +2,8 @@
 
 Decision 9: outputs are written into a temporary sibling and renamed into place at the end,
 so a crash or a bad input never leaves a folder that looks like a valid export or checkpoint.
+Before that rename every file and folder in it is fsynced (:func:`fsync_tree`), so after a power
+loss the folder is either absent or whole; writers inside it need not fsync file by file.
 With several processes, process 0 owns the folder; the others write into it between barriers.
 """
 
@@ -37,9 +39,30 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _fsync(path: str | Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # renamed or removed by another process, which syncs its own files
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsyncs every file under ``root``, then every folder (deepest first, ``root`` last), so
+    the files' data and their names are on disk."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling of ``out_dir``; renames it to ``out_dir`` only on success."""
+    """Yields a temporary sibling of ``out_dir``; on success fsyncs it, then renames it to
+    ``out_dir``. Each process fsyncs what it wrote (on a shared host, the rest is already clean)."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise OutputExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
@@ -51,6 +74,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     _sync(f"atomic_output_dir:start:{out_dir}")
     try:
         yield tmp
+        fsync_tree(tmp)
         _sync(f"atomic_output_dir:done:{out_dir}")
     except BaseException:
         if lead:
@@ -65,6 +89,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+        _fsync(out_dir.parent)  # the rename itself
     _sync(f"atomic_output_dir:renamed:{out_dir}")
 
 
