@@ -19,8 +19,9 @@
    from the page cache (``posix_fadvise(DONTNEED)`` after a sync); programs and libraries stay
    cached, as on any machine that has run Python before. ``--cold all`` drops the whole page
    cache (root only), so Python's imports (~0.4 GB of libraries) are read from disk too.
-   ``--repeat N`` runs the contenders N times, round-robin (the disk's speed drifts: on a shared
-   VM disk a contender's wall time varies by +-20% from run to run) and reports medians.
+   ``--repeat N`` runs the contenders N times, round-robin in a rotating order (the disk's speed
+   drifts: on a shared VM disk a contender's wall time varies by +-20% from run to run) and
+   reports medians.
    Wall time includes process start-up and imports, plus an fsync of every output file after the
    command (covenant's safetensors writer fsyncs, cp and safetensors do not; this keeps it fair).
    Peak RSS is the kernel's high-water mark (``ru_maxrss``); its anonymous / file-backed split
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     cli_argv = [cli] if cli else [sys.executable, "-m", "covenant_jax.cli"]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Conversion is host work; with jax[tpu] installed on a host without a TPU, JAX would first
+    # try (and fail) to start the TPU runtime, ~2 s. Override with JAX_PLATFORMS=... if wanted.
+    env.setdefault("JAX_PLATFORMS", "cpu")
     try:
         t0 = time.perf_counter()
         ckpt_bytes = (sum(p.stat().st_size for p in hf.glob("*.safetensors")) if args.hf else
@@ -375,8 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
         runs: dict[str, list[dict]] = {}
         dropped = []
-        for _ in range(args.repeat):
-            for name, cmd, out in contenders:
+        # The order rotates each round (hf-to-jax stays just before jax-to-hf, which reads its
+        # output), so no contender always runs right after the same neighbour: on a cloud disk
+        # a heavy writer can slow whatever follows it.
+        groups = [[c] for c in contenders[:3]] + [contenders[3:]]
+        for round_ in range(args.repeat):
+            order = groups[round_ % len(groups):] + groups[:round_ % len(groups)]
+            for name, cmd, out in (c for group in order for c in group):
                 if name not in only:
                     continue
                 shutil.rmtree(out, ignore_errors=True)  # the last round's hf-to-jax output stays
