@@ -19,7 +19,7 @@
    from the page cache (``posix_fadvise(DONTNEED)`` after a sync); programs and libraries stay
    cached, as on any machine that has run Python before. ``--cold all`` drops the whole page
    cache (root only), so Python's imports (~0.4 GB of libraries) are read from disk too.
-   ``--repeat N`` runs the contenders N times, round-robin in a rotating order (the disk's speed
+   ``--repeat N`` runs the contenders N times, round-robin in a shuffled order (the disk's speed
    drifts: on a shared VM disk a contender's wall time varies by +-20% from run to run) and
    reports medians.
    Wall time includes process start-up and imports, plus an fsync of every output file after the
@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -379,12 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
         runs: dict[str, list[dict]] = {}
         dropped = []
-        # The order rotates each round (hf-to-jax stays just before jax-to-hf, which reads its
-        # output), so no contender always runs right after the same neighbour: on a cloud disk
-        # a heavy writer can slow whatever follows it.
+        # After the first round the order is shuffled (hf-to-jax stays just before jax-to-hf,
+        # which reads its output), so no contender always runs right after the same neighbour:
+        # on a cloud disk a heavy writer can slow whatever follows it.
         groups = [[c] for c in contenders[:3]] + [contenders[3:]]
+        shuffler = random.Random(args.seed)
         for round_ in range(args.repeat):
-            order = groups[round_ % len(groups):] + groups[:round_ % len(groups)]
+            order = list(groups)
+            if round_:
+                shuffler.shuffle(order)
             for name, cmd, out in (c for group in order for c in group):
                 if name not in only:
                     continue
