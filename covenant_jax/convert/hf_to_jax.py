@@ -130,7 +130,8 @@ def _streamed(source: WeightSource, m: keymap.TensorMap, dtype: np.dtype, num_la
 
 def stream_hf(source: WeightSource, cfg: ModelConfig, dtype: str, mesh: Mesh, params_dir: Path,
               rules: Mapping = DEFAULT_RULES) -> None:
-    """Writes ``source``'s weights (see :func:`check_weights`) as the Orbax checkpoint ``params_dir``."""
+    """Writes ``source``'s weights (see :func:`check_weights`) as the Orbax checkpoint ``params_dir``
+    (a folder inside ``io.atomic_output_dir``, which fsyncs it: see ``param_store.save_streamed``)."""
     _, state = nnx.split(abstract_model(cfg, ModelOptions(param_dtype=dtype, dtype=dtype)))
     shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
     np_dtype = np.dtype(jnp.dtype(dtype))

@@ -40,8 +40,6 @@ import tensorstore as ts
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from covenant_jax.io import fsync_tree
-
 # Largest slice read, converted and written at once (a chunk of the stored array).
 UNIT_BYTES = 64 << 20
 
@@ -158,15 +156,15 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
 
 def save_streamed(directory: Path, tree: dict) -> None:
     """Writes a nested dict of :class:`StreamedParam` as an Orbax PyTree checkpoint (zarr3,
-    uncompressed: conversion is bound by the disk, and weights barely compress), then fsyncs
-    it once as a whole: the data files are written without a sync each."""
+    uncompressed: conversion is bound by the disk, and weights barely compress). The data files
+    are written without an fsync each: write ``directory`` inside ``io.atomic_output_dir``, which
+    fsyncs the whole folder once before publishing it."""
     registry = ocp.type_handlers.create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler()), (StreamedParam, StreamedParamHandler()))
     handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False,
                                           type_handler_registry=registry)
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
-    fsync_tree(directory)
 
 
 class ParamReader:
