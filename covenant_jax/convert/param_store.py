@@ -10,8 +10,10 @@ OCDBT stores and their merge, the atomic rename) with one extension point: a ``T
 for :class:`StreamedParam` leaves. It builds each array's TensorStore spec with Orbax's spec
 builder and records the leaf as a ``jax.Array``, so the result is an ordinary Orbax checkpoint
 that ``PyTreeCheckpointer.restore`` (training, verify) reads onto any sharding. Each array's
-chunk is one unit, so unit writes and reads touch whole chunks. With several processes, unit
-``i`` is read and written by process ``i % process_count``: each reads only its own share.
+chunk is one unit, so unit writes and reads touch whole chunks; each unit write is an OCDBT
+commit, whose manifest stays in memory until the last one (:func:`_manifest_in_memory`). With
+several processes, unit ``i`` is read and written by process ``i % process_count``: each reads
+only its own share.
 
 Chunks keep the *source's* memory layout (zarr3 with a transpose codec), so a unit is written
 from the HF rows one ``pread`` brought in, with a plain copy, and read back in HF layout the same
