@@ -14,7 +14,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from covenant_jax.errors import UserError
+from covenant_jax.errors import UserError, require
 from covenant_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 
 
@@ -24,8 +24,7 @@ class CheckpointError(UserError):
 
 class _TorchFile:
     def __init__(self, path: Path):
-        import torch  # only PyTorch files need it
-
+        torch = require("torch", f"reading the PyTorch file {path.name}")
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises many types for corrupt files

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from covenant_jax.convert.api import load_model
+from covenant_jax.errors import require
 from covenant_jax.model.llama import ModelOptions
 
 # Allowed max |Δlogits| = atol + rtol * max |reference logits|, per compute dtype. The rtol term
@@ -63,6 +64,7 @@ def compare(ref: np.ndarray, ours: np.ndarray, dtype: str = "float32", tolerance
 def verify(hf_dir: str | Path, ckpt_dir: str | Path | None = None, *, dtype: str = "float32",
            batch: int = 2, seq_len: int = 64, seed: int = 0, tolerance: float | None = None) -> Parity:
     """Logits of the HF folder under transformers vs. ours (from ``ckpt_dir`` or the same folder)."""
+    require("torch", "verify (transformers' PyTorch model is the reference)")
     model = load_model(ckpt_dir or hf_dir, ModelOptions(param_dtype=dtype, dtype=dtype))
     tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq_len))
     ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))

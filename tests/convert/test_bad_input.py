@@ -1,6 +1,7 @@
 """Each bad input exits non-zero with a message naming the problem, and leaves no output."""
 
 import json
+import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -116,3 +117,28 @@ def test_failed_overwrite_keeps_the_old_output(capsys, tmp_path, hf_dir):
 def test_bad_mesh(capsys, tmp_path, hf_dir):
     code, err = _convert(capsys, hf_dir, tmp_path / "out", "--mesh", "fsdp=3")
     assert code == 2 and "has 3 devices but 8 are present" in err
+
+
+
+def _hide_torch(monkeypatch):
+    """As on a TPU VM's install: importing torch fails (the test's own models are built first)."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+
+def test_pytorch_file_without_torch_names_the_install(capsys, monkeypatch, tmp_path):
+    bin_dir = helpers.save_hf(helpers.hf_model(), tmp_path / "bin", torch_bin=True)
+    _hide_torch(monkeypatch)
+    code, err = _convert(capsys, bin_dir, tmp_path / "out")
+    assert code == 2
+    assert err.strip() == ("covenant-jax: error: reading the PyTorch file pytorch_model.bin needs torch, "
+                           "which is not installed: pip install 'covenant_jax[torch]' (or the torch "
+                           "build for your platform)")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_verify_without_torch_names_the_install(capsys, monkeypatch, hf_dir):
+    _hide_torch(monkeypatch)
+    capsys.readouterr()  # the fixture's save_pretrained progress bar
+    assert cli.main(["verify", str(hf_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "verify (transformers' PyTorch model is the reference) needs torch" in err
