@@ -10,10 +10,11 @@ copy of the published one, for planning without the weights). Variant ``8k`` tra
 tokens (the chat variant's context).
 """
 
-from covenant_jax.train.recipe import default_config
+from covenant_jax.train.recipe import check_variant, default_config
 
 
 def get_config(variant: str = ""):
+    variant = check_variant(variant, "8k")
     cfg = default_config()
     cfg.model.path = "configs/models/covenant-72b"
     cfg.model.param_dtype = "float32"  # fp32 master weights and moments, sharded by fsdp

@@ -7,10 +7,11 @@
 The model's shape comes from its config.json; nothing here repeats it.
 """
 
-from covenant_jax.train.recipe import default_config
+from covenant_jax.train.recipe import check_variant, default_config
 
 
 def get_config(variant: str = ""):
+    variant = check_variant(variant, "runlocal")
     cfg = default_config()
     cfg.model.path = "material/smollm2-135m-instruct"
     cfg.mesh.fsdp = -1

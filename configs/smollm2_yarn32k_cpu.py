@@ -8,10 +8,11 @@ the target length with blockwise attention and remat, so no [T, T] scores and no
 are ever held. 32k tokens per step on 2 CPU cores is slow: ``:runlocal`` trains at 4,096.
 """
 
-from covenant_jax.train.recipe import default_config
+from covenant_jax.train.recipe import check_variant, default_config
 
 
 def get_config(variant: str = ""):
+    variant = check_variant(variant, "runlocal")
     cfg = default_config()
     cfg.model.path = "material/smollm2-135m-instruct"
     cfg.model.attention = "blockwise"

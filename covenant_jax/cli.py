@@ -3,12 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import re
 import sys
 from pathlib import Path
 
 from covenant_jax.errors import USER_ERRORS, UserError
 
 EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are a UserError (one line, exit 2), like every other bad input."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("covenant-jax").strip()
+        raise UserError(f"{verb + ': ' if verb else ''}{message}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """``512,2048`` -> [512, 2048]"""
+    try:
+        return [positive_int(x) for x in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers") from None
+
+
+def unit_floats(text: str) -> list[float]:
+    """``0,0.5,1`` -> [0.0, 0.5, 1.0], each in [0, 1]"""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers in [0, 1]")
+    return values
 
 
 def _mesh_arg(text: str | None):
@@ -52,13 +98,17 @@ def cmd_verify(args) -> int:
 
 
 def load_recipe(config_path: str, overrides: list[str]):
-    """ml_collections as it is: ``CONFIG[:arg]`` + ``--config.a.b=value`` overrides, locked."""
+    """ml_collections as it is: ``CONFIG[:arg]`` + ``--config.a.b=value`` overrides, locked.
+
+    A missing file, a syntax error, an error raised by the recipe's ``get_config`` and a bad
+    override each become one line naming the recipe."""
     from absl import flags
     from ml_collections import config_flags
 
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise UserError(f"unknown arguments {bad}; overrides look like --config.optim.lr=1e-5")
+    _check_recipe_file(config_path)
     argv = ["covenant-jax", f"--config={config_path}", *overrides]
     flag_values = flags.FlagValues()
     # sys_argv: which --config.* overrides to define (else it reads the process's sys.argv).
@@ -66,9 +116,68 @@ def load_recipe(config_path: str, overrides: list[str]):
                                     lock_config=True, sys_argv=argv)
     try:
         flag_values(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError) as e:
-        raise UserError(f"recipe {config_path}: {e}") from e
-    return flag_values.config
+        return flag_values.config
+    except Exception as e:  # ml_collections wraps what get_config raised; find our own error in it
+        cause = _user_error_in(e)
+        if cause is not None:
+            raise cause from None
+        if isinstance(e, (KeyError, AttributeError)) and overrides:
+            _check_override_keys(config_path, overrides)
+        raise UserError(f"recipe {config_path}: {_one_line(e)}") from e
+
+
+def _check_override_keys(config_path: str, overrides: list[str]) -> None:
+    """Names the first override whose key the recipe does not have, with the keys it has there."""
+    base = load_recipe(config_path, [])
+    for override in overrides:
+        node, walked = base, []
+        for key in override[len("--config."):].split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or key not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
+                where = ".".join(walked) or "the recipe"
+                raise UserError(f"recipe {config_path}: {override.split('=', 1)[0]}: {where} has no key "
+                                f"{key!r}; its keys: {known}")
+            node, walked = node[key], walked + [key]
+
+
+def _check_recipe_file(config_path: str) -> None:
+    """Loads the recipe once on its own, so what goes wrong in it is named in one line
+    (ml_collections reports it as text with a traceback inside)."""
+    import importlib.util
+
+    match = re.fullmatch(r"(.*?\.py)(?::(.*))?", config_path, re.S)
+    path, arg = (Path(match.group(1)), match.group(2)) if match else (Path(config_path), None)
+    if not path.is_file():
+        raise UserError(f"recipe {path}: no such file")
+    try:
+        compile(path.read_bytes(), str(path), "exec")
+    except SyntaxError as e:
+        raise UserError(f"recipe {path}:{e.lineno}: {e.msg}") from None
+    spec = importlib.util.spec_from_file_location(f"_covenant_recipe_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        module.get_config(*([] if arg is None else [arg]))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"recipe {config_path}: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def _user_error_in(e: BaseException | None) -> UserError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """The informative last line of a (possibly multi-line, traceback-carrying) message."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def cmd_train(args) -> int:
@@ -78,15 +187,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
-
-
 def _eval_model(args):
-    from covenant_jax.eval.common import load_eval_model, load_tokenizer
+    """(model, tokenizer); the tokenizer first: a missing one is found before loading weights."""
+    from covenant_jax.data.tokenizer import load_tokenizer
+    from covenant_jax.eval.common import load_eval_model
 
-    model = load_eval_model(args.model_dir, args.dtype, _mesh_arg(args.mesh), args.yarn_factor)
-    return model, load_tokenizer(args.model_dir)
+    tokenizer = load_tokenizer(args.model_dir)
+    return load_eval_model(args.model_dir, args.dtype, _mesh_arg(args.mesh), args.yarn_factor), tokenizer
 
 
 def _report(result, out: str | None) -> int:
@@ -102,7 +209,7 @@ def cmd_eval_perplexity(args) -> int:
 
     model, tokenizer = _eval_model(args)
     result = perplexity_from_jsonl(
-        model, tokenizer, args.data, _int_list(args.lengths), field=args.field, stride=args.stride,
+        model, tokenizer, args.data, args.lengths, field=args.field, stride=args.stride,
         max_rows=args.max_rows, max_documents=args.max_documents, concatenate=args.concatenate,
         batch_size=args.batch_size, chunk=args.chunk, common_documents=args.common_documents,
         max_windows_per_document=args.max_windows_per_document, mesh=_mesh_arg(args.mesh))
@@ -114,7 +221,7 @@ def cmd_eval_passkey(args) -> int:
 
     model, tokenizer = _eval_model(args)
     result = passkey_eval(
-        model, tokenizer, _int_list(args.lengths), [float(d) for d in args.depths.split(",")],
+        model, tokenizer, args.lengths, args.depths,
         keys_per_cell=args.keys_per_cell, digits=args.digits, seed=args.seed,
         batch_size=args.batch_size, mesh=_mesh_arg(args.mesh))
     return _report(result, args.out)
@@ -122,11 +229,12 @@ def cmd_eval_passkey(args) -> int:
 
 def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="HF folder or converted checkpoint (with its tokenizer)")
-    p.add_argument("--lengths", required=True, help="context lengths in tokens, e.g. 512,2048,8192")
+    p.add_argument("--lengths", required=True, type=positive_ints,
+                   help="context lengths in tokens, e.g. 512,2048,8192")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", help="e.g. fsdp=8")
-    p.add_argument("--yarn-factor", type=float, help="apply YaRN with this factor (no training)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--yarn-factor", type=positive_float, help="apply YaRN with this factor (no training)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--out", help="also write the numbers as JSON here")
 
 
@@ -137,16 +245,16 @@ def _plan_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="print the plan as JSON")
     p.add_argument("--no-search", action="store_true", default=None if not defaults else False,
                    help="do not search for a variant that fits")
-    p.add_argument("--max-candidates", type=int, default=None if not defaults else 6,
+    p.add_argument("--max-candidates", type=positive_int, default=None if not defaults else 6,
                    help="compiles the search may spend (default 6)")
-    p.add_argument("--hbm-gib", type=float, help="memory per device to plan against (default: the chip's HBM)")
+    p.add_argument("--hbm-gib", type=positive_float, help="memory per device to plan against (default: the chip's HBM)")
 
 
 def cmd_plan(args) -> int:
     from covenant_jax import plan as plan_lib
 
     # Options may come before or after CONFIG; what follows CONFIG also holds the --config.* overrides.
-    late = argparse.ArgumentParser(prog="covenant-jax plan", add_help=False)
+    late = Parser(prog="plan", add_help=False)
     _plan_options(late, defaults=False)
     after, overrides = late.parse_known_args(args.overrides)
     for key, value in vars(after).items():
@@ -165,16 +273,16 @@ def cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="covenant-jax", description=__doc__)
+    parser = Parser(prog="covenant-jax", description=__doc__)
     dist = parser.add_argument_group(
         "multi-process (give these before the verb, the same on every process but --process-id; "
         "on TPU pods / SLURM / with JAX_COORDINATOR_ADDRESS they are detected)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address [COVENANT_COORDINATOR]")
-    dist.add_argument("--num-processes", type=int, metavar="N", help="[COVENANT_NUM_PROCESSES]")
+    dist.add_argument("--num-processes", type=positive_int, metavar="N", help="[COVENANT_NUM_PROCESSES]")
     dist.add_argument("--process-id", type=int, metavar="I", help="0..N-1 [COVENANT_PROCESS_ID]")
-    dist.add_argument("--init-timeout", type=int, metavar="S",
+    dist.add_argument("--init-timeout", type=positive_int, metavar="S",
                       help="seconds to wait for every process to connect (default 300) [COVENANT_INIT_TIMEOUT]")
-    dist.add_argument("--heartbeat-timeout", type=int, metavar="S",
+    dist.add_argument("--heartbeat-timeout", type=positive_int, metavar="S",
                       help="once running, seconds a silent (dead) process may go before the others are "
                       "stopped (JAX default 100) [COVENANT_HEARTBEAT_TIMEOUT]")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -194,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     j2h.add_argument("ckpt_dir")
     j2h.add_argument("out_dir")
     j2h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the stored dtype")
-    j2h.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size cap (GB)")
+    j2h.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size cap (GB)")
     j2h.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     j2h.set_defaults(fn=cmd_jax_to_hf)
 
@@ -202,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("hf_dir")
     ver.add_argument("ckpt_dir", nargs="?", help="converted folder to check (default: HF_DIR itself)")
     ver.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ver.add_argument("--seq-len", type=int, default=64)
-    ver.add_argument("--tolerance", type=float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
+    ver.add_argument("--seq-len", type=positive_int, default=64,
+                     help="tokens per row (at most the model's max_position_embeddings)")
+    ver.add_argument("--tolerance", type=positive_float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
     ver.set_defaults(fn=cmd_verify)
 
     ev = verbs.add_parser("eval", help="long-context evaluation: perplexity by length, passkey")
@@ -211,21 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = kinds.add_parser("perplexity", help="sliding-window perplexity for a list of context lengths")
     _add_eval_model_args(ppl)
     ppl.add_argument("data", help='JSONL of {"text": ...} documents')
-    ppl.add_argument("--stride", type=int, help="window stride (default: the length)")
+    ppl.add_argument("--stride", type=positive_int, help="window stride (default: the length)")
     ppl.add_argument("--field", default="text")
-    ppl.add_argument("--max-rows", type=int)
-    ppl.add_argument("--max-documents", type=int, help="first N documents long enough for each length")
+    ppl.add_argument("--max-rows", type=positive_int)
+    ppl.add_argument("--max-documents", type=positive_int, help="first N documents long enough for each length")
     ppl.add_argument("--concatenate", action="store_true", help="join all documents into one stream")
     ppl.add_argument("--common-documents", action="store_true",
                      help="score every length on the same documents (those long enough for the longest)")
-    ppl.add_argument("--max-windows-per-document", type=int)
-    ppl.add_argument("--chunk", type=int, default=1024, help="positions per logits chunk")
+    ppl.add_argument("--max-windows-per-document", type=positive_int)
+    ppl.add_argument("--chunk", type=positive_int, default=1024, help="positions per logits chunk")
     ppl.set_defaults(fn=cmd_eval_perplexity)
     pk = kinds.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths")
     _add_eval_model_args(pk)
-    pk.add_argument("--depths", default="0,0.5,1", help="relative needle depths")
-    pk.add_argument("--keys-per-cell", type=int, default=2)
-    pk.add_argument("--digits", type=int, default=5)
+    pk.add_argument("--depths", default=[0.0, 0.5, 1.0], type=unit_floats, help="relative needle depths")
+    pk.add_argument("--keys-per-cell", type=positive_int, default=2)
+    pk.add_argument("--digits", type=positive_int, default=5)
     pk.add_argument("--seed", type=int, default=0)
     pk.set_defaults(fn=cmd_eval_passkey)
 
@@ -253,10 +362,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Storage failures are the user's to fix (space, quota, permissions), not bugs: one line each.
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system or a size limit", errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+}
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """One line for an exception caused by full or unwritable storage (OSError, or TensorStore's
+    errors, which carry ``os_error_code``), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"storage: {_STORAGE_ERRNOS[e.errno]}{where}"
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code and int(code.group(1)) in _STORAGE_ERRNOS:
+            path = re.search(r'"(/[^"]+)"', str(e))
+            return f"storage: {_STORAGE_ERRNOS[int(code.group(1))]}" + (f" ({path.group(1)})" if path else "")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from covenant_jax.parallel import distributed  # no JAX import at module level
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as e:
+        print(f"covenant-jax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     try:
         # Before the verb touches JAX; a no-op for a single process (flags, env and cluster unset).
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout,
@@ -267,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         distributed.abandon(EXIT_BAD_INPUT)  # multi-process: do not wait on the peers
         return EXIT_BAD_INPUT
     except BaseException as e:
+        storage = storage_failure(e) if isinstance(e, Exception) else None
+        if storage is not None:
+            print(f"covenant-jax: error: {storage}; nothing partial was published (earlier complete "
+                  "outputs and checkpoints are intact)", file=sys.stderr)
+            distributed.abandon(EXIT_BAD_INPUT)
+            return EXIT_BAD_INPUT
         if distributed.is_multiprocess():  # a bug or a dead peer: say which, then exit now
             import traceback
 

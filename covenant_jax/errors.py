@@ -29,3 +29,7 @@ def require(module: str, purpose: str) -> ModuleType:
         raise MissingDependency(
             f"{purpose} needs {module}, which is not installed: {install} (or the {module} build for "
             "your platform)") from None
+
+
+class RecipeError(UserError):
+    """A recipe field (or a CLI option) holds a value covenant_jax cannot run with."""

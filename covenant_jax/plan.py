@@ -541,8 +541,10 @@ def _attempt(cfg, model_cfg, topo: Topology, changes: dict, search: bool) -> Att
 def plan(cfg, topology: str | Topology, *, search: bool = True, max_candidates: int = 6,
          hbm_bytes: int | None = None, recipe_name: str = "", log=None) -> Plan:
     """Plans ``cfg`` (a recipe ConfigDict) on ``topology``; see the module docstring."""
+    from covenant_jax.train import recipe
     from covenant_jax.train.metrics import train_flops_per_token
 
+    recipe.check_fields(cfg)
     topo = topology if isinstance(topology, Topology) else resolve_topology(topology)
     if hbm_bytes:
         topo = dataclasses.replace(topo, hbm_per_device=int(hbm_bytes))

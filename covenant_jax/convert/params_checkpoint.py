@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from covenant_jax.config import ModelConfig
+from covenant_jax.convert.hf_files import CheckpointError
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 
@@ -51,6 +52,10 @@ def write_meta(cfg: ModelConfig, param_dtype: str, out_dir: Path) -> None:
 
 def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
     ckpt_dir = Path(ckpt_dir)
+    if not is_params_checkpoint(ckpt_dir):
+        raise CheckpointError(
+            f"{ckpt_dir}: not a converted checkpoint (it needs {PARAMS}/ and {META}, as "
+            "`covenant-jax convert hf-to-jax` writes them); an HF folder is read directly")
     cfg = ModelConfig.from_json_file(ckpt_dir / "config.json")
     return cfg, json.loads((ckpt_dir / META).read_text())["param_dtype"]
 

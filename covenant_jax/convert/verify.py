@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from covenant_jax.convert.api import load_model
-from covenant_jax.errors import require
+from covenant_jax.config import ModelConfig
+from covenant_jax.errors import RecipeError, require
 from covenant_jax.model.llama import ModelOptions
 
 # Allowed max |Δlogits| = atol + rtol * max |reference logits|, per compute dtype. The rtol term
@@ -61,10 +62,21 @@ def compare(ref: np.ndarray, ours: np.ndarray, dtype: str = "float32", tolerance
     return Parity(float(diff.max()), float(diff.max() / max(np.abs(ref).max(), 1e-12)), kl, tolerance)
 
 
+def _check_shape(model_dir: str | Path, batch: int, seq_len: int) -> None:
+    """Before anything is loaded: a shape the model can run (a huge one would try to allocate it)."""
+    max_positions = ModelConfig.from_json_file(Path(model_dir) / "config.json").max_position_embeddings
+    if not 1 <= seq_len <= max_positions:
+        raise RecipeError(f"--seq-len {seq_len}: must be in [1, {max_positions}] (the model's "
+                          "max_position_embeddings)")
+    if batch < 1:
+        raise RecipeError(f"batch {batch} must be >= 1")
+
+
 def verify(hf_dir: str | Path, ckpt_dir: str | Path | None = None, *, dtype: str = "float32",
            batch: int = 2, seq_len: int = 64, seed: int = 0, tolerance: float | None = None) -> Parity:
     """Logits of the HF folder under transformers vs. ours (from ``ckpt_dir`` or the same folder)."""
     require("torch", "verify (transformers' PyTorch model is the reference)")
+    _check_shape(ckpt_dir or hf_dir, batch, seq_len)
     model = load_model(ckpt_dir or hf_dir, ModelOptions(param_dtype=dtype, dtype=dtype))
     tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq_len))
     ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))

@@ -56,11 +56,19 @@ import grain
 import ml_collections
 import numpy as np
 
+from covenant_jax import fields
 from covenant_jax.data import formats, sources, templates
+from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
 
 OVERLENGTH = ("truncate", "drop", "split")
 _SOURCE_KEYS = {"path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows"}
+RULES = {
+    "seq_len": fields.at_least(2), "batch_size": fields.at_least(1),
+    "overlength": fields.one_of(OVERLENGTH), "loss_on": fields.one_of(templates.LOSS_ON),
+    "eval_fraction": fields.within(0, 1, high_open=True), "eval_count": fields.at_least(0),
+    "epochs": fields.at_least(0), "packing_bins": fields.at_least(0),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -153,9 +161,7 @@ def build_pipeline(
     a local path to one. Shards by jax.process_index() / process_count() unless both given."""
     cfg = _with_defaults(cfg)
     if isinstance(tokenizer, str):
-        import transformers  # pylint: disable=g-import-not-at-top
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
     if process_index is None or process_count is None:
         import jax  # pylint: disable=g-import-not-at-top
 
@@ -208,10 +214,7 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"data.sources[{i}]: unknown key(s) {sorted(set(src) - _SOURCE_KEYS)}; "
                 f"known: {sorted(_SOURCE_KEYS)}"
             )
-    if out["overlength"] not in OVERLENGTH:
-        raise UserError(f"data.overlength={out['overlength']!r}; expected one of {OVERLENGTH}")
-    if out["loss_on"] not in templates.LOSS_ON:
-        raise UserError(f"data.loss_on={out['loss_on']!r}; expected one of {templates.LOSS_ON}")
+    fields.check("data", out, RULES)
     return out
 
 

@@ -55,13 +55,6 @@ def load_texts(path: str | Path, field: str = "text", limit: int | None = None) 
     return texts
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a model (HF folder or converted folder)."""
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(path))
-
-
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -201,6 +201,11 @@ def passkey_eval(
     mesh: Mesh | None = None,
 ) -> PasskeyResult:
     """Accuracy over ``lengths`` x ``depths`` with ``keys_per_cell`` seeded random keys each."""
+    for name, value in (("keys_per_cell", keys_per_cell), ("digits", digits), ("batch_size", batch_size)):
+        if value < 1:
+            raise EvalInputError(f"{name}={value} must be >= 1")
+    if not lengths or not depths:
+        raise EvalInputError(f"passkey needs at least one length and one depth (got {list(lengths)}, {list(depths)})")
     predict = model_predictor(model_or_predict, mesh) if isinstance(model_or_predict, Llama) else model_or_predict
     rng = np.random.default_rng(seed)
     samples = []

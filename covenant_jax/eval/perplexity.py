@@ -97,6 +97,26 @@ def _window_nll(chunk: int):
     return fn
 
 
+def _plan_windows(documents, length: int, stride: int, min_tokens: int,
+                  max_windows: int | None) -> tuple[list[Window], int]:
+    """(windows, documents skipped as too short) for one length; an error when none is left."""
+    windows: list[Window] = []
+    skipped = 0
+    for d, doc in enumerate(documents):
+        if len(doc) < max(length, min_tokens):
+            skipped += 1
+            continue
+        windows += [Window(d, start, score_from)
+                    for start, score_from in window_plan(len(doc), length, stride)[:max_windows]]
+    if not windows:
+        longest = max((len(doc) for doc in documents), default=0)
+        need = f"{max(length, min_tokens)} tokens" + (" (--common-documents: the longest length)"
+                                                      if min_tokens > length else "")
+        raise EvalInputError(f"length {length}: no document has {need}; the longest has {longest}. "
+                             "Use shorter --lengths, longer documents, or --concatenate")
+    return windows, skipped
+
+
 def _score_batch(forward, docs, batch: Sequence[Window], length: int, batch_size: int):
     """(float64 NLL sum, scored token count) of one batch of windows."""
     tokens_BL = np.stack([np.asarray(docs[w.document][w.start:w.start + length]) for w in batch])
@@ -126,26 +146,23 @@ def perplexity(
     """
     if not lengths or min(lengths) < 2:
         raise EvalInputError(f"lengths must be at least 2 tokens, got {list(lengths)}")
+    for name, value in (("stride", stride), ("batch_size", batch_size), ("chunk", chunk),
+                        ("max_windows_per_document", max_windows_per_document)):
+        if value is not None and value < 1:
+            raise EvalInputError(f"{name}={value} must be >= 1")
+    plans = {length: _plan_windows(documents, length, min(stride or length, length),
+                                   max(lengths) if common_documents else 0, max_windows_per_document)
+             for length in lengths}  # every length checked before anything is computed
     forward = jit_model_fn(model, _window_nll(chunk), mesh)
-    min_tokens = max(lengths) if common_documents else 0
     rows = []
-    for length in lengths:
-        step = min(stride or length, length)
-        windows: list[Window] = []
-        skipped = 0
-        for d, doc in enumerate(documents):
-            if len(doc) < max(length, min_tokens):
-                skipped += 1
-                continue
-            plan = window_plan(len(doc), length, step)[:max_windows_per_document]
-            windows += [Window(d, start, score_from) for start, score_from in plan]
+    for length, (windows, skipped) in plans.items():
         nll_sum, count = 0.0, 0
         for batch in batches(windows, batch_size):
             batch_sum, batch_count = _score_batch(forward, documents, batch, length, batch_size)
             nll_sum, count = nll_sum + batch_sum, count + batch_count
-        nll = nll_sum / count if count else math.nan
+        nll = nll_sum / count
         rows.append(LengthPerplexity(
-            length=length, stride=step, ppl=math.exp(nll) if count else math.nan, nll=nll,
+            length=length, stride=min(stride or length, length), ppl=math.exp(nll), nll=nll,
             nll_sum=nll_sum, tokens=count, windows=len(windows),
             documents=len({w.document for w in windows}), skipped_documents=skipped,
         ))

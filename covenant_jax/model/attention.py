@@ -14,6 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from covenant_jax.errors import RecipeError
+
 
 def attention_mask(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
     """[B, T, S] boolean: causal and same segment."""
@@ -47,11 +49,13 @@ def register_backend(name: str, fn: AttentionFn) -> None:
     _BACKENDS[name] = fn
 
 
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
 def get_backend(name: str) -> AttentionFn:
     if name not in _BACKENDS:
-        raise ValueError(
-            f"attention backend {name!r} is not available; choose one of {sorted(_BACKENDS)}"
-        )
+        raise RecipeError(f"attention backend {name!r} is not available; choose one of {backend_names()}")
     return _BACKENDS[name]
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from covenant_jax.config import ModelConfig
+from covenant_jax.errors import RecipeError
 from covenant_jax.model import attention as attention_lib
 from covenant_jax.model import rope as rope_lib
 from covenant_jax.parallel.sharding import shard
@@ -45,10 +46,10 @@ class ModelOptions:
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+            raise RecipeError(f"model.remat={self.remat!r}: must be one of {', '.join(map(repr, REMAT_POLICIES))}")
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{field} {getattr(self, field)!r} must be float32, bfloat16 or float16")
+                raise RecipeError(f"model.{field}={getattr(self, field)!r}: must be float32, bfloat16 or float16")
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None) -> nnx.Param:

@@ -60,6 +60,8 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
     for name, size in (shape or {}).items():
         if name not in MESH_AXES:
             raise MeshError(f"unknown mesh axis {name!r}; mesh axes are {MESH_AXES}")
+        if int(size) != -1 and int(size) < 1:
+            raise MeshError(f"mesh axis {name}={size}: sizes are positive, or -1 for the devices left")
         sizes[name] = int(size)
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1:

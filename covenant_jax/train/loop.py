@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from covenant_jax.convert.api import export_model, load_model
 from covenant_jax.data import pipeline as data_pipeline
+from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
@@ -92,12 +93,11 @@ def _check_vocab(tokenizer, model: Llama) -> None:
 
 
 def setup(cfg: ml_collections.ConfigDict) -> Run:
-    import transformers
-
+    recipe.check_fields(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
     model = _load(cfg, mesh)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path)
     _check_vocab(tokenizer, model)
     data = data_pipeline.build_pipeline(cfg.data, tokenizer)
     if jax.process_index() == 0:

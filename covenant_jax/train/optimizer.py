@@ -15,9 +15,16 @@ import jax
 import ml_collections
 import optax
 
-from covenant_jax.errors import UserError
+from covenant_jax import fields
 
 SCHEDULES = ("cosine", "linear", "constant")
+RULES = {
+    "lr": fields.at_least(0), "warmup_steps": fields.at_least(0), "schedule": fields.one_of(SCHEDULES),
+    "min_lr_ratio": fields.within(0, 1), "b1": fields.within(0, 1, high_open=True),
+    "b2": fields.within(0, 1, high_open=True), "eps": fields.at_least(0),
+    "weight_decay": fields.at_least(0), "clip_norm": fields.at_least(0),
+    "mu_dtype": fields.one_of(("",) + fields.DTYPES),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -28,8 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    if cfg["schedule"] not in SCHEDULES:
-        raise UserError(f"optim.schedule={cfg['schedule']!r}; choose one of {SCHEDULES}")
+    fields.check("optim", cfg, RULES)
     lr, warmup = cfg["lr"], min(cfg["warmup_steps"], total_steps)
     decay_steps = max(total_steps - warmup, 1)
     end = lr * cfg["min_lr_ratio"]

@@ -11,10 +11,31 @@ from __future__ import annotations
 
 import ml_collections
 
+from covenant_jax import fields
 from covenant_jax.config import ModelConfig, RopeConfig
 from covenant_jax.data import pipeline as data_pipeline
-from covenant_jax.errors import UserError
+from covenant_jax.errors import RecipeError, UserError
+from covenant_jax.model import attention, llama
+from covenant_jax.parallel.sharding import MESH_AXES
 from covenant_jax.train import optimizer
+
+RULES = {
+    "model": {
+        "param_dtype": fields.one_of(fields.DTYPES), "dtype": fields.one_of(fields.DTYPES),
+        "remat": fields.one_of(llama.REMAT_POLICIES), "attention": fields.one_of(attention.backend_names()),
+        "max_position_embeddings": fields.at_least(0),
+    },
+    "mesh": {axis: fields.mesh_size() for axis in MESH_AXES},
+    "data": data_pipeline.RULES,
+    "optim": optimizer.RULES,
+    "train": {
+        "steps": fields.at_least(1), "micro_batches": fields.at_least(1), "log_every": fields.at_least(1),
+        "eval_every": fields.at_least(0), "eval_batches": fields.at_least(0),
+        "checkpoint_every": fields.at_least(1), "keep_checkpoints": fields.at_least(1),
+        "loss_chunk_size": fields.at_least(1), "export_dtype": fields.one_of(("",) + fields.DTYPES),
+        "peak_tflops_per_device": fields.at_least(0),
+    },
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -38,6 +59,15 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def check_variant(variant: str, *known: str) -> str:
+    """A recipe's ``get_config(variant)`` calls this first, so a mistyped ``FILE:variant`` is an
+    error rather than the default run."""
+    if variant not in ("",) + known:
+        raise RecipeError(f"recipe variant {variant!r} does not exist; this recipe has: "
+                          f"{', '.join(known) or 'no variants'} (or none)")
+    return variant
+
+
 def rope_override(model_cfg: ModelConfig, section) -> ModelConfig:
     """The checkpoint's config with ``model.rope`` / ``model.max_position_embeddings`` applied."""
     if not section.rope.rope_type:
@@ -59,12 +89,19 @@ def rope_override(model_cfg: ModelConfig, section) -> ModelConfig:
     return model_cfg.with_rope(rope, max_pos)
 
 
+def check_fields(cfg: ml_collections.ConfigDict) -> None:
+    """Every field's own value (names, ranges), before anything is read, loaded or compiled."""
+    if not cfg.model.path:
+        raise RecipeError("model.path is empty: point it at an HF folder or a converted checkpoint")
+    for section, rules in RULES.items():
+        fields.check(section, cfg[section], rules)
+
+
 def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int,
              context: int = 1) -> None:
     """Mistakes that would otherwise surface as a failed compile or a silent wrong run."""
+    check_fields(cfg)
     t, d = cfg.train, cfg.data
-    if not cfg.model.path:
-        raise UserError("model.path is empty: point it at an HF folder or a converted checkpoint")
     if d.seq_len > model_cfg.max_position_embeddings:
         raise UserError(
             f"data.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
@@ -84,5 +121,4 @@ def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_sh
             f"data.seq_len={d.seq_len} must be divisible by {chunks} "
             f"({'2 x ' if chunks != context else ''}mesh.context={context})"
         )
-    if t.steps <= 0:
-        raise UserError(f"train.steps={t.steps} must be positive")
+

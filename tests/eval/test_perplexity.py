@@ -106,9 +106,10 @@ def test_short_documents_skipped_and_common_documents(model):
     assert capped[16].windows == 2 and capped[16].tokens == 2 * 15
 
 
-def test_all_short_gives_nan_not_error(model):
-    row = ppl_lib.perplexity(model, documents([5]), [16], **KW).rows[0]
-    assert row.tokens == 0 and math.isnan(row.ppl) and row.skipped_documents == 1
+def test_a_length_no_document_reaches_is_an_error_before_computing(model):
+    """(It used to be a NaN row and exit 0: a silent non-result.)"""
+    with pytest.raises(EvalInputError, match="length 16: no document has 16 tokens; the longest has 12"):
+        ppl_lib.perplexity(model, documents([5, 12]), [8, 16], **KW)
 
 
 def test_result_table_and_json_round_trip(model):

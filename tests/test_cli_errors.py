@@ -1,0 +1,131 @@
+"""The error contract, verb by verb: each bad input exits 2 with one line naming the cause, no
+traceback, and nothing written; checks that can come first come before any loading or compiling."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from covenant_jax import cli
+from tests.train import common
+
+RECIPE = """
+from pathlib import Path
+from tests.train import common
+
+def get_config():
+    return common.tiny_recipe(Path({root!r}), Path({model!r}), Path({data!r}), steps=2, eval_every=0)
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    model = common.tiny_model_dir(root)
+    data = common.chat_jsonl(root)
+    recipe = root / "recipe.py"
+    recipe.write_text(RECIPE.format(root=str(root), model=str(model), data=str(data)))
+    (root / "syntax.py").write_text("def get_config(:\n    pass\n")
+    texts = root / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in range(30))}) + "\n" for _ in range(2)))
+    no_tokenizer = root / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((model / name).read_bytes())
+    return {"root": root, "model": model, "recipe": recipe, "texts": texts, "no_tok": no_tokenizer}
+
+
+# (argv with {placeholders}, text the one error line must contain)
+CASES = {
+    "train: no recipe file": (["train", "{root}/nope.py"], "recipe {root}/nope.py: no such file"),
+    "train: recipe syntax error": (["train", "{root}/syntax.py"], "recipe {root}/syntax.py:1: invalid syntax"),
+    "train: unknown variant": (["train", "configs/smollm2_sft_cpu.py:runlocl"],
+                               "recipe variant 'runlocl' does not exist; this recipe has: runlocal"),
+    "train: unknown key": (["train", "{recipe}", "--config.train.stesp=3"], "train has no key 'stesp'"),
+    "train: remat": (["train", "{recipe}", "--config.model.remat=ful"], "model.remat='ful': must be one of"),
+    "train: attention": (["train", "{recipe}", "--config.model.attention=flash"],
+                         "model.attention='flash': must be one of"),
+    "train: param_dtype": (["train", "{recipe}", "--config.model.param_dtype=float33"],
+                           "model.param_dtype='float33'"),
+    "train: mesh 0": (["train", "{recipe}", "--config.mesh.data=0"], "mesh.data=0: must be a positive size"),
+    "train: micro_batches 0": (["train", "{recipe}", "--config.train.micro_batches=0"],
+                               "train.micro_batches=0: must be >= 1"),
+    "train: loss_chunk_size 0": (["train", "{recipe}", "--config.train.loss_chunk_size=0"],
+                                 "train.loss_chunk_size=0: must be >= 1"),
+    "train: checkpoint_every 0": (["train", "{recipe}", "--config.train.checkpoint_every=0"],
+                                  "train.checkpoint_every=0: must be >= 1"),
+    "train: keep_checkpoints 0": (["train", "{recipe}", "--config.train.keep_checkpoints=0"],
+                                  "train.keep_checkpoints=0: must be >= 1"),
+    "train: negative lr": (["train", "{recipe}", "--config.optim.lr=-0.001"], "optim.lr=-0.001: must be >= 0"),
+    "train: b2 out of range": (["train", "{recipe}", "--config.optim.b2=1.5"], "optim.b2=1.5: must be in [0, 1)"),
+    "train: seq_len 0": (["train", "{recipe}", "--config.data.seq_len=0"], "data.seq_len=0: must be >= 2"),
+    "train: no tokenizer": (["train", "{recipe}", "--config.model.path={no_tok}"],
+                            "no_tokenizer: no tokenizer files"),
+    "hf-to-jax: bad mesh": (["convert", "hf-to-jax", "{model}", "{root}/out", "--mesh", "fsdp=0"],
+                            "mesh axis fsdp=0"),
+    "jax-to-hf: shard size 0": (["convert", "jax-to-hf", "{model}", "{root}/out", "--max-shard-gb", "0"],
+                                "argument --max-shard-gb: '0' is not a positive number"),
+    "jax-to-hf: not converted": (["convert", "jax-to-hf", "{model}", "{root}/out"],
+                                 "not a converted checkpoint"),
+    "verify: seq-len 0": (["verify", "{model}", "--seq-len", "0"], "argument --seq-len: '0' is not a positive integer"),
+    "verify: seq-len too long": (["verify", "{model}", "--seq-len", "100000"],
+                                 "--seq-len 100000: must be in [1, 128]"),
+    "perplexity: lengths abc": (["eval", "perplexity", "{model}", "{texts}", "--lengths", "abc"],
+                                "argument --lengths: 'abc' is not a comma-separated list"),
+    "perplexity: stride 0": (["eval", "perplexity", "{model}", "{texts}", "--lengths", "8", "--stride", "0"],
+                             "argument --stride: '0' is not a positive integer"),
+    "perplexity: batch 0": (["eval", "perplexity", "{model}", "{texts}", "--lengths", "8", "--batch-size", "0"],
+                            "argument --batch-size"),
+    "perplexity: longer than every document": (
+        ["eval", "perplexity", "{model}", "{texts}", "--lengths", "8,500"],
+        "length 500: no document has 500 tokens; the longest has"),
+    "perplexity: no tokenizer": (["eval", "perplexity", "{no_tok}", "{texts}", "--lengths", "8"],
+                                 "no tokenizer files"),
+    "passkey: keys 0": (["eval", "passkey", "{model}", "--lengths", "64", "--keys-per-cell", "0"],
+                        "argument --keys-per-cell"),
+    "passkey: batch 0": (["eval", "passkey", "{model}", "--lengths", "64", "--batch-size", "0"], "argument --batch-size"),
+    "passkey: depth 2": (["eval", "passkey", "{model}", "--lengths", "64", "--depths", "0,2"],
+                         "argument --depths: '0,2' is not a comma-separated list of numbers in [0, 1]"),
+    "plan: max candidates 0": (["plan", "{recipe}", "--topology", "v5e:2x2", "--max-candidates", "0"],
+                               "argument --max-candidates"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2(case, files, capsys):
+    argv, expected = CASES[case]
+    fill = {k: str(v) for k, v in files.items()}
+    capsys.readouterr()
+    started = time.time()
+    code = cli.main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (case, err)
+    assert len(lines) == 1 and lines[0].startswith("covenant-jax: error: "), err
+    assert expected.format(**fill) in lines[0]
+    assert time.time() - started < 30, "the check should come before loading or compiling"
+    assert not (files["root"] / "out").exists()
+
+
+def test_full_disk_during_conversion_is_one_line_and_leaves_nothing(files, tmp_path):
+    """A file-size limit makes writes fail as a full disk does (EFBIG for ENOSPC)."""
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "covenant_jax.cli", "convert", "hf-to-jax",
+                           str(files["model"]), str(out)], preexec_fn=small_disk, capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("covenant-jax: error: storage: file too large"), proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
