@@ -27,6 +27,9 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
                  With several sources the mixture draws epochs * (all train rows) examples
                  by weight, repeating (reshuffled) any source that runs out.
   packing_bins   rows packed at once (first-fit); 0 = rows per process
+  max_samples_per_row  the most samples packed into one row; 0 = no bound. The cudnn attention
+                 backend attends a fixed number per row: the recipe sets this for it
+                 (train.recipe.bound_samples_per_row) and the kernel reads the same number
   pad_id         -1 = tokenizer.pad_token_id (or 0 when it has none)
 
 Why eager: each row is validated and tokenised once, up front, so the skip report is complete
@@ -78,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
             eval_count=0,
             epochs=0,
             packing_bins=0,
+            max_samples_per_row=0,
             pad_id=-1,
         )
     )
@@ -173,6 +177,7 @@ def build_pipeline(
     pack = functools.partial(
         pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
         bins=cfg["packing_bins"] or rows, seed=cfg["seed"],
+        max_samples_per_row=cfg["max_samples_per_row"],
     )  # fmt: skip
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
     train = mix_sources(train_sets, weights, epochs=cfg["epochs"], seed=cfg["seed"])
@@ -210,6 +215,8 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
             )
     if out["overlength"] not in OVERLENGTH:
         raise UserError(f"data.overlength={out['overlength']!r}; expected one of {OVERLENGTH}")
+    if out["max_samples_per_row"] < 0:
+        raise UserError(f"data.max_samples_per_row={out['max_samples_per_row']} must be >= 0 (0: no bound)")
     if out["loss_on"] not in templates.LOSS_ON:
         raise UserError(f"data.loss_on={out['loss_on']!r}; expected one of {templates.LOSS_ON}")
     return out
@@ -354,9 +361,11 @@ def pack_and_batch(
     bins: int,
     seed: int,
     shuffle_bins: bool,
+    max_samples_per_row: int = 0,
 ) -> grain.IterDataset:
-    """Grain first-fit packing, then batching; `to_batch` derives what Grain cannot (targets
-    and a loss mask that never crosses a sample boundary) and pads the last batch to `rows`."""
+    """Grain first-fit packing (at most `max_samples_per_row` samples a row when > 0), then
+    batching; `to_batch` derives what Grain cannot (targets and a loss mask that never crosses
+    a sample boundary) and pads the last batch to `rows`."""
     packed = grain.experimental.FirstFitPackIterDataset(
         ds,
         length_struct={"tokens": seq_len, "weights": seq_len},
@@ -364,6 +373,7 @@ def pack_and_batch(
         seed=seed,
         shuffle_bins=shuffle_bins,
         padding_struct={"tokens": pad_id, "weights": False},
+        max_sequences_per_bin=max_samples_per_row or None,
     )
     return packed.batch(rows).map(functools.partial(to_batch, rows=rows, pad_id=pad_id))
 

@@ -14,6 +14,7 @@ import ml_collections
 from covenant_jax.config import ModelConfig, RopeConfig
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.errors import UserError
+from covenant_jax.model import gpu_attention
 from covenant_jax.train import optimizer
 
 
@@ -57,6 +58,13 @@ def rope_override(model_cfg: ModelConfig, section) -> ModelConfig:
                 "make them agree (e.g. factor 16 with 2048 -> 32768)"
             )
     return model_cfg.with_rope(rope, max_pos)
+
+
+def bound_samples_per_row(cfg: ml_collections.ConfigDict) -> None:
+    """cudnn attends a fixed number of packed samples per row: without data.max_samples_per_row,
+    take its default, so the packer and the kernel (``ModelOptions``) read one number."""
+    if cfg.model.attention == "cudnn" and not cfg.data.max_samples_per_row:
+        cfg.data.max_samples_per_row = gpu_attention.DEFAULT_MAX_SAMPLES_PER_ROW
 
 
 def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int,
