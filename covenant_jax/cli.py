@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--init-timeout", type=positive_int, metavar="S",
                       help="seconds to wait for every process to connect (default 300) [COVENANT_INIT_TIMEOUT]")
     dist.add_argument("--heartbeat-timeout", type=positive_int, metavar="S",
-                      help="once running, seconds a silent (dead) process may go before the others are "
-                      "stopped (JAX default 100) [COVENANT_HEARTBEAT_TIMEOUT]")
+                      help="once running, seconds a silent (dead or hung) process may go before the others "
+                      "stop, naming it (default 100) [COVENANT_HEARTBEAT_TIMEOUT]")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     convert = verbs.add_parser("convert", help="convert checkpoints between HF and JAX")
@@ -422,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 print(f"covenant-jax: error: process {jax_process_index()}: a collective with the "
-                      f"other processes failed ({first}); a peer process has probably died. Completed "
-                      "checkpoints are intact: restart every process to resume.", file=sys.stderr)
-            distributed.abandon(1)
+                      f"other processes failed ({first}); a peer process {distributed.PEER_LOST}",
+                      file=sys.stderr)
+            distributed.abandon(distributed.EXIT_PEER_LOST)
         raise
 
 

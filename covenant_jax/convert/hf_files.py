@@ -8,7 +8,7 @@ are paged in only when a slice is read. Nothing here holds a whole model in memo
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ml_dtypes
@@ -106,7 +106,10 @@ def open_weights(folder: str | Path) -> WeightSource:
                                ("pytorch_model.bin.index.json", _TorchFile)):
         index_path = folder / index_name
         if index_path.exists():
-            return WeightSource([opener(p) for p in _index_files(index_path)])
+            weight_map = _weight_map(index_path)
+            shards = {name: opener(folder / name) for name in sorted(set(weight_map.values()))}
+            _check_index_matches_shards(index_path, weight_map, shards)
+            return WeightSource(list(shards.values()))
     singles = sorted(folder.glob("*.safetensors"))
     if singles:
         return WeightSource([_open_safetensors(p) for p in singles])
@@ -125,9 +128,31 @@ def _open_safetensors(path: Path) -> SafetensorsFile:
         raise CheckpointError(str(e)) from e
 
 
-def _index_files(index_path: Path) -> list[Path]:
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, each shard a file name that stays inside the folder."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: not a valid index ({e})") from e
-    return [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+    for name in sorted(set(weight_map.values())):
+        relative = PurePosixPath(name)
+        if not name or relative.is_absolute() or ".." in relative.parts or "://" in name:
+            raise CheckpointError(
+                f"{index_path}: shard name {name!r} is not a file name inside {index_path.parent}")
+    return weight_map
+
+
+def _check_index_matches_shards(index_path: Path, weight_map: dict[str, str],
+                                shards: dict[str, Any]) -> None:
+    """Each shard holds exactly the tensors the index lists for it: an index and shards that
+    disagree (a partial upload, shards of two revisions) are refused, not read as found."""
+    for shard, file in shards.items():
+        held, listed = set(file.keys()), {k for k, v in weight_map.items() if v == shard}
+        if listed - held:
+            raise CheckpointError(
+                f"{index_path}: lists tensor {min(listed - held)!r} in {shard}, which does not hold it")
+        if held - listed:
+            raise CheckpointError(f"{index_path}: {shard} holds tensor {min(held - listed)!r}, "
+                                  "which the index does not list there")

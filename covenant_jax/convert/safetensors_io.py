@@ -10,6 +10,7 @@ bytes), and writing is the header followed by one tensor (or row range) at a tim
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -34,6 +35,94 @@ class SafetensorsError(UserError):
     """A safetensors file is truncated, corrupt or not what its header says."""
 
 
+# The safetensors library's own bound on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
+ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def parse_header(path: Path, raw: bytes) -> dict[str, Any]:
+    """The JSON header, parsed as strictly as the library parses it: UTF-8, one object, no
+    NaN/Infinity; a name given twice (the library keeps the last) is refused as ambiguous."""
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) < len(pairs):
+            seen: set[str] = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise SafetensorsError(f"{path}: {twice!r} appears twice in the header")
+        return out
+
+    def no_constant(word: str):
+        raise SafetensorsError(f"{path}: corrupt header ({word} is not JSON)")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique, parse_constant=no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SafetensorsError(f"{path}: corrupt header ({e})") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt header (not a JSON object)")
+    return header
+
+
+def check_header(path: Path, header: dict[str, Any], data_len: int
+                 ) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensor entries) once every check the library makes on load has passed, so no
+    offset can point into the header, into another tensor or past the file."""
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(
+            f"{path}: __metadata__ must map strings to strings, got {json.dumps(metadata)[:80]}")
+    for name, entry in header.items():
+        _check_entry(path, name, entry)
+    _check_layout(path, header, data_len)
+    return metadata, header
+
+
+def _naturals(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _check_entry(path: Path, name: str, entry: Any) -> None:
+    """One tensor's entry: a known dtype, a shape, two offsets, and as many bytes as they need."""
+    if not isinstance(entry, dict) or not all(field in entry for field in ENTRY_FIELDS):
+        raise SafetensorsError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets, "
+                               f"got {json.dumps(entry)[:80]}")
+    dtype, shape, offsets = (entry[field] for field in ENTRY_FIELDS)
+    if dtype not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not _naturals(shape):
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} has shape {shape}: expected a list of non-negative integers")
+    if not (_naturals(offsets) and len(offsets) == 2):
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} has data_offsets {offsets}: expected two non-negative integers")
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise SafetensorsError(f"{path}: tensor {name!r} has data_offsets {offsets}, "
+                               f"{offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {expected}")
+
+
+def _check_layout(path: Path, entries: dict[str, Any], data_len: int) -> None:
+    """As the library requires: in offset order each tensor starts where the previous one ended,
+    the first at 0, and the last ends where the file does."""
+    end, previous = 0, None
+    for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, stop = entry["data_offsets"]
+        if begin < end:
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} at data_offsets [{begin}, {stop}] overlaps tensor {previous!r}")
+        if begin > end:
+            raise SafetensorsError(
+                f"{path}: {begin - end} bytes before tensor {name!r} belong to no tensor")
+        end, previous = stop, name
+    if end > data_len:
+        raise SafetensorsError(
+            f"{path}: truncated: the tensors need {end} bytes of data, the file has {data_len}")
+    if end < data_len:
+        raise SafetensorsError(f"{path}: {data_len - end} bytes after the last tensor belong to no tensor")
+
+
 class SafetensorsFile:
     """One file's header, and each tensor as a read-only memory-mapped view."""
 
@@ -45,31 +134,12 @@ class SafetensorsFile:
             if len(raw) < 8:
                 raise SafetensorsError(f"{self.path}: truncated (no header)")
             (header_len,) = struct.unpack("<Q", raw)
-            if header_len > min(size - 8, 100 << 20):
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
                 raise SafetensorsError(f"{self.path}: corrupt header length {header_len}")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SafetensorsError(f"{self.path}: corrupt header ({e})") from e
-        self.metadata = header.pop("__metadata__", None) or {}
+            header = parse_header(self.path, f.read(header_len))
         self.data_start = 8 + header_len
-        self.entries: dict[str, dict[str, Any]] = header
-        for name, entry in header.items():
-            self._check_entry(name, entry, size)
+        self.metadata, self.entries = check_header(self.path, header, size - self.data_start)
         self._mmap: mmap.mmap | None = None
-
-    def _check_entry(self, name: str, entry: dict[str, Any], size: int) -> None:
-        if entry.get("dtype") not in DTYPES:
-            raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-        begin, end = entry["data_offsets"]
-        expected = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
-        if end - begin != expected:
-            raise SafetensorsError(f"{self.path}: tensor {name!r} has {end - begin} bytes, expected {expected}")
-        if self.data_start + end > size:
-            raise SafetensorsError(
-                f"{self.path}: truncated: tensor {name!r} ends at byte {self.data_start + end} "
-                f"but the file has {size} bytes"
-            )
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -27,6 +27,9 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
                  With several sources the mixture draws epochs * (all train rows) examples
                  by weight, repeating (reshuffled) any source that runs out.
   packing_bins   rows packed at once (first-fit); 0 = rows per process
+  max_samples_per_row  the most samples packed into one row; 0 = no bound. The cudnn attention
+                 backend attends a fixed number per row: the recipe sets this for it
+                 (train.recipe.bound_samples_per_row) and the kernel reads the same number
   pad_id         -1 = tokenizer.pad_token_id (or 0 when it has none)
 
 Why eager: each row is validated and tokenised once, up front, so the skip report is complete
@@ -68,6 +71,7 @@ RULES = {
     "overlength": fields.one_of(OVERLENGTH), "loss_on": fields.one_of(templates.LOSS_ON),
     "eval_fraction": fields.within(0, 1, high_open=True), "eval_count": fields.at_least(0),
     "epochs": fields.at_least(0), "packing_bins": fields.at_least(0),
+    "max_samples_per_row": fields.at_least(0),
 }
 
 
@@ -86,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
             eval_count=0,
             epochs=0,
             packing_bins=0,
+            max_samples_per_row=0,
             pad_id=-1,
         )
     )
@@ -179,6 +184,7 @@ def build_pipeline(
     pack = functools.partial(
         pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
         bins=cfg["packing_bins"] or rows, seed=cfg["seed"],
+        max_samples_per_row=cfg["max_samples_per_row"],
     )  # fmt: skip
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
     train = mix_sources(train_sets, weights, epochs=cfg["epochs"], seed=cfg["seed"])
@@ -357,9 +363,11 @@ def pack_and_batch(
     bins: int,
     seed: int,
     shuffle_bins: bool,
+    max_samples_per_row: int = 0,
 ) -> grain.IterDataset:
-    """Grain first-fit packing, then batching; `to_batch` derives what Grain cannot (targets
-    and a loss mask that never crosses a sample boundary) and pads the last batch to `rows`."""
+    """Grain first-fit packing (at most `max_samples_per_row` samples a row when > 0), then
+    batching; `to_batch` derives what Grain cannot (targets and a loss mask that never crosses
+    a sample boundary) and pads the last batch to `rows`."""
     packed = grain.experimental.FirstFitPackIterDataset(
         ds,
         length_struct={"tokens": seq_len, "weights": seq_len},
@@ -367,6 +375,7 @@ def pack_and_batch(
         seed=seed,
         shuffle_bins=shuffle_bins,
         padding_struct={"tokens": pad_id, "weights": False},
+        max_sequences_per_bin=max_samples_per_row or None,
     )
     return packed.batch(rows).map(functools.partial(to_batch, rows=rows, pad_id=pad_id))
 

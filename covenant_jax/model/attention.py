@@ -53,9 +53,17 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(name: str) -> AttentionFn:
+# Backends whose kernel holds a static table of the packed samples in a row: name -> factory.
+_ROW_BOUNDED: dict[str, Callable[[int], AttentionFn]] = {}
+
+
+def get_backend(name: str, *, max_samples_per_row: int = 0) -> AttentionFn:
+    """The backend; one with a per-row sample table sized to ``max_samples_per_row`` (0: its own
+    default) when it has one."""
     if name not in _BACKENDS:
         raise RecipeError(f"attention backend {name!r} is not available; choose one of {backend_names()}")
+    if max_samples_per_row and name in _ROW_BOUNDED:
+        return _ROW_BOUNDED[name](max_samples_per_row)
     return _BACKENDS[name]
 
 
@@ -64,6 +72,7 @@ from covenant_jax.model import blockwise_attention as _blockwise, gpu_attention 
 
 register_backend("blockwise", _blockwise.blockwise_attention)
 register_backend("cudnn", _fused.cudnn_attention)
+_ROW_BOUNDED["cudnn"] = _fused.make_cudnn_attention
 register_backend("splash", _fused.splash_attention)
 
 # Context parallelism: T sharded over the active mesh's context axis (blockwise without one).

@@ -8,11 +8,14 @@ time, so this module loads on any platform.
 cudnn: packed rows go to cuDNN's ragged ("packed") layout: each maximal run of one segment id
 is one sequence, given by its start offset and length, and cuDNN applies causal masking inside
 each. This equals the segment-id mask when every segment id occupies one contiguous run per row
-(what packing produces; padding, id 0, is one more run at the end). ``max_segments`` is a static
-upper bound on runs per row: cuDNN's softmax statistics are [B * max_segments, N, T], so keep it
-small, and a row with more runs than the bound is attended wrongly (the tail runs are dropped),
-so set it from the packer's limit. cuDNN needs bfloat16/float16 inputs and jax's private
-``jax._src.cudnn`` entry point (the public ``jax.nn.dot_product_attention`` takes no offsets).
+(what packing produces; padding, id 0, is one more run at the end). The run table is static:
+``max_samples_per_row`` samples plus the padding run (cuDNN's softmax statistics are
+[B * runs, N, T], so the bound stays small). The kernel would drop the runs past the table; a row
+that has them comes out NaN instead (the training loop stops on the non-finite loss), and the
+packer never makes one: the recipe gives ``data.max_samples_per_row`` (Grain's
+``max_sequences_per_bin``) and this bound the same number (``train.recipe.bound_samples_per_row``).
+cuDNN needs bfloat16/float16 inputs and jax's private ``jax._src.cudnn`` entry point (the public
+``jax.nn.dot_product_attention`` takes no offsets).
 
 splash: jax.experimental.pallas.ops.tpu.splash_attention with a causal mask per head and
 ``SegmentIds``; GQA is native (q heads a multiple of kv heads). ``interpret=True`` runs the
@@ -28,7 +31,7 @@ Platform checks look at the devices in use: the active mesh's (e.g. compile-only
 devices when ``covenant-jax plan`` lowers for a pod from a CPU host), else the default backend.
 Refusals are :class:`AttentionBackendError`, a ``UserError`` (the CLI prints one line, exit 2).
 
-Axes: B batch, T sequence, N query heads, K kv heads, H head_dim, M max segments per row.
+Axes: B batch, T sequence, N query heads, K kv heads, H head_dim, M runs (segments) per row.
 """
 
 from __future__ import annotations
@@ -70,9 +73,15 @@ def _require_platform(platform: str, what: str, name: str) -> None:
 # ---- cuDNN ---------------------------------------------------------------------------------
 
 
-def segment_runs(segment_ids_BT: jnp.ndarray, max_segments: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+# Packed samples per row cuDNN attends when the recipe sets no data.max_samples_per_row.
+DEFAULT_MAX_SAMPLES_PER_ROW = 16
+
+
+def segment_runs(segment_ids_BT: jnp.ndarray, max_segments: int
+                 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Start offsets [B, M+1] and lengths [B, M] of each row's runs of equal segment id, in
-    cuDNN's packed-layout convention (unused entries -1)."""
+    cuDNN's packed-layout convention (unused entries -1), and [B] whether a row has more runs
+    than ``max_segments`` (the kernel would not attend the rest)."""
     b, t = segment_ids_BT.shape
     starts_BT = jnp.concatenate(
         [jnp.ones((b, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
@@ -80,8 +89,9 @@ def segment_runs(segment_ids_BT: jnp.ndarray, max_segments: int) -> tuple[jnp.nd
     starts_BM1 = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=-1)[0])(starts_BT)
     ends_BM = jnp.where(starts_BM1[:, 1:] >= 0, starts_BM1[:, 1:], t)
     lengths_BM = jnp.where(starts_BM1[:, :-1] >= 0, ends_BM - starts_BM1[:, :-1], -1)
-    offsets_BM1 = starts_BM1.at[:, max_segments].set(-1)  # runs past the bound are dropped
-    return offsets_BM1.astype(jnp.int32), lengths_BM.astype(jnp.int32)
+    offsets_BM1 = starts_BM1.at[:, max_segments].set(-1)
+    overflow_B = starts_BT.sum(axis=1) > max_segments
+    return offsets_BM1.astype(jnp.int32), lengths_BM.astype(jnp.int32), overflow_B
 
 
 def cudnn_attention(
@@ -90,9 +100,10 @@ def cudnn_attention(
     v_BSKH: jnp.ndarray,
     segment_ids_BT: jnp.ndarray,
     *,
-    max_segments: int = 16,
+    max_samples_per_row: int = DEFAULT_MAX_SAMPLES_PER_ROW,
 ) -> jnp.ndarray:
-    """cuDNN flash attention over packed rows (see the module docstring for the contract)."""
+    """cuDNN flash attention over packed rows (see the module docstring for the contract); a row
+    with more samples than the bound is NaN, never attended with samples missing."""
     _require_platform("gpu", "GPU", "cudnn")
     if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(
@@ -101,12 +112,18 @@ def cudnn_attention(
         )
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
-    offsets_BM1, lengths_BM = segment_runs(segment_ids_BT, max_segments)
-    return dot_product_attention(
+    offsets_BM1, lengths_BM, overflow_B = segment_runs(segment_ids_BT, max_samples_per_row + 1)
+    out_BTNH = dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH,
         q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1, kv_offsets=offsets_BM1,
         scale=q_BTNH.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
     )
+    return jnp.where(overflow_B[:, None, None, None], jnp.nan, out_BTNH).astype(out_BTNH.dtype)
+
+
+def make_cudnn_attention(max_samples_per_row: int):
+    """An ``AttentionFn`` attending up to ``max_samples_per_row`` packed samples per row."""
+    return functools.partial(cudnn_attention, max_samples_per_row=max_samples_per_row)
 
 
 # ---- splash (TPU) --------------------------------------------------------------------------

@@ -37,12 +37,15 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """How to run a model (not what it is): dtypes, remat and attention backend."""
+    """How to run a model (not what it is): dtypes, remat and attention backend.
+    ``max_samples_per_row``: the packer's bound (data.max_samples_per_row), which sizes the
+    per-row sample table of a backend that has one (cudnn); 0 = the backend's default."""
 
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
     attention: str = "naive"
+    max_samples_per_row: int = 0
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -85,7 +88,7 @@ class Attention(nnx.Module):
             self.o_bias = _param(rngs, (d,), ("embed",), pd, 0)
         self.has_bias = cfg.attention_bias
         self.dtype = opts.dtype
-        self.attend = attention_lib.get_backend(opts.attention)
+        self.attend = attention_lib.get_backend(opts.attention, max_samples_per_row=opts.max_samples_per_row)
 
     def _project(self, x_BTD, name: str) -> jnp.ndarray:
         out = jnp.einsum("BTD,DNH->BTNH", x_BTD, getattr(self, name)[...].astype(self.dtype))

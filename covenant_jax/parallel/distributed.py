@@ -14,14 +14,17 @@ it before running a verb). Three ways in:
 On CPU the cross-process collectives go through gloo. ``timeout_s`` bounds the wait for every
 peer to connect, so a missing process is a :class:`DistributedError` naming the coordinator,
 not a hang; :func:`barrier` is a named rendezvous with a timeout (coordination service, no
-device work).
+device work). Once joined, a :class:`PeerWatch` ends this process with one line when a peer
+goes silent (dead or hung) for the heartbeat timeout.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
+import time
 from typing import Mapping
 
 from covenant_jax.errors import UserError
@@ -32,7 +35,13 @@ ENV_PROCESS_ID = "COVENANT_PROCESS_ID"
 ENV_TIMEOUT = "COVENANT_INIT_TIMEOUT"
 ENV_HEARTBEAT = "COVENANT_HEARTBEAT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
+DEFAULT_HEARTBEAT_S = 100  # JAX's own default
+# JAX's deadlines are ours + this, so our watchdogs speak first (its own end is a LOG(FATAL)).
+RUNTIME_GRACE_S = 60
 EXIT_NO_PEER = 2  # the CLI's bad-input code
+EXIT_PEER_LOST = 1
+# The end of the one line a survivor prints, whether its peer died or hung.
+PEER_LOST = "has probably died or hung. Completed checkpoints are intact: restart every process to resume."
 
 
 class DistributedError(UserError):
@@ -74,8 +83,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     Idempotent: a second call after a successful one is a no-op. If the peers have not all
     connected after ``timeout_s``, the process exits (code 2) with a message on stderr: the
     runtime's blocking connect cannot be interrupted, so there is no exception to raise.
-    ``heartbeat_s``: after start-up, how long a silent peer may go before the survivors are
-    terminated by the runtime (JAX's default: 100 s).
+    ``heartbeat_s``: after start-up, how long a silent (dead or hung) peer may go before the
+    others exit with a message naming it (default 100 s, JAX's; see :class:`PeerWatch`).
     """
     import jax
 
@@ -85,7 +94,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
     timeout_s = int(timeout_s if timeout_s is not None else (_env_int(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S))
-    heartbeat_s = heartbeat_s if heartbeat_s is not None else _env_int(ENV_HEARTBEAT)
+    heartbeat_s = int(heartbeat_s if heartbeat_s is not None
+                      else (_env_int(ENV_HEARTBEAT) or DEFAULT_HEARTBEAT_S))
     explicit = (coordinator, num_processes, process_id)
     if all(x is None for x in explicit):
         if cluster_detected() is None:
@@ -102,6 +112,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise DistributedError(f"--coordinator {coordinator!r}: expected HOST:PORT")
         if not 0 <= process_id < num_processes:
             raise DistributedError(f"--process-id {process_id} is not in [0, {num_processes})")
+
+    if heartbeat_s < 1:
+        raise DistributedError(f"--heartbeat-timeout {heartbeat_s}: expected at least 1 second")
 
     # CPU collectives across processes (JAX 0.10 defaults to gloo; older versions to none).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -123,16 +136,112 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             os._exit(EXIT_NO_PEER)
 
     threading.Thread(target=watchdog, name="covenant-distributed-watchdog", daemon=True).start()
-    kwargs = {} if heartbeat_s is None else {"heartbeat_timeout_seconds": int(heartbeat_s)}
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=timeout_s + 60, **kwargs)
+                                   initialization_timeout=timeout_s + RUNTIME_GRACE_S,
+                                   heartbeat_timeout_seconds=heartbeat_s + RUNTIME_GRACE_S)
     except Exception as e:  # called after JAX computation, cluster detection failures, ...
         raise DistributedError(f"{who}: jax.distributed.initialize (coordinator {where}) failed: "
                                f"{type(e).__name__}: {e}") from e
     finally:
         done.set()
+    PeerWatch.start(heartbeat_s)
     return True
+
+
+class PeerWatch:
+    """Ends this process, with one line naming the peer, when a peer has been silent for the
+    heartbeat timeout: dead, or hung (SIGSTOP, a wedged host) with its sockets still open.
+
+    JAX's coordination service notices the same silence but then aborts every survivor with a
+    C++ LOG(FATAL) and a stack dump, and offers no Python hook (``jax.distributed.initialize``
+    does not pass its client a ``missed_heartbeat_callback``). So each process writes a counter
+    to the service's key-value store every ``interval_s`` and reads everyone's with one
+    directory read; JAX's own heartbeat gets ``RUNTIME_GRACE_S`` more, so this speaks first. A
+    second thread judges, so a key-value call that blocks (the coordinator itself hung) cannot
+    stall the verdict. A process that exits normally writes "done", which is never silence.
+    """
+
+    PREFIX = "covenant/alive/"
+    DONE = "done"
+    running: "PeerWatch | None" = None  # this process's, once joined
+
+    def __init__(self, client, me: int, count: int, timeout_s: float):
+        self.client, self.me, self.timeout_s = client, me, timeout_s
+        self.interval_s = min(max(timeout_s / 10, 0.5), 5.0)
+        now = time.monotonic()
+        self.heard = {p: now for p in range(count) if p != me}  # when its counter last moved
+        self.values: dict[int, str] = {}
+        self.round_at = now  # when this process last reached the coordinator
+        self.stopped = threading.Event()
+        self.writing = threading.Lock()  # no counter may land after "done"
+
+    @classmethod
+    def start(cls, timeout_s: float) -> "PeerWatch":
+        from jax._src import distributed as jax_distributed
+
+        state = jax_distributed.global_state
+        watch = cls(state.client, state.process_id, state.num_processes, timeout_s)
+        threading.Thread(target=watch._beat, name="covenant-peer-beat", daemon=True).start()
+        threading.Thread(target=watch._judge, name="covenant-peer-watch", daemon=True).start()
+        atexit.register(watch.stop)  # after jax's own atexit was registered: runs before it
+        cls.running = watch
+        return watch
+
+    def _beat(self) -> None:
+        beat = 0
+        while not self.stopped.wait(self.interval_s):
+            beat += 1
+            try:
+                with self.writing:
+                    if self.stopped.is_set():
+                        return
+                    self.client.key_value_set(f"{self.PREFIX}{self.me}", str(beat),
+                                              allow_overwrite=True)
+                self.observe(dict(self.client.key_value_dir_get(self.PREFIX)))
+            except Exception:  # the service is unreachable: round_at goes stale, _judge decides
+                continue
+
+    def observe(self, values: Mapping[str, str]) -> None:
+        """One round's key-value directory: a peer whose counter moved (or that is done) was heard."""
+        now = time.monotonic()
+        for peer in self.heard:
+            value = values.get(f"{self.PREFIX}{peer}")
+            if value is not None and (value != self.values.get(peer) or value == self.DONE):
+                self.values[peer], self.heard[peer] = value, now
+        self.round_at = now
+
+    def silent_peer(self) -> int | None:
+        """A process not heard from for the timeout (0, the coordinator's host, when the key-value
+        store itself has not answered), or None."""
+        now = time.monotonic()
+        if now - self.round_at > self.timeout_s:
+            return 0
+        return next((p for p, t in self.heard.items() if now - t > self.timeout_s), None)
+
+    def _judge(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            peer = self.silent_peer()
+            if peer is not None and not self.stopped.is_set():
+                sys.stdout.flush()
+                sys.stderr.write(f"covenant-jax: error: process {self.me}: process {peer} has not "
+                                 f"responded for {self.timeout_s:g} s; it {PEER_LOST}\n")
+                sys.stderr.flush()
+                os._exit(EXIT_PEER_LOST)
+
+    def stop(self) -> None:
+        """This process is done: peers stop watching it (before JAX's shutdown barrier)."""
+        if self.stopped.is_set():
+            return
+        locked = self.writing.acquire(timeout=2 * self.interval_s)  # a blocked write: go on anyway
+        self.stopped.set()
+        try:
+            self.client.key_value_set(f"{self.PREFIX}{self.me}", self.DONE, allow_overwrite=True)
+        except Exception:
+            pass  # the service is gone: the peers are ending too
+        finally:
+            if locked:
+                self.writing.release()
 
 
 def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -157,6 +266,8 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
 def shutdown() -> None:
     import jax
 
+    if PeerWatch.running is not None:
+        PeerWatch.running.stop()
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
 

@@ -94,6 +94,7 @@ def _check_vocab(tokenizer, model: Llama) -> None:
 
 def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.check_fields(cfg)
+    recipe.bound_samples_per_row(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
     model = _load(cfg, mesh)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
@@ -148,7 +149,8 @@ def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh) -> Step
 
 def model_options(cfg) -> ModelOptions:
     return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                        remat=cfg.model.remat, attention=cfg.model.attention)
+                        remat=cfg.model.remat, attention=cfg.model.attention,
+                        max_samples_per_row=cfg.data.max_samples_per_row)
 
 
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from covenant_jax import fields
 from covenant_jax.config import ModelConfig, RopeConfig
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.errors import RecipeError, UserError
-from covenant_jax.model import attention, llama
+from covenant_jax.model import attention, gpu_attention, llama
 from covenant_jax.parallel.sharding import MESH_AXES
 from covenant_jax.train import optimizer
 
@@ -95,6 +95,13 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
         raise RecipeError("model.path is empty: point it at an HF folder or a converted checkpoint")
     for section, rules in RULES.items():
         fields.check(section, cfg[section], rules)
+
+
+def bound_samples_per_row(cfg: ml_collections.ConfigDict) -> None:
+    """cudnn attends a fixed number of packed samples per row: without data.max_samples_per_row,
+    take its default, so the packer and the kernel (``ModelOptions``) read one number."""
+    if cfg.model.attention == "cudnn" and not cfg.data.max_samples_per_row:
+        cfg.data.max_samples_per_row = gpu_attention.DEFAULT_MAX_SAMPLES_PER_ROW
 
 
 def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int,

@@ -1,6 +1,7 @@
 """Each bad input exits non-zero with a message naming the problem, and leaves no output."""
 
 import json
+import struct
 import sys
 
 import pytest
@@ -142,3 +143,107 @@ def test_verify_without_torch_names_the_install(capsys, monkeypatch, hf_dir):
     assert cli.main(["verify", str(hf_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "verify (transformers' PyTorch model is the reference) needs torch" in err
+
+
+def _refused(capsys, src, out):
+    """Converts ``src`` (after dropping the fixture's progress bars) and returns the error line."""
+    capsys.readouterr()
+    code, err = _convert(capsys, src, out)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    _assert_nothing_written(out)
+    return err
+
+
+def _edit_header(path, edit):
+    """Rewrites a safetensors file's JSON header by hand (the library's writer refuses bad ones)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+def _move_offsets(name, to):
+    return lambda h: h[name].__setitem__("data_offsets", to(h))
+
+
+@pytest.mark.parametrize("edit,expected", [
+    # model.norm.weight is 64 float32 = 256 bytes; [-256, 0] would read the header's last bytes.
+    (_move_offsets("model.norm.weight", lambda h: [-256, 0]),
+     "tensor 'model.norm.weight' has data_offsets [-256, 0]: expected two non-negative integers"),
+    # Another tensor's bytes (same size): converted as the wrong weights before.
+    (_move_offsets("model.norm.weight", lambda h: h["model.layers.0.input_layernorm.weight"]["data_offsets"]),
+     "overlaps tensor 'model.layers.0.input_layernorm.weight'"),
+    (lambda h: h["model.norm.weight"].__setitem__("shape", [-64]),
+     "tensor 'model.norm.weight' has shape [-64]: expected a list of non-negative integers"),
+    (lambda h: h.__setitem__("__metadata__", {"format": 1}),
+     "__metadata__ must map strings to strings"),
+])
+def test_header_layout_problems_are_named(capsys, tmp_path, hf_dir, edit, expected):
+    _edit_header(hf_dir / "model.safetensors", edit)
+    err = _refused(capsys, hf_dir, tmp_path / "out")
+    assert "model.safetensors: " in err and expected in err
+
+
+def test_bytes_after_the_last_tensor(capsys, tmp_path, hf_dir):
+    path = hf_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    assert "model.safetensors: 8 bytes after the last tensor" in _refused(capsys, hf_dir, tmp_path / "out")
+
+
+@pytest.fixture
+def sharded_dir(tmp_path):
+    return helpers.save_hf(helpers.hf_model(), tmp_path / "hf", max_shard_size="60KB")
+
+
+def _edit_index(folder, fn):
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    fn(index["weight_map"])
+    path.write_text(json.dumps(index))
+
+
+def _second_shard_to(folder, where):
+    """Moves the second shard to ``where`` (a path or a name) and points the index at it."""
+    shard = next(folder.glob("model-00002-*.safetensors"))
+    target = folder / where
+    shard.rename(target)
+    _edit_index(folder, lambda m: m.update({k: str(where) for k, v in m.items() if v == shard.name}))
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "ABSOLUTE"])
+def test_index_shard_names_stay_inside_the_folder(capsys, tmp_path, sharded_dir, where):
+    where = tmp_path / "outside.safetensors" if where == "ABSOLUTE" else where
+    _second_shard_to(sharded_dir, where)
+    err = _refused(capsys, sharded_dir, tmp_path / "out")
+    assert f"model.safetensors.index.json: shard name {str(where)!r} is not a file name inside" in err
+
+
+def _first_of(weight_map, shard_prefix):
+    return next(k for k, v in weight_map.items() if v.startswith(shard_prefix))
+
+
+def _list_in_first_shard(weight_map):
+    first_shard = weight_map[_first_of(weight_map, "model-00001")]
+    weight_map[_first_of(weight_map, "model-00002")] = first_shard
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (_list_in_first_shard, "lists tensor {key!r} in model-00001-of-00006.safetensors, which does not hold it"),
+    (lambda m: m.pop(_first_of(m, "model-00002")),
+     "model-00002-of-00006.safetensors holds tensor {key!r}, which the index does not list there"),
+])
+def test_index_agrees_with_its_shards(capsys, tmp_path, sharded_dir, edit, expected):
+    index = json.loads((sharded_dir / "model.safetensors.index.json").read_text())
+    key = _first_of(index["weight_map"], "model-00002")
+    _edit_index(sharded_dir, edit)
+    err = _refused(capsys, sharded_dir, tmp_path / "out")
+    assert f"model.safetensors.index.json: {expected.format(key=key)}" in err
+
+
+def test_index_weight_map_must_map_names_to_files(capsys, tmp_path, sharded_dir):
+    path = sharded_dir / "model.safetensors.index.json"
+    path.write_text(json.dumps({"weight_map": ["model-00001-of-00003.safetensors"]}))
+    err = _refused(capsys, sharded_dir, tmp_path / "out")
+    assert "weight_map must map tensor names to shard file names" in err

@@ -302,3 +302,27 @@ def test_long_text_is_tokenised_in_exact_chunks(make, monkeypatch):
     assert len(calls[0]) > 10, "the pieces were encoded as a batch"
     np.testing.assert_array_equal(chunked, whole)
     assert trained.all() and chunked[0] == tok.bos_token_id and chunked[-1] == tok.eos_token_id
+
+
+def _samples_per_row(batches):
+    return [int(row.max(initial=0)) for b in batches for row in b["segment_ids"]]
+
+
+def test_max_samples_per_row_caps_the_worst_case_and_loses_no_sample():
+    """Three-token samples (<bos> word <eos>) would put seq_len // 3 of them in one row, past
+    the cudnn backend's bound; with data.max_samples_per_row every row holds at most that many,
+    and every sample still arrives exactly once."""
+    tok = common.word_tokenizer()
+    docs = [common.words(i, 1 + i % 2) for i in range(120)]  # 3 or 4 tokens each
+    uncapped = _text_build(docs, seq_len=64, batch_size=2)
+    assert max(_samples_per_row(uncapped.train)) > 16
+    capped = _text_build(docs, seq_len=64, batch_size=2, max_samples_per_row=5)
+    per_row = _samples_per_row(capped.train)
+    assert max(per_row) == 5 and sum(per_row) == len(docs)
+    want = [tuple(templates.encode_text(tok, d)[0].tolist()) for d in docs]
+    assert collections.Counter(t for t, _ in _samples(capped.train)) == collections.Counter(want)
+
+
+def test_max_samples_per_row_must_not_be_negative():
+    with pytest.raises(ValueError, match="data.max_samples_per_row=-1"):
+        _build([{"dataset": _rows(5)}], max_samples_per_row=-1)

@@ -160,9 +160,77 @@ def test_cudnn_refuses_before_compiling_off_gpu():
 
 def test_segment_runs_in_cudnn_packed_convention():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [5] * 7, [1, 2, 3, 4, 5, 6, 7]])
-    offsets, lengths = gpu_attention.segment_runs(seg, max_segments=3)
+    offsets, lengths, overflow = gpu_attention.segment_runs(seg, max_segments=3)
     np.testing.assert_array_equal(offsets, [[0, 3, 5, -1], [0, -1, -1, -1], [0, 1, 2, -1]])
     np.testing.assert_array_equal(lengths, [[3, 2, 2], [7, -1, -1], [1, 1, 1]])
+    np.testing.assert_array_equal(overflow, [False, False, True])  # 7 runs > 3: 4 dropped
+
+
+def _fake_cudnn_kernel(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type, qkv_layout):
+    """cuDNN's packed layout by its definition, traceable: run j of a row covers tokens
+    [offset_j, offset_j + length_j) and attends causally within itself; tokens in no run come
+    out zero (what the real kernel leaves there is unspecified)."""
+    t = q.shape[1]
+    off_BM, len_BM = q_offsets[:, :-1, None], q_seqlen[:, :, None]
+    pos_T = jnp.arange(t)[None, None, :]
+    in_run_BMT = (off_BM >= 0) & (len_BM >= 0) & (pos_T >= off_BM) & (pos_T < off_BM + len_BM)
+    covered_BT = in_run_BMT.any(axis=1)
+    seg_BT = jnp.where(covered_BT, jnp.argmax(in_run_BMT, axis=1) + 1, -1 - jnp.arange(t)[None])
+    out = attention.naive_attention(q, k, v, seg_BT)
+    return jnp.where(covered_BT[:, :, None, None], out, 0).astype(q.dtype)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """cudnn_attention's own code on CPU: the platform reads as a GPU and the private cuDNN entry
+    point is the fake above."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(gpu_attention, "platform_in_use", lambda: "gpu")
+    monkeypatch.setattr(fused_attention_stablehlo, "dot_product_attention", _fake_cudnn_kernel)
+
+
+def _short_samples(counts, t):
+    """Rows of 3-token samples (the worst case for a per-row bound), then padding."""
+    seg = np.zeros((len(counts), t), np.int32)
+    for row, n in enumerate(counts):
+        seg[row, :3 * n] = np.repeat(np.arange(1, n + 1), 3)
+    return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("bound", [None, 5])
+def test_cudnn_never_drops_a_sample_past_its_bound(fake_gpu, bound):
+    """A row within the bound (its padding run included) equals naive attention; a row with one
+    sample too many comes out NaN, so the loss stops the run, where it used to lose its tail."""
+    n = bound or gpu_attention.DEFAULT_MAX_SAMPLES_PER_ROW
+    seg = _short_samples([n, n + 1], t=3 * (n + 1) + 4)
+    q, k, v = _inputs(b=2, t=seg.shape[1], dtype=jnp.bfloat16)[:3]
+    fn = attention.get_backend("cudnn", max_samples_per_row=bound or 0)
+    out = np.asarray(jax.jit(fn)(q, k, v, seg), np.float32)
+    ref = np.asarray(attention.naive_attention(q, k, v, seg), np.float32)
+    real = np.asarray(seg[0] > 0)
+    np.testing.assert_allclose(out[0, real], ref[0, real], atol=1e-2)
+    assert np.isnan(out[1]).all()
+
+
+def test_the_recipe_gives_the_packer_and_cudnn_one_bound(fake_gpu):
+    """model.attention='cudnn' with no data.max_samples_per_row takes the backend's default; the
+    packer (data section) and the model's kernel (ModelOptions) read the same number."""
+    from covenant_jax.train import loop, recipe
+
+    cfg = recipe.default_config()
+    cfg.model.update(attention="cudnn", param_dtype="bfloat16", dtype="bfloat16")
+    recipe.bound_samples_per_row(cfg)
+    assert cfg.data.max_samples_per_row == gpu_attention.DEFAULT_MAX_SAMPLES_PER_ROW
+    cfg.data.max_samples_per_row = 3
+    recipe.bound_samples_per_row(cfg)
+    opts = loop.model_options(cfg)
+    assert cfg.data.max_samples_per_row == opts.max_samples_per_row == 3
+    model = Llama(ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama"}), opts, rngs=nnx.Rngs(0))
+    seg = _short_samples([3, 4], t=16)
+    tokens = jnp.ones(seg.shape, jnp.int32)
+    logits = np.asarray(nnx.jit(lambda m: m(tokens, None, seg))(model), np.float32)
+    assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()
 
 
 def _backend(name):

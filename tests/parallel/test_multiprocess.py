@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -231,11 +232,8 @@ def test_missing_peer_fails_within_timeout(tmp_path):
     assert elapsed < 5 + 15  # start-up (imports) + the 5 s timeout
 
 
-def test_dead_peer_stops_the_survivor_and_keeps_the_last_checkpoint(tmp_path):
-    """Process 1 is killed mid-run: process 0 exits (no hang) and the last checkpoint restores."""
-    import jax
-    import orbax.checkpoint as ocp
-
+def _train_pair_until_a_checkpoint(tmp_path, heartbeat_s: int, step: int) -> list:
+    """Two CLI processes training (a checkpoint every 2 steps) until ``step``'s is on disk."""
     from covenant_jax.convert.api import hf_to_jax
 
     hf = common.tiny_model_dir(tmp_path)
@@ -248,32 +246,57 @@ def test_dead_peer_stops_the_survivor_and_keeps_the_last_checkpoint(tmp_path):
     procs = []
     for i in range(2):
         args = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                "--init-timeout", "60", "--heartbeat-timeout", "10", "train", str(recipe),
+                "--init-timeout", "60", "--heartbeat-timeout", str(heartbeat_s), "train", str(recipe),
                 "--config.train.steps=10000", "--config.train.checkpoint_every=2",
                 "--config.train.eval_every=10000"]
         log = open(tmp_path / f"proc{i}.log", "w")
         procs.append(subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", *args], env=env, cwd=REPO,
                                       stdout=log, stderr=subprocess.STDOUT))
     checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(p.name.isdigit() and int(p.name) >= step for p in checkpoints.glob("*")):
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            _end(procs)
+            pytest.fail("no checkpoint:\n" + (tmp_path / "proc0.log").read_text()[-3000:])
+        time.sleep(0.2)
+    return procs
+
+
+def _end(procs) -> None:
+    for p in procs:
+        p.kill()  # a stopped process dies of SIGKILL too
+        p.wait()
+
+
+def _survivor_exit(procs, timeout: float) -> tuple[int, float]:
+    """(process 0's exit code, seconds it took) after process 1 was stopped or killed."""
+    started = time.time()
     try:
-        deadline = time.time() + 300
-        while not any(p.name.isdigit() and int(p.name) >= 4 for p in checkpoints.glob("*")):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint"
-            time.sleep(0.2)
+        rc = procs[0].wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    return rc, time.time() - started
+
+
+def test_dead_peer_stops_the_survivor_and_keeps_the_last_checkpoint(tmp_path):
+    """Process 1 is killed mid-run: process 0 exits (no hang) and the last checkpoint restores."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    procs = _train_pair_until_a_checkpoint(tmp_path, heartbeat_s=10, step=4)
+    try:
         procs[1].kill()
-        killed = time.time()
-        rc = procs[0].wait(timeout=120)
-        survived_s = time.time() - killed
+        rc, survived_s = _survivor_exit(procs, timeout=120)
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+        _end(procs)
     tail = (tmp_path / "proc0.log").read_text()[-3000:]
-    assert rc != 0, tail
-    assert survived_s < 10 + 60, (survived_s, tail)  # heartbeat 10 s (gloo notices at once)
-    assert "a peer process has probably died" in tail, tail
+    assert rc is not None and rc != 0, tail
+    # gloo fails the next collective at once; else the peer watch speaks at the 10 s heartbeat
+    assert survived_s < 10 + 10, (survived_s, tail)
+    assert "has probably died or hung. Completed checkpoints are intact: restart every process" in tail, tail
 
     # The newest complete checkpoint restores (here onto one device: a different topology).
+    checkpoints = tmp_path / "run" / "checkpoints"
     step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     assert step >= 4
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -281,3 +304,24 @@ def test_dead_peer_stops_the_survivor_and_keeps_the_last_checkpoint(tmp_path):
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), stored)
     state = ocp.StandardCheckpointer().restore(checkpoints / str(step) / "state", target)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_hung_peer_stops_the_survivor_with_the_same_clear_message(tmp_path):
+    """Process 1 is stopped (SIGSTOP: alive, silent, its sockets open): process 0 exits within
+    the heartbeat timeout with one line saying which process stopped responding, not a C++
+    fatal stack dump from the runtime's own heartbeat."""
+    heartbeat_s = 8
+    procs = _train_pair_until_a_checkpoint(tmp_path, heartbeat_s, step=2)
+    try:
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        rc, survived_s = _survivor_exit(procs, timeout=120)
+    finally:
+        _end(procs)
+    log = (tmp_path / "proc0.log").read_text()
+    assert rc == 1, log[-3000:]
+    assert survived_s < heartbeat_s + 5, (survived_s, log[-3000:])
+    errors = [line for line in log.splitlines() if line.startswith("covenant-jax: error:")]
+    assert errors == [f"covenant-jax: error: process 0: process 1 has not responded for {heartbeat_s} s; "
+                      "it has probably died or hung. Completed checkpoints are intact: restart every "
+                      "process to resume."], log[-3000:]
+    assert "Check failure" not in log and "Terminating process" not in log, log[-3000:]
