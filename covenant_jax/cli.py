@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
+from covenant_jax import storage
 from covenant_jax.errors import USER_ERRORS, UserError
 
 EXIT_BAD_INPUT = 2
@@ -89,10 +88,18 @@ def _eval_model(args):
     return model, load_tokenizer(args.model_dir)
 
 
+def _check_out(out: str | None) -> None:
+    """``--out`` is checked before the model loads: an unwritable place fails now, not after the run."""
+    if out:
+        if storage.path(out).is_dir():
+            raise UserError(f"--out {out} is a folder; give a file name")
+        storage.check_writable(out, storage.path(out).parent)
+
+
 def _report(result, out: str | None) -> int:
     print(result.table())
     if out:
-        Path(out).write_text(result.to_json() + "\n")
+        storage.path(out).write_text(result.to_json() + "\n")
         print(f"wrote {out}")
     return 0
 
@@ -100,6 +107,7 @@ def _report(result, out: str | None) -> int:
 def cmd_eval_perplexity(args) -> int:
     from covenant_jax.eval.perplexity import perplexity_from_jsonl
 
+    _check_out(args.out)
     model, tokenizer = _eval_model(args)
     result = perplexity_from_jsonl(
         model, tokenizer, args.data, _int_list(args.lengths), field=args.field, stride=args.stride,
@@ -112,6 +120,7 @@ def cmd_eval_perplexity(args) -> int:
 def cmd_eval_passkey(args) -> int:
     from covenant_jax.eval.passkey import passkey_eval
 
+    _check_out(args.out)
     model, tokenizer = _eval_model(args)
     result = passkey_eval(
         model, tokenizer, _int_list(args.lengths), [float(d) for d in args.depths.split(",")],

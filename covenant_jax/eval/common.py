@@ -18,7 +18,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from covenant_jax import storage
 from covenant_jax.config import ModelConfig, RopeConfig
+from covenant_jax.io import load_tokenizer  # noqa: F401  (the tokenizer beside a model, local or remote)
 from covenant_jax.errors import UserError
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import activation_sharding
@@ -33,7 +35,7 @@ class EvalInputError(UserError):
 
 def load_texts(path: str | Path, field: str = "text", limit: int | None = None) -> list[str]:
     """The ``field`` of each JSONL row (rows without it, or empty, are an error)."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise EvalInputError(f"{path}: no such file")
     texts = []
@@ -53,13 +55,6 @@ def load_texts(path: str | Path, field: str = "text", limit: int | None = None) 
     if not texts:
         raise EvalInputError(f"{path}: no rows")
     return texts
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a model (HF folder or converted folder)."""
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
 def encode(tokenizer, text: str) -> list[int]:
