@@ -40,6 +40,18 @@ class IncompleteFolderError(UserError):
     """A folder on an object store was never finished (its writer is running or died)."""
 
 
+def _no_stale_listings() -> None:
+    """gcsfs caches each folder listing for good by default: objects that TensorStore or another
+    host writes later would stay unseen (a checkpoint step, a commit marker). List afresh."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_stale_listings()
+
+
 def is_remote(path: os.PathLike | str) -> bool:
     """True for a URL (``gs://bucket/x``), False for a local path."""
     return "://" in os.fspath(path)
