@@ -264,3 +264,17 @@ def test_full_disk_is_refused_before_converting(tmp_path, capsys, monkeypatch):
 def test_missing_bucket_is_refused(gcs, tmp_path, capsys):
     hf = helpers.save_hf(helpers.hf_model(), tmp_path / "hf")
     _unwritable(capsys, ["convert", "hf-to-jax", hf, "gs://no-such-bucket/x"], "gs://no-such-bucket/x")
+
+
+def test_eval_reads_model_and_data_from_gcs_and_writes_out_there(gcs, tmp_path, capsys):
+    model = _put(common.tiny_model_dir(tmp_path), "gs://bucket/eval/model")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(f"w{(i * j) % 300}" for j in range(40))}) + "\n"
+                            for i in range(2)))
+    out = "gs://bucket/eval/ppl.json"
+    assert cli.main(["eval", "perplexity", model, _put_file(docs, "gs://bucket/eval/docs.jsonl"),
+                     "--lengths", "16", "--out", out]) == 0
+    assert cli.main(["eval", "perplexity", str(tmp_path / "model"), str(docs), "--lengths", "16",
+                     "--out", str(tmp_path / "ppl.json")]) == 0
+    remote, local = json.loads(storage.path(out).read_text()), json.loads((tmp_path / "ppl.json").read_text())
+    assert remote["rows"][0]["ppl"] == pytest.approx(local["rows"][0]["ppl"], rel=1e-6)
