@@ -7,7 +7,7 @@ import errno
 import re
 import sys
 from pathlib import Path
-
+from covenant_jax import storage
 from covenant_jax.errors import USER_ERRORS, UserError
 
 EXIT_BAD_INPUT = 2
@@ -196,10 +196,18 @@ def _eval_model(args):
     return load_eval_model(args.model_dir, args.dtype, _mesh_arg(args.mesh), args.yarn_factor), tokenizer
 
 
+def _check_out(out: str | None) -> None:
+    """``--out`` is checked before the model loads: an unwritable place fails now, not after the run."""
+    if out:
+        if storage.path(out).is_dir():
+            raise UserError(f"--out {out} is a folder; give a file name")
+        storage.check_writable(out, storage.path(out).parent)
+
+
 def _report(result, out: str | None) -> int:
     print(result.table())
     if out:
-        Path(out).write_text(result.to_json() + "\n")
+        storage.path(out).write_text(result.to_json() + "\n")
         print(f"wrote {out}")
     return 0
 
@@ -207,6 +215,7 @@ def _report(result, out: str | None) -> int:
 def cmd_eval_perplexity(args) -> int:
     from covenant_jax.eval.perplexity import perplexity_from_jsonl
 
+    _check_out(args.out)
     model, tokenizer = _eval_model(args)
     result = perplexity_from_jsonl(
         model, tokenizer, args.data, args.lengths, field=args.field, stride=args.stride,
@@ -219,6 +228,7 @@ def cmd_eval_perplexity(args) -> int:
 def cmd_eval_passkey(args) -> int:
     from covenant_jax.eval.passkey import passkey_eval
 
+    _check_out(args.out)
     model, tokenizer = _eval_model(args)
     result = passkey_eval(
         model, tokenizer, args.lengths, args.depths,

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from covenant_jax import storage
 from covenant_jax.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -138,7 +139,7 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
+        path = storage.path(path)  # local or gs://
         try:
             return cls.from_hf_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as e:

@@ -166,10 +166,11 @@ def resolve_topology(name: str) -> Topology:
 
 def model_config(cfg):
     """The recipe's model shape (config.json at model.path) with its RoPE override applied."""
+    from covenant_jax import storage
     from covenant_jax.config import ModelConfig
     from covenant_jax.train import recipe
 
-    path = Path(cfg.model.path) / "config.json"
+    path = storage.path(cfg.model.path) / "config.json"  # local or gs://
     if not path.is_file():
         raise PlanError(f"plan reads the model's shape from {path}, which does not exist; point "
                         "--config.model.path at a folder holding the model's config.json "

@@ -8,7 +8,6 @@ import pytest
 from covenant_jax import plan as plan_lib
 from covenant_jax.cli import load_recipe, main
 from covenant_jax.errors import UserError
-from covenant_jax.train import recipe
 from covenant_jax.train.metrics import train_flops_per_token
 
 pytest.importorskip("libtpu", reason="plan needs libtpu: pip install -e '.[tpu]'")

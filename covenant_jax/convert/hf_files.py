@@ -14,6 +14,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from covenant_jax import storage
 from covenant_jax.errors import UserError, require
 from covenant_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 
@@ -24,6 +25,9 @@ class CheckpointError(UserError):
 
 class _TorchFile:
     def __init__(self, path: Path):
+        if storage.is_remote(path):
+            raise CheckpointError(f"{path}: PyTorch files are read from local disk only (torch.load maps "
+                                  "them into memory): convert from a local copy of the folder")
         torch = require("torch", f"reading the PyTorch file {path.name}")
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -99,7 +103,7 @@ class WeightSource:
 
 def open_weights(folder: str | Path) -> WeightSource:
     """Finds and opens the weight files of an HF folder, safetensors first."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
     for index_name, opener in (("model.safetensors.index.json", _open_safetensors),

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
+from covenant_jax import storage
 from covenant_jax.config import ModelConfig
 from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
@@ -33,7 +34,7 @@ from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, spec_axes, 
 
 def open_checked(hf_dir: str | Path) -> tuple[ModelConfig, WeightSource]:
     """An HF folder's config and weights, every tensor checked against the config."""
-    hf_dir = Path(hf_dir)
+    hf_dir = storage.path(hf_dir)
     cfg = ModelConfig.from_json_file(hf_dir / "config.json")
     source = open_weights(hf_dir)
     check_weights(source, cfg)

@@ -42,6 +42,8 @@ import tensorstore as ts
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from covenant_jax import storage
+
 # Largest slice read, converted and written at once (a chunk of the stored array). Small on
 # purpose: TensorStore commits the (two) writes in flight together, one OCDBT data file a commit;
 # ext4 writes a file over 16 MB back as several bios whose unwritten-extent conversions grow its
@@ -217,7 +219,7 @@ class ParamReader:
 
     def __init__(self, params_dir: Path, name: str, memory_order: Sequence[int] | None = None):
         layout = json.loads((params_dir / "_METADATA").read_text())
-        spec = ts_utils.ArrayReadSpec(str(params_dir.absolute()), name, use_zarr3=layout["use_zarr3"],
+        spec = ts_utils.ArrayReadSpec(str(storage.path(params_dir)), name, use_zarr3=layout["use_zarr3"],
                                       use_ocdbt=layout["use_ocdbt"])
         context = ts_utils.get_ts_context(use_ocdbt=layout["use_ocdbt"]).spec.to_json()
         context = ts.Context(ts.Context.Spec({**context, "file_io_mode": {"mode": "memmap"}}))

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from covenant_jax import storage
 from covenant_jax.config import ModelConfig
 from covenant_jax.convert.hf_files import CheckpointError
 from covenant_jax.model.llama import Llama, ModelOptions
@@ -32,7 +33,8 @@ META = "covenant.json"
 
 
 def is_params_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / PARAMS).is_dir() and (Path(path) / META).is_file()
+    path = storage.path(path)
+    return (path / PARAMS).is_dir() and (path / META).is_file()
 
 
 def save_params(model: Llama, out_dir: Path) -> None:
@@ -51,7 +53,7 @@ def write_meta(cfg: ModelConfig, param_dtype: str, out_dir: Path) -> None:
 
 
 def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = storage.path(ckpt_dir)
     if not is_params_checkpoint(ckpt_dir):
         raise CheckpointError(
             f"{ckpt_dir}: not a converted checkpoint (it needs {PARAMS}/ and {META}, as "
@@ -63,7 +65,7 @@ def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
 def _restore(ckpt_dir: Path, abstract_pure: dict) -> dict:
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_pure)
     args = ocp.args.PyTreeRestore(item=abstract_pure, restore_args=restore_args)
-    return ocp.PyTreeCheckpointer().restore(Path(ckpt_dir).absolute() / PARAMS, args=args)
+    return ocp.PyTreeCheckpointer().restore(storage.path(ckpt_dir) / PARAMS, args=args)
 
 
 def _abstract_params(cfg: ModelConfig, opts: ModelOptions, mesh: Mesh, rules: Mapping):
@@ -87,7 +89,7 @@ def load_params_checkpoint(
     graphdef, params, rest, abstract = _abstract_params(cfg, opts, mesh or make_mesh(), rules)
     stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype, sharding=a.sharding),
                           nnx.to_pure_dict(abstract))
-    restored = _restore(Path(ckpt_dir), stored)
+    restored = _restore(ckpt_dir, stored)
     restored = jax.tree.map(lambda x: x.astype(opts.param_dtype), restored)
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from covenant_jax import storage
 from covenant_jax.errors import UserError
 
 DTYPES = {
@@ -127,9 +128,9 @@ class SafetensorsFile:
     """One file's header, and each tensor as a read-only memory-mapped view."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        self.path = storage.path(path)
+        size = self.path.stat().length
+        with self.path.open("rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise SafetensorsError(f"{self.path}: truncated (no header)")
@@ -160,8 +161,10 @@ class SafetensorsFile:
         entry = self.entries[name]
         dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        out = np.empty((stop - start, *shape[1:]), dtype)
         offset = self.data_start + entry["data_offsets"][0] + start * row_bytes
+        if storage.is_remote(self.path):
+            return self._fetch(name, offset, (stop - start, *shape[1:]), dtype)
+        out = np.empty((stop - start, *shape[1:]), dtype)
         with open(self.path, "rb", buffering=0) as f:
             view = memoryview(out.reshape(-1).view(np.uint8))
             while view.nbytes:  # pread may return less than asked
@@ -171,8 +174,20 @@ class SafetensorsFile:
                 view, offset = view[got:], offset + got
         return out
 
+    def _fetch(self, name: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A remote file's bytes at ``offset`` as a read-only array: one ranged request."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = storage.read_range(self.path, offset, nbytes)
+        if len(raw) < nbytes:
+            raise SafetensorsError(f"{self.path}: truncated while reading tensor {name!r}")
+        return np.frombuffer(raw, dtype).reshape(shape)
+
     def mapped(self, name: str) -> np.ndarray:
-        """A read-only view of the memory-mapped tensor."""
+        """A read-only view of the memory-mapped tensor (remote: the tensor, fetched)."""
+        if storage.is_remote(self.path):
+            entry = self.entries[name]
+            return self._fetch(name, self.data_start + entry["data_offsets"][0], tuple(entry["shape"]),
+                               DTYPES[entry["dtype"]])
         if self._mmap is None:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -185,7 +200,8 @@ class SafetensorsFile:
 
 class TensorRows:
     """One stored tensor: ``[rows, ...]`` with whole trailing axes reads those rows with one
-    ``pread``; any other index goes through the memory map."""
+    ``pread``; any other index goes through the memory map (remote files: the rows it covers are
+    fetched, then indexed)."""
 
     def __init__(self, file: SafetensorsFile, name: str):
         self.file, self.name = file, name
@@ -199,6 +215,10 @@ class TensorRows:
             start, stop, step = index[0].indices(self.shape[0])
             if step == 1:
                 return self.file.rows(self.name, start, max(start, stop))
+        if storage.is_remote(self.file.path) and self.shape and index and isinstance(index[0], slice):
+            start, stop, step = index[0].indices(self.shape[0])
+            if step == 1:
+                return self.file.rows(self.name, start, max(start, stop))[(slice(None),) + index[1:]]
         return self.file.mapped(self.name)[index]
 
     def __array__(self, dtype=None, copy=None):
@@ -223,7 +243,7 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment, as the reference writer does
-    with open(path, "wb") as f:
+    with storage.open_for_write(storage.path(path)) as f:  # local: fsynced at the end
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         written = 0
@@ -242,5 +262,3 @@ def write_safetensors(
                 raise SafetensorsError(f"{path}: tensor {name!r} got {rows} rows, header says {tuple(shape)}")
         if written != len(specs):
             raise SafetensorsError(f"{path}: got {written} tensors, the header lists {len(specs)}")
-        f.flush()
-        os.fsync(f.fileno())

@@ -1,4 +1,5 @@
-"""Readers that turn a local file (or an in-memory dataset) into a list of raw rows.
+"""Readers that turn a file (local or on an object store, e.g. ``gs://``) or an in-memory dataset
+into a list of raw rows.
 
 Why a plain list: SFT corpora fit in host memory, and a list gives the Grain pipeline random
 access, exact lengths for the eval split and a complete validation report before training.
@@ -14,6 +15,8 @@ import dataclasses
 import json
 import os
 from typing import Any
+
+from covenant_jax import storage
 from covenant_jax.errors import UserError
 
 
@@ -43,9 +46,9 @@ def read_rows(source: Any, max_rows: int = 0) -> list[dict | BadRow]:
 
 
 def _read_path(path: str, limit: int | None = None) -> list[dict | BadRow]:
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         raise FileNotFoundError(f"Data file not found: {path}")
-    if os.path.isdir(path):
+    if storage.path(path).is_dir():
         return _read_hf_dir(path)
     ext = path.lower().rsplit(".", 1)[-1]
     if ext == "jsonl":
@@ -59,7 +62,7 @@ def _read_path(path: str, limit: int | None = None) -> list[dict | BadRow]:
 
 def _read_jsonl(path: str, limit: int | None = None) -> list[dict | BadRow]:
     rows = []
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
                 break
@@ -85,8 +88,7 @@ def _parse_jsonl_line(raw: bytes, where: str) -> dict | BadRow | None:
 
 def _read_json(path: str) -> list[dict | BadRow]:
     """A JSON array of rows, an object holding one array of rows, or JSONL named .json."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = storage.path(path).read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -113,7 +115,8 @@ def _read_parquet(path: str) -> list[dict]:
         import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     except ImportError as e:
         raise ImportError(f"{path}: reading parquet needs `pyarrow` (pip install pyarrow)") from e
-    return pq.read_table(path).to_pylist()
+    with storage.path(path).open("rb") as f:
+        return pq.read_table(f).to_pylist()
 
 
 def _read_hf_dir(path: str) -> list[dict]:

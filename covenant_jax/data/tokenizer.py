@@ -1,29 +1,35 @@
-"""The tokenizer saved beside a model, with a clear error when there is none."""
+"""The tokenizer saved beside a model, local or remote, with a clear error when there is none."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
+from covenant_jax import storage
 from covenant_jax.errors import UserError
+from covenant_jax.io import AUX_FILES
 
 # Any of these lets transformers build a tokenizer (tokenizer.model needs sentencepiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class TokenizerError(UserError):
     """A model folder has no tokenizer files, or transformers cannot load them."""
 
 
-def load_tokenizer(path: str | Path):
-    """``AutoTokenizer`` of a model folder (HF or converted), which must hold its tokenizer files."""
+def load_tokenizer(path: str | os.PathLike):
+    """``AutoTokenizer`` of a model folder (HF or converted, local or ``gs://``), which must hold
+    its tokenizer files; remote files are copied to a local temporary folder first (transformers
+    reads local folders only)."""
     import transformers
 
-    folder = Path(path)
+    folder = storage.path(path)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise TokenizerError(
             f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy the model's "
             "tokenizer there (a converted checkpoint carries the one its HF folder had)")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{folder}: transformers cannot load its tokenizer: {str(e).splitlines()[0]}") from e
+    with storage.local_folder(folder, AUX_FILES + ("config.json",)) as local:
+        try:
+            return transformers.AutoTokenizer.from_pretrained(os.fspath(local))
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{folder}: transformers cannot load its tokenizer: "
+                                 f"{str(e).splitlines()[0]}") from e

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from covenant_jax import storage
 from covenant_jax.config import ModelConfig, RopeConfig
 from covenant_jax.errors import UserError
 from covenant_jax.model.llama import Llama, ModelOptions
@@ -33,7 +34,7 @@ class EvalInputError(UserError):
 
 def load_texts(path: str | Path, field: str = "text", limit: int | None = None) -> list[str]:
     """The ``field`` of each JSONL row (rows without it, or empty, are an error)."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise EvalInputError(f"{path}: no such file")
     texts = []

@@ -15,6 +15,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from covenant_jax import storage
 from covenant_jax.convert.hf_files import CheckpointError
 
 
@@ -23,7 +24,7 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         )
-        self.directory = Path(directory).absolute()
+        self.directory = storage.path(directory)  # local or gs://: Orbax takes epath paths
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config"),
         )

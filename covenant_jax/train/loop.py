@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from covenant_jax import storage
 from covenant_jax.convert.api import export_model, load_model
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
@@ -92,9 +91,23 @@ def _check_vocab(tokenizer, model: Llama) -> None:
         )
 
 
+def check_outputs(cfg: ml_collections.ConfigDict) -> storage.Path:
+    """Before any work: the run dir is writable and the export will not replace the model."""
+    run_dir = storage.path(cfg.train.run_dir)
+    storage.check_writable(run_dir)
+    if cfg.train.export:
+        storage.check_separate(cfg.model.path, export_dir(cfg), "the export folder")
+    return run_dir
+
+
+def export_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
+    return storage.path(cfg.train.run_dir) / "export"
+
+
 def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.check_fields(cfg)
     recipe.bound_samples_per_row(cfg)
+    run_dir = check_outputs(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
     model = _load(cfg, mesh)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
@@ -108,8 +121,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     state, shardings = state_lib.create_state(params, tx, mesh)
     steps = make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run_dir)
     if jax.process_index() == 0:  # one writer
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
     ckpt = checkpoint.RunCheckpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints,
@@ -121,7 +133,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
         state = ckpt.restore(start, state_lib.abstract_like(state, shardings), train_iter)
         if jax.process_index() == 0:
             print(f"resumed from {run_dir / 'checkpoints'} at step {start}")
-    writer = metrics_lib.MetricsWriter(run_dir, enabled=jax.process_index() == 0)
+    writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
                batch_sharding, steps.eval_sharding, ckpt, writer, start, flops)
@@ -301,15 +313,16 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
                 pending = None
             if is_checkpoint:
                 run.checkpointer.save(step, state, run.train_iter, cfg.to_dict())
+                run.writer.flush()  # metrics through this step, durable with it (object stores)
         run.checkpointer.wait()
         checkpoint_step = run.checkpointer.latest_step()
     finally:
         progress.close()
         run.writer.close()
         run.checkpointer.close()
-    export_dir = _export(run, state) if t.export else None
+    exported = _export(run, state) if t.export else None
     summary = RunSummary(t.steps - run.start_step, tokens, last_train, last_eval, time.time() - started,
-                         Path(t.run_dir), checkpoint_step, export_dir)
+                         storage.path(t.run_dir), checkpoint_step, exported)
     if jax.process_index() == 0:
         print(summary)
     return summary
@@ -320,6 +333,5 @@ def _export(run: Run, state: dict) -> Path:
 
     graphdef, _, rest = state_lib.split_model(run.model)
     model = nnx.merge(graphdef, state["params"], rest)
-    out = Path(run.cfg.train.run_dir) / "export"
-    return export_model(model, out, dtype=run.cfg.train.export_dtype or None,
+    return export_model(model, export_dir(run.cfg), dtype=run.cfg.train.export_dtype or None,
                         aux_dir=run.cfg.model.path, overwrite=True)

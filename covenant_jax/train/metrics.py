@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from covenant_jax import storage
 from covenant_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, for the MFU estimate (None: unknown, MFU not shown).
@@ -33,17 +36,63 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params + attention
 
 
-class MetricsWriter:
-    """One JSON object per logged step in RUN_DIR/metrics.jsonl, the same scalars in TensorBoard."""
+METRICS_FILE = "metrics.jsonl"
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+
+def _rows_through(path: storage.Path, last_step: int) -> list[str]:
+    """The lines of an existing metrics file whose step is at most ``last_step`` (a torn last line
+    from a killed run is dropped too)."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if step <= last_step:
+            kept.append(line + "\n")
+    return kept
+
+
+class MetricsWriter:
+    """One JSON object per logged step in RUN_DIR/metrics.jsonl, the same scalars in TensorBoard.
+
+    A run resumed from the checkpoint of step S replays steps S+1 on: the rows after S are
+    dropped from metrics.jsonl, and TensorBoard hides the earlier events from step S+1 on
+    (tensorboardX's ``purge_step``), so no step is shown twice. A fresh run (S = 0) starts both
+    over.
+
+    Object stores cannot append: for a remote run dir both files are written in a local staging
+    folder and uploaded (each file rewritten whole) at every :meth:`flush` -- the loop flushes at
+    each checkpoint, so the remote rows reach at least the last checkpoint -- and at
+    :meth:`close`. (tensorboardX can write ``gs://`` itself, but through a second client,
+    google-cloud-storage, and its writer uploads again from ``__del__`` after ``close``.)
+    """
+
+    def __init__(self, run_dir: str | Path, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.run_dir = storage.path(run_dir)
+        self._staging = tempfile.TemporaryDirectory(prefix="covenant-metrics-") if self.remote else None
+        self.local = Path(self._staging.name) if self.remote else Path(self.run_dir)
+        rows = _rows_through(self.run_dir / METRICS_FILE, start_step) if start_step else []
+        tmp = self.local / f"{METRICS_FILE}.tmp"
+        tmp.write_text("".join(rows))
+        os.replace(tmp, self.local / METRICS_FILE)
+        self.jsonl = open(self.local / METRICS_FILE, "a", buffering=1)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        # The suffix keeps two runs started in the same second from sharing an event file name,
+        # and orders them (TensorBoard reads a folder's event files in name order).
+        self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=start_step + 1 if start_step else 0,
+                                filename_suffix=f".{time.time_ns()}")
+        self._upload()
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.run_dir)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
@@ -53,7 +102,24 @@ class MetricsWriter:
         for key, value in scalars.items():
             self.tb.add_scalar(key, float(value), step)
 
+    def flush(self) -> None:
+        """Makes every row written so far durable in the run dir."""
+        if self.enabled:
+            self.jsonl.flush()
+            self.tb.flush()
+            self._upload()
+
+    def _upload(self) -> None:
+        if not self.remote:
+            return
+        for file in sorted(self.local.rglob("*")):
+            if file.is_file():
+                storage.copy_file(storage.path(file), self.run_dir / file.relative_to(self.local).as_posix())
+
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            self._upload()
+            if self._staging is not None:
+                self._staging.cleanup()

@@ -1,7 +1,6 @@
 """A long-context train step fits where naive attention and full logits would not."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

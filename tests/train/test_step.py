@@ -1,7 +1,6 @@
 """Invariants of the train step: packed == unpacked, accumulated == full batch, sharded == 1 device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
