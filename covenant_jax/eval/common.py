@@ -23,6 +23,7 @@ from covenant_jax.config import ModelConfig, RopeConfig
 from covenant_jax.errors import UserError
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import activation_sharding
+from covenant_jax.train import loss as loss_lib
 
 
 class EvalInputError(UserError):
@@ -100,27 +101,10 @@ def load_eval_model(path: str | Path, dtype: str = "float32", mesh: Mesh | None 
 # ---- jitted forward pieces ----------------------------------------------------------------------
 
 
-def _chunked(fn: Callable, hidden_BTD: jnp.ndarray, other_BT: jnp.ndarray, chunk: int) -> jnp.ndarray:
-    """``fn(hidden_BCD, other_BC) -> [B, C]`` over sequence chunks of ``chunk`` (padded) -> [B, T]."""
-    b, t, d = hidden_BTD.shape
-    c = min(chunk, t)
-    pad = -t % c
-    j = (t + pad) // c
-    hidden_JBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, j, c, d).swapaxes(0, 1)
-    other_JBC = jnp.pad(other_BT, ((0, 0), (0, pad))).reshape(b, j, c).swapaxes(0, 1)
-    out_JBC = jax.lax.map(lambda xs: fn(*xs), (hidden_JBCD, other_JBC))
-    return out_JBC.swapaxes(0, 1).reshape(b, j * c)[:, :t]
-
-
 def token_nll(model: Llama, hidden_BTD: jnp.ndarray, targets_BT: jnp.ndarray, chunk: int) -> jnp.ndarray:
-    """float32 -log p(target) [B, T]; logits exist only ``chunk`` positions at a time."""
-
-    def nll(hidden_BCD, targets_BC):
-        logits_BCV = model.logits(hidden_BCD)
-        target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits_BCV, axis=-1) - target_BC
-
-    return _chunked(nll, hidden_BTD, targets_BT.astype(jnp.int32), chunk)
+    """float32 -log p(target) [B, T]; logits exist only ``chunk`` positions at a time (the
+    training loss's kernel)."""
+    return loss_lib.token_nll(hidden_BTD, model.output_kernel(), targets_BT, chunk_size=chunk)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
