@@ -66,9 +66,29 @@ def load_recipe(config_path: str, overrides: list[str]):
                                     lock_config=True, sys_argv=argv)
     try:
         flag_values(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError) as e:
+    except (AttributeError, KeyError) as e:  # ml_collections says only "'key'"
+        unknown = _unknown_key(load_recipe(config_path, []), overrides) if overrides else None
+        raise UserError(f"recipe {config_path}: {unknown or e}") from e
+    except (flags.Error, TypeError) as e:
         raise UserError(f"recipe {config_path}: {e}") from e
     return flag_values.config
+
+
+def _unknown_key(config, overrides: list[str]) -> str | None:
+    """'unknown key model.rope.foo; model.rope has: ...' for the first override naming no field."""
+    import ml_collections
+
+    for override in overrides:
+        path = override.removeprefix("--config.").split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if key not in node:
+                parent = ".".join(path[:depth]) or "the recipe"
+                return f"unknown key {'.'.join(path[:depth + 1])}; {parent} has: {', '.join(node.keys())}"
+            node = node[key]
+    return None
 
 
 def cmd_train(args) -> int:
