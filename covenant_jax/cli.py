@@ -45,8 +45,8 @@ def cmd_jax_to_hf(args) -> int:
 def cmd_verify(args) -> int:
     from covenant_jax.convert.verify import verify
 
-    parity = verify(args.hf_dir, args.ckpt_dir, dtype=args.dtype, seq_len=args.seq_len,
-                    tolerance=args.tolerance)
+    parity = verify(args.hf_dir, args.ckpt_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
+                    factor=args.factor, tolerance=args.tolerance)
     print(parity.report())
     return 0 if parity.ok else 1
 
@@ -222,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("hf_dir")
     ver.add_argument("ckpt_dir", nargs="?", help="converted folder to check (default: HF_DIR itself)")
     ver.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ver.add_argument("--batch", type=int, default=2)
     ver.add_argument("--seq-len", type=int, default=64)
-    ver.add_argument("--tolerance", type=float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
+    ver.add_argument("--factor", type=float, default=2.0,
+                     help="pass when ours is within FACTOR x transformers' own distance from its float64 "
+                          "logits (default %(default)s)")
+    ver.add_argument("--tolerance", type=float, help="a fixed limit on max |Δlogits| from float64 instead")
     ver.set_defaults(fn=cmd_verify)
 
     ev = verbs.add_parser("eval", help="long-context evaluation: perplexity by length, passkey")
