@@ -48,7 +48,7 @@ _QUANTIZATION_TENSORS = (
     (re.compile(r".*\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)"), "bitsandbytes 4-bit"),
     (re.compile(r".*\.(weight_scale|weight_scale_inv|input_scale)"), "fp8"),
 )
-_WEIGHT_DTYPES = tuple(np.dtype(jnp.dtype(d)) for d in ("float16", "bfloat16", "float32", "float64"))
+_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def check_not_quantized(source: WeightSource) -> None:
@@ -56,10 +56,13 @@ def check_not_quantized(source: WeightSource) -> None:
     into a different model, silently."""
     for key in source.keys():
         method = next((m for pattern, m in _QUANTIZATION_TENSORS if pattern.fullmatch(key)), None)
-        dtype = np.dtype(source.dtype(key))
+        try:
+            dtype = np.dtype(source.dtype(key)).name
+        except TypeError as e:  # a torch dtype numpy cannot hold (float8 in a .bin)
+            dtype = f"not a numpy dtype (torch: {e})"
         if method or dtype not in _WEIGHT_DTYPES:
-            raise CheckpointError(f"the checkpoint is quantized ({method or dtype.name + ' weights'}): "
-                                  f"tensor {key!r} is {dtype.name}; {DEQUANTIZE_HINT}")
+            raise CheckpointError(f"the checkpoint is quantized: tensor {key!r} is {dtype}"
+                                  f"{f' ({method})' if method else ''}; {DEQUANTIZE_HINT}")
 
 
 def check_weights(source: WeightSource, cfg: ModelConfig) -> None:

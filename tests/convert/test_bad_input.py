@@ -164,10 +164,11 @@ _LINEAR_WEIGHTS = tuple(f"{name}.weight" for name in _LINEAR)
     (_int8_bitsandbytes, {"quant_method": "bitsandbytes", "load_in_8bit": True},
      r"quantized \(bitsandbytes, quantization_config\)"),
     (_gptq, {"quant_method": "gptq", "bits": 4, "group_size": 128}, r"quantized \(gptq, quantization_config\)"),
-    (_gptq, None, r"quantized \(GPTQ/AWQ\): tensor 'model\.layers\.\d+\.\w+\.\w+\.(qweight|qzeros|g_idx|scales)'"),
-    (_int8_bitsandbytes, None, r"quantized \((bitsandbytes int8|int8 weights)\): tensor '.*\.(weight|SCB)' is"),
-    (_int8_plain, None, r"quantized \(int8 weights\): tensor 'model\.layers\.0\.mlp\.up_proj\.weight' is int8"),
-    (_fp8, None, r"quantized \(float8_e4m3fn weights\): tensor '.*_proj\.weight' is float8_e4m3fn"),
+    (_gptq, None, r"quantized: tensor 'model\.layers\.\d+\.\w+\.\w+\.(qweight|qzeros|g_idx|scales)' is "
+                  r"(int32|float16) \(GPTQ/AWQ\)"),
+    (_int8_bitsandbytes, None, r"quantized: tensor '.*\.(weight' is int8|SCB' is float32 \(bitsandbytes int8\))"),
+    (_int8_plain, None, r"quantized: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' is int8;"),
+    (_fp8, None, r"quantized: tensor '.*_proj\.weight' is float8_e4m3fn;"),
 ], ids=["int8+bitsandbytes", "gptq+config", "gptq_tensors", "int8+SCB", "int8", "fp8_tensors"])
 def test_quantized_checkpoints_are_refused(capsys, tmp_path, hf_dir, weights, config, expected):
     """Never a silent cast: one line saying quantized, which method, and what to do."""
@@ -177,6 +178,18 @@ def test_quantized_checkpoints_are_refused(capsys, tmp_path, hf_dir, weights, co
     code, err = _convert(capsys, hf_dir, tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(expected, err) and "dequantize it with transformers first" in err, err
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_fp8_in_a_pytorch_file_is_refused(capsys, tmp_path):
+    """numpy has no float8: the tensor is still named as quantized, not a traceback."""
+    src = helpers.save_hf(helpers.hf_model(), tmp_path / "bin", torch_bin=True)
+    state = torch.load(src / "pytorch_model.bin")
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    torch.save(state, src / "pytorch_model.bin")
+    code, err = _convert(capsys, src, tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "quantized: tensor 'model.layers.0.mlp.up_proj.weight' is not a numpy dtype" in err
     _assert_nothing_written(tmp_path / "out")
 
 
