@@ -120,15 +120,7 @@ class ModelConfig:
         _check_positive(hf)
         _check_rope_dict(hf)
         tf = _transformers_config(hf, arch)
-        _check_positive({k: getattr(tf, k) for k in _POSITIVE_INTS})
-        if tf.num_attention_heads % tf.num_key_value_heads:
-            raise ConfigError(
-                f"config.json: num_attention_heads={tf.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={tf.num_key_value_heads}"
-            )
-        if tf.hidden_act not in _SILU:
-            raise ConfigError(f"config.json: hidden_act={tf.hidden_act!r} is not supported (only 'silu')")
-        _refuse_sliding_window(hf, tf, arch)
+        _check_runnable(hf, tf, arch)
         rope = _read_rope(tf.rope_parameters, tf.max_position_embeddings)
         _warn_conflicting_rope(hf, arch, rope, tf.max_position_embeddings)
         mistral = arch == "MistralForCausalLM"  # transformers' Mistral layers have no biases
@@ -306,6 +298,19 @@ def _type_error_message(config_cls, hf: dict[str, Any], error: Exception) -> str
     value = hf.get(field)
     return (f"config.json: '{field}' is {type(value).__name__} {value!r}, but transformers' "
             f"{config_cls.__name__} needs {expected}")
+
+
+def _check_runnable(hf: dict[str, Any], tf, arch: str) -> None:
+    """What transformers accepts but this model cannot run (or run as transformers does)."""
+    _check_positive({k: getattr(tf, k) for k in _POSITIVE_INTS})
+    if tf.num_attention_heads % tf.num_key_value_heads:
+        raise ConfigError(
+            f"config.json: num_attention_heads={tf.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={tf.num_key_value_heads}"
+        )
+    if tf.hidden_act not in _SILU:
+        raise ConfigError(f"config.json: hidden_act={tf.hidden_act!r} is not supported (only 'silu')")
+    _refuse_sliding_window(hf, tf, arch)
 
 
 def _refuse_sliding_window(hf: dict[str, Any], tf, arch: str) -> None:
