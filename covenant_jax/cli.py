@@ -91,8 +91,8 @@ def cmd_jax_to_hf(args) -> int:
 def cmd_verify(args) -> int:
     from covenant_jax.convert.verify import verify
 
-    parity = verify(args.hf_dir, args.ckpt_dir, dtype=args.dtype, seq_len=args.seq_len,
-                    tolerance=args.tolerance)
+    parity = verify(args.hf_dir, args.ckpt_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
+                    factor=args.factor, tolerance=args.tolerance)
     print(parity.report())
     return 0 if parity.ok else 1
 
@@ -121,23 +121,10 @@ def load_recipe(config_path: str, overrides: list[str]):
         cause = _user_error_in(e)
         if cause is not None:
             raise cause from None
-        if isinstance(e, (KeyError, AttributeError)) and overrides:
-            _check_override_keys(config_path, overrides)
-        raise UserError(f"recipe {config_path}: {_one_line(e)}") from e
-
-
-def _check_override_keys(config_path: str, overrides: list[str]) -> None:
-    """Names the first override whose key the recipe does not have, with the keys it has there."""
-    base = load_recipe(config_path, [])
-    for override in overrides:
-        node, walked = base, []
-        for key in override[len("--config."):].split("=", 1)[0].split("."):
-            if not hasattr(node, "keys") or key not in node:
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
-                where = ".".join(walked) or "the recipe"
-                raise UserError(f"recipe {config_path}: {override.split('=', 1)[0]}: {where} has no key "
-                                f"{key!r}; its keys: {known}")
-            node, walked = node[key], walked + [key]
+        unknown = None
+        if isinstance(e, (KeyError, AttributeError)) and overrides:  # ml_collections says only "'key'"
+            unknown = _unknown_key(load_recipe(config_path, []), overrides)
+        raise UserError(f"recipe {config_path}: {unknown or _one_line(e)}") from e
 
 
 def _check_recipe_file(config_path: str) -> None:
@@ -178,6 +165,23 @@ def _one_line(e: BaseException) -> str:
     """The informative last line of a (possibly multi-line, traceback-carrying) message."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+def _unknown_key(config, overrides: list[str]) -> str | None:
+    """'unknown key model.rope.foo; model.rope has: ...' for the first override naming no field."""
+    import ml_collections
+
+    for override in overrides:
+        path = override.removeprefix("--config.").split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if key not in node:
+                parent = ".".join(path[:depth]) or "the recipe"
+                return f"unknown key {'.'.join(path[:depth + 1])}; {parent} has: {', '.join(node.keys())}"
+            node = node[key]
+    return None
 
 
 def cmd_train(args) -> int:
@@ -320,9 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("hf_dir")
     ver.add_argument("ckpt_dir", nargs="?", help="converted folder to check (default: HF_DIR itself)")
     ver.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ver.add_argument("--batch", type=positive_int, default=2)
     ver.add_argument("--seq-len", type=positive_int, default=64,
                      help="tokens per row (at most the model's max_position_embeddings)")
-    ver.add_argument("--tolerance", type=positive_float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
+    ver.add_argument("--factor", type=positive_float, default=2.0,
+                     help="pass when ours is within FACTOR x transformers' own distance from its float64 "
+                          "logits (default %(default)s)")
+    ver.add_argument("--tolerance", type=positive_float, help="a fixed limit on max |Δlogits| from float64 instead")
     ver.set_defaults(fn=cmd_verify)
 
     ev = verbs.add_parser("eval", help="long-context evaluation: perplexity by length, passkey")

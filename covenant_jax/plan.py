@@ -85,16 +85,25 @@ class Topology:
 
 
 def _torus(chips: int, dims: int) -> str:
-    """The usual Cloud TPU slice shape for a chip count: 128 v5p chips -> 4x4x8, 64 v5e -> 8x8."""
-    if chips < 4 or chips & (chips - 1):
-        raise PlanError(f"{chips} chips: a named slice needs a power of two >= 4 chips; give the "
-                        f"shape instead (e.g. v5p:4x4x8, v5e:8x16)")
-    shape = [2, 2] + [1] * (dims - 2)
+    """The usual Cloud TPU slice shape for a chip count: 128 v5p chips -> 4x4x8, 4 -> 2x2x1,
+    64 v5e -> 8x8, 1 -> 1x1 (v5e-1, v6e-1: single-chip slices)."""
+    if chips < 1 or chips & (chips - 1):
+        raise PlanError(f"{chips} chips: a named slice has a power of two of chips; give the shape "
+                        f"instead (e.g. v5p:4x4x8, v5e:8x16)")
+    shape = [1] * dims
     while math.prod(shape) < chips:
         smallest = min(shape)
-        i = max(j for j, s in enumerate(shape) if s == smallest)
+        i = max(j for j, s in enumerate(shape) if s == smallest) if smallest > 1 else shape.index(1)
         shape[i] *= 2
-    return "x".join(map(str, sorted(shape)))
+    return "x".join(map(str, sorted(s for s in shape if s > 1) + [1] * shape.count(1)))
+
+
+def _host_bounds(spec: str) -> dict:
+    """libtpu lays a slice out in hosts of 2x2x1 chips unless told otherwise; a slice smaller than
+    that (v5e-1, v6e-1) is one host of its own shape."""
+    dims = [int(d) for d in spec.split(":")[1].split("x")]
+    bounds = [min(d, h) for d, h in zip(dims + [1] * (3 - len(dims)), (2, 2, 1))]
+    return {} if bounds == [2, 2, 1] else {"chips_per_host_bounds": bounds}
 
 
 def parse_topology(name: str) -> tuple[str, str, str]:
@@ -148,7 +157,7 @@ def resolve_topology(name: str) -> Topology:
     from jax.experimental import topologies
 
     try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=spec).devices
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=spec, **_host_bounds(spec)).devices
     except RuntimeError as e:  # JaxRuntimeError
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "topology" not in msg.lower() and "tpu" not in msg.lower():

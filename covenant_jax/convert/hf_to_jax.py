@@ -15,6 +15,7 @@ boundaries, so a restore onto that mesh reads whole chunks.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -25,7 +26,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
 from covenant_jax import storage
-from covenant_jax.config import ModelConfig
+from covenant_jax.config import DEQUANTIZE_HINT, ModelConfig
 from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
 from covenant_jax.model.llama import Llama, ModelOptions
@@ -41,8 +42,33 @@ def open_checked(hf_dir: str | Path) -> tuple[ModelConfig, WeightSource]:
     return cfg, source
 
 
+# Tensors quantization methods store beside (or instead of) ``.weight``, and the method they mean.
+_QUANTIZATION_TENSORS = (
+    (re.compile(r".*\.(qweight|qzeros|scales|g_idx)"), "GPTQ/AWQ"),
+    (re.compile(r".*\.(SCB|weight_format)"), "bitsandbytes int8"),
+    (re.compile(r".*\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)"), "bitsandbytes 4-bit"),
+    (re.compile(r".*\.(weight_scale|weight_scale_inv|input_scale)"), "fp8"),
+)
+_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_not_quantized(source: WeightSource) -> None:
+    """No quantized tensors (int8, packed int32, fp8, scales): cast to floats they would convert
+    into a different model, silently."""
+    for key in source.keys():
+        method = next((m for pattern, m in _QUANTIZATION_TENSORS if pattern.fullmatch(key)), None)
+        try:
+            dtype = np.dtype(source.dtype(key)).name
+        except TypeError as e:  # a torch dtype numpy cannot hold (float8 in a .bin)
+            dtype = f"not a numpy dtype (torch: {e})"
+        if method or dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(f"the checkpoint is quantized: tensor {key!r} is {dtype}"
+                                  f"{f' ({method})' if method else ''}; {DEQUANTIZE_HINT}")
+
+
 def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
-    """Every expected tensor present with its config.json shape, nothing unexpected."""
+    """Unquantized, every expected tensor present with its config.json shape, nothing unexpected."""
+    check_not_quantized(source)
     expected = keymap.expected_hf_shapes(cfg)
     present = set(source.keys())
     problems = [f"missing tensor {k!r} (expected shape {list(s)})" for k, s in expected.items() if k not in present]
