@@ -1,8 +1,10 @@
 """The training run: setup in named steps, then the step loop.
 
 The loop dispatches step N before fetching step N-1's metrics, so logging never stalls the
-device. Checkpoints save the state and the data iterator at the same step; a NaN/inf stops the
-run (the step skipped the update on device, so the last checkpoint and the state stay good).
+device. Checkpoints save the state and the data iterator at the same step, only after that
+step's loss, gradients and updated state are known finite; a NaN/inf stops the run naming the
+step, and the last checkpoint stays good. Resuming checks the recipe against the checkpoint's
+(:mod:`covenant_jax.train.resume`) before anything loads, and restores the newest intact step.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.errors import UserError
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, recipe, state as state_lib
-from covenant_jax.train import step as step_lib
+from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, recipe, resume
+from covenant_jax.train import state as state_lib, step as step_lib
 
 
 class NonFiniteLoss(UserError):
@@ -91,10 +93,41 @@ def _check_vocab(tokenizer, model: Llama) -> None:
         )
 
 
+def _print0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _check_resume(cfg: ml_collections.ConfigDict) -> None:
+    """Refuses a resume that would not continue the saved run; reads only small JSON files."""
+    directory = Path(cfg.train.run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return
+    reader = checkpoint.RunCheckpointer(directory, async_save=False, create=False)
+    try:
+        resume.check(cfg, reader.saved_config(), reader.latest_step(), directory)
+    finally:
+        reader.close()
+
+
+def _restore(cfg, ckpt: checkpoint.RunCheckpointer, state: dict, shardings: dict,
+             train_iter) -> tuple[int, dict]:
+    """(start step, state): the newest intact checkpoint's, or step 0 and the fresh state."""
+    if not cfg.train.resume:
+        return 0, state
+    step, restored = ckpt.restore_newest_intact(state_lib.abstract_like(state, shardings), train_iter,
+                                                log=_print0)
+    if step is None:
+        return 0, state
+    _print0(f"resumed from {ckpt.directory} at step {step}")
+    return step, restored
+
+
 def setup(cfg: ml_collections.ConfigDict) -> Run:
     import transformers
 
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
+    _check_resume(cfg)
     model = _load(cfg, mesh)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
@@ -114,12 +147,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     ckpt = checkpoint.RunCheckpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints,
                                       cfg.train.async_checkpoint)
     train_iter = iter(data.train)
-    start = 0
-    if cfg.train.resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state = ckpt.restore(start, state_lib.abstract_like(state, shardings), train_iter)
-        if jax.process_index() == 0:
-            print(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+    start, state = _restore(cfg, ckpt, state, shardings, train_iter)
     writer = metrics_lib.MetricsWriter(run_dir, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
@@ -247,6 +275,22 @@ def _log(run: Run, step: int, m: dict, seconds: float, progress: _Progress, eval
     return scalars
 
 
+def _non_finite(run: Run, step: int, m: dict) -> NonFiniteLoss:
+    """The error for a step whose loss, gradients or updated state are not finite."""
+    run.checkpointer.wait()  # an in-flight save of an earlier (checked) step completes first
+    latest = run.checkpointer.latest_step()
+    kept = (f"the last checkpoint ({latest}) is intact" if latest is not None
+            else "no checkpoint has been written")
+    values = f"loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}"
+    if not m["finite"]:
+        return NonFiniteLoss(
+            f"non-finite loss or gradient at step {step}, on the run's batch #{step} ({values}); "
+            f"the update was skipped, {kept}. Lower optim.lr or check the data.")
+    return NonFiniteLoss(
+        f"non-finite parameters or optimizer state after the update of step {step} ({values}): "
+        f"the run stops and this state is not saved; {kept}. Lower optim.lr or set optim.clip_norm.")
+
+
 def train(cfg: ml_collections.ConfigDict) -> RunSummary:
     started = time.time()
     run = setup(cfg)
@@ -260,13 +304,8 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
         nonlocal last_train, tokens, last_time, last_eval
         step, m, _ = pending_item
         m = jax.device_get(m)
-        if not m["finite"]:
-            raise NonFiniteLoss(
-                f"non-finite loss or gradient at step {step}, on the run's batch #{step} "
-                f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); the update was "
-                f"skipped, the last checkpoint "
-                f"({run.checkpointer.latest_step()}) is intact. Lower optim.lr or check the data."
-            )
+        if not (m["finite"] and m["state_finite"]):
+            raise _non_finite(run, step, m)
         now = time.time()
         seconds, last_time = now - last_time, now
         tokens += int(m["tokens"])
@@ -293,8 +332,8 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
             is_eval = bool(t.eval_every) and step % t.eval_every == 0
             is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps
             if is_eval or is_checkpoint:
-                # Evaluate the state of this step, and never checkpoint a state whose loss is
-                # not known to be finite.
+                # Evaluate the state of this step, and never checkpoint a state that is not
+                # known to be finite.
                 finish(pending)
                 pending = None
             if is_checkpoint:

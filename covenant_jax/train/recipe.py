@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
         log_every=10, eval_every=50, eval_batches=0, checkpoint_every=50, keep_checkpoints=3,
         async_checkpoint=True, loss_chunk_size=4096, export=True, export_dtype="",
         peak_tflops_per_device=0.0, progress=True,
+        allow_recipe_change=False,  # resume a run_dir whose checkpoint has another recipe (train/resume.py)
     ))
     return cfg
 
@@ -86,3 +87,5 @@ def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_sh
         )
     if t.steps <= 0:
         raise UserError(f"train.steps={t.steps} must be positive")
+    if t.keep_checkpoints < 1:
+        raise UserError(f"train.keep_checkpoints={t.keep_checkpoints} must be at least 1 (the run resumes from the last)")
