@@ -9,6 +9,7 @@ from pathlib import Path
 from covenant_jax.errors import USER_ERRORS, UserError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 def _mesh_arg(text: str | None):
@@ -73,9 +74,10 @@ def load_recipe(config_path: str, overrides: list[str]):
 
 def cmd_train(args) -> int:
     from covenant_jax.train.loop import train
+    from covenant_jax.train.preemption import EXIT_PREEMPTED
 
-    train(load_recipe(args.config, args.overrides))
-    return 0
+    summary = train(load_recipe(args.config, args.overrides))
+    return EXIT_PREEMPTED if summary.preempted else 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -266,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covenant-jax: error: {e}", file=sys.stderr)
         distributed.abandon(EXIT_BAD_INPUT)  # multi-process: do not wait on the peers
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one before training starts
+        print("covenant-jax: interrupted; completed checkpoints are intact", file=sys.stderr)
+        distributed.abandon(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except BaseException as e:
         if distributed.is_multiprocess():  # a bug or a dead peer: say which, then exit now
             import traceback

@@ -5,6 +5,8 @@ device. Checkpoints save the state and the data iterator at the same step, only 
 step's loss, gradients and updated state are known finite; a NaN/inf stops the run naming the
 step, and the last checkpoint stays good. Resuming checks the recipe against the checkpoint's
 (:mod:`covenant_jax.train.resume`) before anything loads, and restores the newest intact step.
+SIGTERM / SIGINT save the step all processes agree on and exit with ``EXIT_PREEMPTED``
+(:mod:`covenant_jax.train.preemption`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.errors import UserError
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, recipe, resume
+from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, recipe, resume
 from covenant_jax.train import state as state_lib, step as step_lib
 
 
@@ -45,6 +48,7 @@ class RunSummary:
     run_dir: Path
     checkpoint_step: int | None
     export_dir: Path | None
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after saving `checkpoint_step`
 
     def __str__(self) -> str:
         def fmt(x):
@@ -291,7 +295,20 @@ def _non_finite(run: Run, step: int, m: dict) -> NonFiniteLoss:
         f"the run stops and this state is not saved; {kept}. Lower optim.lr or set optim.clip_norm.")
 
 
+def _stopped(run: Run, stop: preemption.StopRequest, step: int) -> None:
+    if jax.process_index() == 0:
+        print(f"covenant-jax: stopped by {stop.describe()} after step {step}: checkpoint saved in "
+              f"{run.checkpointer.directory / str(step)}; rerun the same command to resume "
+              f"(exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+
+
 def train(cfg: ml_collections.ConfigDict) -> RunSummary:
+    """Trains (or resumes) the recipe; returns early, ``preempted``, after SIGTERM / SIGINT."""
+    with preemption.StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunSummary:
     started = time.time()
     run = setup(cfg)
     t = cfg.train
@@ -299,6 +316,7 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
     state, last_train, last_eval, tokens = run.state, None, None, 0
     pending = None  # (step, metrics on device, dispatch time) of the step before
     last_time = time.time()
+    stopped_at = None
 
     def finish(pending_item):
         nonlocal last_train, tokens, last_time, last_eval
@@ -329,8 +347,9 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
             if pending is not None:
                 finish(pending)  # step N-1's metrics, fetched after step N was dispatched
             pending = (step, m, time.time())
+            stopping = stop.agreed(step)  # every step, on every process
             is_eval = bool(t.eval_every) and step % t.eval_every == 0
-            is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps
+            is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps or stopping
             if is_eval or is_checkpoint:
                 # Evaluate the state of this step, and never checkpoint a state that is not
                 # known to be finite.
@@ -338,12 +357,19 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
                 pending = None
             if is_checkpoint:
                 run.checkpointer.save(step, state, run.train_iter, cfg.to_dict())
+            if stopping:
+                stopped_at = step
+                break
         run.checkpointer.wait()
         checkpoint_step = run.checkpointer.latest_step()
     finally:
         progress.close()
         run.writer.close()
         run.checkpointer.close()
+    if stopped_at is not None:
+        _stopped(run, stop, stopped_at)
+        return RunSummary(stopped_at - run.start_step, tokens, last_train, last_eval, time.time() - started,
+                          Path(t.run_dir), checkpoint_step, None, preempted=True)
     export_dir = _export(run, state) if t.export else None
     summary = RunSummary(t.steps - run.start_step, tokens, last_train, last_eval, time.time() - started,
                          Path(t.run_dir), checkpoint_step, export_dir)
