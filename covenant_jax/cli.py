@@ -11,6 +11,7 @@ from covenant_jax import storage
 from covenant_jax.errors import USER_ERRORS, UserError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class Parser(argparse.ArgumentParser):
@@ -186,9 +187,10 @@ def _unknown_key(config, overrides: list[str]) -> str | None:
 
 def cmd_train(args) -> int:
     from covenant_jax.train.loop import train
+    from covenant_jax.train.preemption import EXIT_PREEMPTED
 
-    train(load_recipe(args.config, args.overrides))
-    return 0
+    summary = train(load_recipe(args.config, args.overrides))
+    return EXIT_PREEMPTED if summary.preempted else 0
 
 
 def _eval_model(args):
@@ -424,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covenant-jax: error: {e}", file=sys.stderr)
         distributed.abandon(EXIT_BAD_INPUT)  # multi-process: do not wait on the peers
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one before training starts
+        print("covenant-jax: interrupted; completed checkpoints are intact", file=sys.stderr)
+        distributed.abandon(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except BaseException as e:
         storage = storage_failure(e) if isinstance(e, Exception) else None
         if storage is not None:

@@ -14,6 +14,14 @@ class MissingDependency(UserError):
     """An optional package a verb needs is not installed; the message says how to install it."""
 
 
+class CheckpointWriteError(UserError):
+    """The storage refused a checkpoint (no space, quota, permission); the last complete one is kept."""
+
+
+class ResumeError(UserError):
+    """Resuming a run_dir with this recipe would not continue that run (the message says what differs)."""
+
+
 USER_ERRORS = (UserError, FileNotFoundError)
 
 # Optional packages -> the covenant_jax extra that installs them.

@@ -1,14 +1,19 @@
 """The training run: setup in named steps, then the step loop.
 
 The loop dispatches step N before fetching step N-1's metrics, so logging never stalls the
-device. Checkpoints save the state and the data iterator at the same step; a NaN/inf stops the
-run (the step skipped the update on device, so the last checkpoint and the state stay good).
+device. Checkpoints save the state and the data iterator at the same step, only after that
+step's loss, gradients and updated state are known finite; a NaN/inf stops the run naming the
+step, and the last checkpoint stays good. Resuming checks the recipe against the checkpoint's
+(:mod:`covenant_jax.train.resume`) before anything loads, and restores the newest intact step.
+SIGTERM / SIGINT save the step all processes agree on and exit with ``EXIT_PREEMPTED``
+(:mod:`covenant_jax.train.preemption`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +30,8 @@ from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
 from covenant_jax.model.llama import Llama, ModelOptions
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, recipe, state as state_lib
-from covenant_jax.train import step as step_lib
+from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, recipe, resume
+from covenant_jax.train import state as state_lib, step as step_lib
 
 
 class NonFiniteLoss(UserError):
@@ -43,6 +48,7 @@ class RunSummary:
     run_dir: Path
     checkpoint_step: int | None
     export_dir: Path | None
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after saving `checkpoint_step`
 
     def __str__(self) -> str:
         def fmt(x):
@@ -100,6 +106,36 @@ def check_outputs(cfg: ml_collections.ConfigDict) -> storage.Path:
     return run_dir
 
 
+def _print0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _check_resume(cfg: ml_collections.ConfigDict) -> None:
+    """Refuses a resume that would not continue the saved run; reads only small JSON files."""
+    directory = storage.path(cfg.train.run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return
+    reader = checkpoint.RunCheckpointer(directory, async_save=False, create=False)
+    try:
+        resume.check(cfg, reader.saved_config(), reader.latest_step(), directory)
+    finally:
+        reader.close()
+
+
+def _restore(cfg, ckpt: checkpoint.RunCheckpointer, state: dict, shardings: dict,
+             train_iter) -> tuple[int, dict]:
+    """(start step, state): the newest intact checkpoint's, or step 0 and the fresh state."""
+    if not cfg.train.resume:
+        return 0, state
+    step, restored = ckpt.restore_newest_intact(state_lib.abstract_like(state, shardings), train_iter,
+                                                log=_print0)
+    if step is None:
+        return 0, state
+    _print0(f"resumed from {ckpt.directory} at step {step}")
+    return step, restored
+
+
 def export_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
     return storage.path(cfg.train.run_dir) / "export"
 
@@ -108,6 +144,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.check_fields(cfg)
     recipe.bound_samples_per_row(cfg)
     run_dir = check_outputs(cfg)
+    _check_resume(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
     model = _load(cfg, mesh)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
@@ -127,12 +164,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     ckpt = checkpoint.RunCheckpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints,
                                       cfg.train.async_checkpoint)
     train_iter = iter(data.train)
-    start = 0
-    if cfg.train.resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state = ckpt.restore(start, state_lib.abstract_like(state, shardings), train_iter)
-        if jax.process_index() == 0:
-            print(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+    start, state = _restore(cfg, ckpt, state, shardings, train_iter)
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
@@ -261,7 +293,36 @@ def _log(run: Run, step: int, m: dict, seconds: float, progress: _Progress, eval
     return scalars
 
 
+def _non_finite(run: Run, step: int, m: dict) -> NonFiniteLoss:
+    """The error for a step whose loss, gradients or updated state are not finite."""
+    run.checkpointer.wait()  # an in-flight save of an earlier (checked) step completes first
+    latest = run.checkpointer.latest_step()
+    kept = (f"the last checkpoint ({latest}) is intact" if latest is not None
+            else "no checkpoint has been written")
+    values = f"loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}"
+    if not m["finite"]:
+        return NonFiniteLoss(
+            f"non-finite loss or gradient at step {step}, on the run's batch #{step} ({values}); "
+            f"the update was skipped, {kept}. Lower optim.lr or check the data.")
+    return NonFiniteLoss(
+        f"non-finite parameters or optimizer state after the update of step {step} ({values}): "
+        f"the run stops and this state is not saved; {kept}. Lower optim.lr or set optim.clip_norm.")
+
+
+def _stopped(run: Run, stop: preemption.StopRequest, step: int) -> None:
+    if jax.process_index() == 0:
+        print(f"covenant-jax: stopped by {stop.describe()} after step {step}: checkpoint saved in "
+              f"{run.checkpointer.directory / str(step)}; rerun the same command to resume "
+              f"(exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+
+
 def train(cfg: ml_collections.ConfigDict) -> RunSummary:
+    """Trains (or resumes) the recipe; returns early, ``preempted``, after SIGTERM / SIGINT."""
+    with preemption.StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunSummary:
     started = time.time()
     run = setup(cfg)
     t = cfg.train
@@ -269,18 +330,14 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
     state, last_train, last_eval, tokens = run.state, None, None, 0
     pending = None  # (step, metrics on device, dispatch time) of the step before
     last_time = time.time()
+    stopped_at = None
 
     def finish(pending_item):
         nonlocal last_train, tokens, last_time, last_eval
         step, m, _ = pending_item
         m = jax.device_get(m)
-        if not m["finite"]:
-            raise NonFiniteLoss(
-                f"non-finite loss or gradient at step {step}, on the run's batch #{step} "
-                f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); the update was "
-                f"skipped, the last checkpoint "
-                f"({run.checkpointer.latest_step()}) is intact. Lower optim.lr or check the data."
-            )
+        if not (m["finite"] and m["state_finite"]):
+            raise _non_finite(run, step, m)
         now = time.time()
         seconds, last_time = now - last_time, now
         tokens += int(m["tokens"])
@@ -304,22 +361,30 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
             if pending is not None:
                 finish(pending)  # step N-1's metrics, fetched after step N was dispatched
             pending = (step, m, time.time())
+            stopping = stop.agreed(step)  # every step, on every process
             is_eval = bool(t.eval_every) and step % t.eval_every == 0
-            is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps
+            is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps or stopping
             if is_eval or is_checkpoint:
-                # Evaluate the state of this step, and never checkpoint a state whose loss is
-                # not known to be finite.
+                # Evaluate the state of this step, and never checkpoint a state that is not
+                # known to be finite.
                 finish(pending)
                 pending = None
             if is_checkpoint:
                 run.checkpointer.save(step, state, run.train_iter, cfg.to_dict())
                 run.writer.flush()  # metrics through this step, durable with it (object stores)
+            if stopping:
+                stopped_at = step
+                break
         run.checkpointer.wait()
         checkpoint_step = run.checkpointer.latest_step()
     finally:
         progress.close()
         run.writer.close()
         run.checkpointer.close()
+    if stopped_at is not None:
+        _stopped(run, stop, stopped_at)
+        return RunSummary(stopped_at - run.start_step, tokens, last_train, last_eval, time.time() - started,
+                          storage.path(t.run_dir), checkpoint_step, None, preempted=True)
     exported = _export(run, state) if t.export else None
     summary = RunSummary(t.steps - run.start_step, tokens, last_train, last_eval, time.time() - started,
                          storage.path(t.run_dir), checkpoint_step, exported)

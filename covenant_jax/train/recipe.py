@@ -56,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         log_every=10, eval_every=50, eval_batches=0, checkpoint_every=50, keep_checkpoints=3,
         async_checkpoint=True, loss_chunk_size=4096, export=True, export_dtype="",
         peak_tflops_per_device=0.0, progress=True,
+        allow_recipe_change=False,  # resume a run_dir whose checkpoint has another recipe (train/resume.py)
     ))
     return cfg
 
