@@ -251,40 +251,6 @@ def check_mesh(cfg, model_cfg, sizes: dict[str, int]) -> list[str]:
 # ---- compiling ----------------------------------------------------------------------------------
 
 
-def abstract_state(cfg, model_cfg, mesh):
-    """(graphdef, rest, tx, schedule, abstract state with shardings, state shardings)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from covenant_jax.convert.hf_to_jax import abstract_model
-    from covenant_jax.parallel.sharding import state_shardings
-    from covenant_jax.train import optimizer, state as state_lib
-    from covenant_jax.train.loop import model_options
-
-    model = abstract_model(model_cfg, model_options(cfg))
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings = nnx.to_pure_dict(state_shardings(params_state, mesh))
-    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                          nnx.to_pure_dict(params_state), param_shardings)
-    tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_lib.state_shardings(params, tx, mesh)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-             "opt_state": jax.eval_shape(tx.init, params)}
-    return graphdef, rest, tx, schedule, state_lib.abstract_like(state, shardings), shardings
-
-
-def abstract_batch(cfg, sharding) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    a = cfg.train.micro_batches
-    shape = (a, cfg.data.batch_size // a, cfg.data.seq_len)
-    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-              "segment_ids": jnp.int32, "positions": jnp.int32}
-    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
-
-
 def _device_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
     import jax
@@ -328,12 +294,15 @@ def compile_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> tup
 
 def _compile_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> tuple[Memory, float | None, float]:
     from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-    from covenant_jax.train.loop import make_steps
+    from covenant_jax.train import program
 
     mesh = make_mesh(sizes, devices=topo.devices)
-    graphdef, rest, tx, schedule, state, shardings = abstract_state(cfg, model_cfg, mesh)
-    steps = make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
-    batch = abstract_batch(cfg, steps.batch_sharding)
+    abstract = program.abstract_state(cfg, model_cfg, mesh)
+    state = abstract.state
+    steps = program.make_steps(cfg, abstract.graphdef, abstract.rest, abstract.tx, abstract.schedule,
+                               abstract.shardings, mesh)
+    batch = program.abstract_batch(cfg.data.batch_size, cfg.data.seq_len, cfg.train.micro_batches,
+                                   steps.batch_sharding)
     started = time.time()
     try:
         with activation_sharding(mesh):
@@ -378,10 +347,10 @@ def estimate_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> Me
     import numpy as np
     from flax import nnx
 
-    from covenant_jax.convert.hf_to_jax import abstract_model
+    from covenant_jax.model.llama import abstract_model
     from covenant_jax.parallel.sharding import _axes_of, logical_to_spec, spec_axes
     from covenant_jax.train import optimizer
-    from covenant_jax.train.loop import model_options
+    from covenant_jax.train.program import model_options
 
     model = abstract_model(model_cfg, model_options(cfg))
     _, params_state, _ = nnx.split(model, nnx.Param, ...)

@@ -29,7 +29,7 @@ from covenant_jax import storage
 from covenant_jax.config import DEQUANTIZE_HINT, ModelConfig
 from covenant_jax.convert import keymap, param_store
 from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.model.llama import Llama, ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, spec_axes, state_shardings
 
 
@@ -88,10 +88,6 @@ def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
 def source_dtype(source: WeightSource, cfg: ModelConfig) -> str:
     """The checkpoint's dtype (its embedding's), as a jnp dtype name."""
     return np.dtype(source.dtype(keymap.tensor_maps(cfg)[0].hf_name())).name
-
-
-def abstract_model(cfg: ModelConfig, opts: ModelOptions) -> Llama:
-    return nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0)))
 
 
 def _place(source: WeightSource, m: keymap.TensorMap, sharding, dtype, num_layers: int) -> jax.Array:

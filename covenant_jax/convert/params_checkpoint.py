@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from covenant_jax import storage
 from covenant_jax.config import ModelConfig
 from covenant_jax.convert.hf_files import CheckpointError
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.model.llama import Llama, ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 
 PARAMS = "params"
@@ -69,8 +69,7 @@ def _restore(ckpt_dir: Path, abstract_pure: dict) -> dict:
 
 
 def _abstract_params(cfg: ModelConfig, opts: ModelOptions, mesh: Mesh, rules: Mapping):
-    model = nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract_model(cfg, opts), nnx.Param, ...)
     shardings = state_shardings(params, mesh, rules)
     abstract = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from covenant_jax import storage
 from covenant_jax.config import ModelConfig, RopeConfig
 from covenant_jax.errors import UserError
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.model.llama import Llama, ModelOptions, with_rope
 from covenant_jax.parallel.sharding import activation_sharding
 from covenant_jax.train import loss as loss_lib
 
@@ -63,19 +63,6 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 # ---- model ------------------------------------------------------------------------------------
-
-
-def with_rope(model: Llama, rope: RopeConfig, max_position_embeddings: int) -> Llama:
-    """The same parameters under another RoPE (e.g. YaRN without training).
-
-    The RoPE tables are static attributes fixed at construction, so this builds the model's
-    graph abstractly from the new config and merges the existing (unchanged, not copied)
-    parameter state into it.
-    """
-    cfg = model.config.with_rope(rope, max_position_embeddings)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg, model.options, rngs=nnx.Rngs(0))))
-    _, state = nnx.split(model)
-    return nnx.merge(graphdef, state)
 
 
 def yarn_rope(cfg: ModelConfig, factor: float, original_max_position_embeddings: int | None = None,

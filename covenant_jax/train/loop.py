@@ -21,17 +21,17 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from covenant_jax import storage
 from covenant_jax.convert.api import export_model, load_model
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.model.llama import Llama, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, recipe, resume
-from covenant_jax.train import state as state_lib, step as step_lib
+from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, program, recipe, resume
+from covenant_jax.train import state as state_lib
 
 
 class NonFiniteLoss(UserError):
@@ -84,9 +84,9 @@ class Run:
 
 
 def _load(cfg, mesh) -> Llama:
-    model = load_model(cfg.model.path, model_options(cfg), mesh)
-    model.config = recipe.rope_override(model.config, cfg.model)
-    return model
+    model = load_model(cfg.model.path, program.model_options(cfg), mesh)
+    target = recipe.rope_override(model.config, cfg.model)  # the recipe's RoPE, if it sets one
+    return with_rope(model, target.rope, target.max_position_embeddings)
 
 
 def _check_vocab(tokenizer, model: Llama) -> None:
@@ -156,7 +156,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, params, rest = state_lib.split_model(model)
     state, shardings = state_lib.create_state(params, tx, mesh)
-    steps = make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
+    steps = program.make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
     storage.makedirs(run_dir)
     if jax.process_index() == 0:  # one writer
@@ -171,32 +171,6 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
                batch_sharding, steps.eval_sharding, ckpt, writer, start, flops)
 
 
-@dataclasses.dataclass
-class Steps:
-    train_step: Any  # jitted (state, batch[A, b, T]) -> (state, metrics)
-    eval_step: Any  # jitted (params, batch[B, T]) -> (loss sum, token count)
-    batch_sharding: NamedSharding  # of a [A, b, T] train batch
-    eval_sharding: NamedSharding  # of a [B, T] eval batch
-
-
-def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh) -> Steps:
-    """The jitted steps with explicit shardings and donation; also what `plan` lowers abstractly."""
-    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size)
-    batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
-    eval_sharding = NamedSharding(mesh, P(("data", "fsdp"), "context"))
-    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(loss_fn), in_shardings=(shardings["params"], eval_sharding))
-    return Steps(train_step, eval_step, batch_sharding, eval_sharding)
-
-
-def model_options(cfg) -> ModelOptions:
-    return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                        remat=cfg.model.remat, attention=cfg.model.attention,
-                        max_samples_per_row=cfg.data.max_samples_per_row)
-
-
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Zig-zag context parallelism balances causal work by reordering T once, on the host."""
     if run.cfg.model.attention == "context_zigzag":
@@ -204,28 +178,6 @@ def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
         return zigzag_permute(batch, run.mesh.shape["context"])
     return batch
-
-
-def _device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_batches: int | None):
-    """Host batch [rows, T] (this process's rows) -> global arrays, [A, b, T] when micro-batched."""
-    def put(x):
-        if micro_batches is not None:
-            x = x.reshape(micro_batches, -1, *x.shape[1:])
-        global_shape = list(x.shape)
-        batch_axis = 1 if micro_batches is not None else 0
-        global_shape[batch_axis] *= jax.process_count()
-        return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
-
-    return {k: put(v) for k, v in batch.items()}
-
-
-def _padding_batch(data: data_pipeline.DataPipeline) -> dict[str, np.ndarray]:
-    """A batch of padding rows (no tokens, no loss): what a process feeds once its share ends."""
-    shape = (data.rows_per_process, data.seq_len)
-    pad = np.full(shape, data.pad_id, np.int32)
-    zeros = np.zeros(shape, np.int32)
-    return {"tokens": pad, "targets": pad, "loss_mask": np.zeros(shape, np.float32),
-            "segment_ids": zeros, "positions": zeros}
 
 
 def evaluate(run: Run, params: dict) -> float | None:
@@ -244,11 +196,11 @@ def evaluate(run: Run, params: dict) -> float | None:
 
             if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
                 break
-            batch = _padding_batch(run.data) if batch is None else batch
+            batch = program.padding_batch(run.data.rows_per_process, run.data.seq_len, run.data.pad_id) if batch is None else batch
         elif batch is None:
             break
         with activation_sharding(run.mesh):
-            loss_sum, n = run.eval_step(params, _device_batch(_host_layout(run, batch), eval_sharding, None))
+            loss_sum, n = run.eval_step(params, program.device_batch(_host_layout(run, batch), eval_sharding, None))
         total, count = total + float(loss_sum), count + float(n)
     return total / count if count else None
 
@@ -355,7 +307,7 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
                 print(f"eval loss before training: {last_eval:.4f}")
     try:
         for step in range(run.start_step + 1, t.steps + 1):
-            batch = _device_batch(_host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches)
+            batch = program.device_batch(_host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches)
             with activation_sharding(run.mesh):
                 state, m = run.train_step(state, batch)
             if pending is not None:
