@@ -41,7 +41,7 @@ from typing import Callable
 import jinja2
 import numpy as np
 
-from covenant_jax.data.formats import ROLES, InvalidRow
+from covenant_jax.data.formats import ROLES, Completion, InvalidRow
 from covenant_jax.errors import UserError
 
 CHATML = (
@@ -78,6 +78,7 @@ GEMMA = (
 
 NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA}
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+NO_TEMPLATE = "none"  # A source's `template` for instruct rows formatted without one.
 LOSS_ON = ("assistant", "all", "last_assistant")
 TRAIN_ON_EOS = ("turn", "all", "last", "none")
 
@@ -363,6 +364,59 @@ def encode_chats(
     encoded = _encode_batch(template.tokenizer, [t for _, t, _ in rendered], spans=spans)
     for (i, _, _), (ids, trained) in zip(rendered, encoded, strict=True):
         out[i] = (ids, np.ones(len(ids), bool) if trained is None else trained)
+    return out
+
+
+def encode_completions(
+    tokenizer, items: list[Completion], loss_on: str = "assistant"
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Prompt (untrained) + completion (trained) without a chat template, as axolotl's instruct
+    and completion strategies tokenise (prompt_tokenizers.PromptTokenizingStrategy._tokenize):
+    each part encoded on its own with the tokenizer's special tokens, EOS appended to the
+    completion unless it ends with one, and the completion's BOS dropped after a prompt."""
+    if loss_on not in LOSS_ON:
+        raise UserError(f"loss_on={loss_on!r}; expected one of {LOSS_ON}")
+    prompts = _encode_batch(tokenizer, [c.prompt for c in items], special_tokens=True)
+    answers = _encode_batch(tokenizer, [c.completion for c in items], special_tokens=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for item, (p_ids, _), (a_ids, _) in zip(items, prompts, answers, strict=True):
+        p_ids = p_ids if item.prompt else p_ids[:0]  # axolotl encodes no empty text.
+        if eos is not None and len(a_ids) and a_ids[-1] != eos:
+            a_ids = np.append(a_ids, np.int32(eos))
+        if item.prompt and bos is not None and len(a_ids) and a_ids[0] == bos:
+            a_ids = a_ids[1:]
+        trained = np.concatenate([np.full(len(p_ids), loss_on == "all"), np.ones(len(a_ids), bool)])
+        out.append((np.concatenate([p_ids, a_ids]).astype(np.int32), trained))
+    return out
+
+
+def encode_examples(
+    tokenizer, template: ChatTemplate | None, examples: list, loss_on: str = "assistant", **mask
+) -> list[tuple[np.ndarray, np.ndarray] | InvalidRow]:
+    """Encodes any mix of normal forms (formats.RowFormat.to_example): raw text, Completions
+    and conversations (these need `template`), each kind in batches, results in input order."""
+    kinds = {"text": [], "completion": [], "chat": []}
+    for i, ex in enumerate(examples):
+        if isinstance(ex, str):
+            kinds["text"].append(i)
+        else:
+            kinds["completion" if isinstance(ex, Completion) else "chat"].append(i)
+    out: list = [None] * len(examples)
+    for kind, idx in kinds.items():
+        if not idx:
+            continue
+        items = [examples[i] for i in idx]
+        if kind == "text":
+            encoded = encode_texts(tokenizer, items)
+        elif kind == "completion":
+            encoded = encode_completions(tokenizer, items, loss_on)
+        else:
+            if template is None:
+                raise UserError("conversations need a chat template (template is 'none')")
+            encoded = encode_chats(template, items, loss_on, **mask)
+        for i, e in zip(idx, encoded, strict=True):
+            out[i] = e
     return out
 
 
