@@ -5,12 +5,21 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
 (`default_config()` lists every key; sources are dicts):
 
   sources        list of {path | dataset, format, weight=1.0, fields={}, role_map={}, name=,
-                 max_rows=0 (0: all; else the first N rows of the file)}
-                 path: .jsonl / .json / .parquet file (or a `datasets.save_to_disk` folder);
-                 dataset: an in-memory list of dicts or HF `datasets.Dataset`; format, fields
-                 and role_map: see formats.py.
-  template       "tokenizer" (tokenizer.chat_template) | "chatml" | "llama3" | "gemma"
+                 max_rows=0 (0: all; else the first N rows of the file), template=,
+                 prompt_format={}}
+                 path: .jsonl / .json / .csv / .parquet file, local or gs:// (or a
+                 `datasets.save_to_disk` folder); dataset: an in-memory list of dicts or HF
+                 `datasets.Dataset`; format, fields, role_map and prompt_format (instruct:
+                 axolotl's format strings): see formats.py; template: this source's, instead
+                 of data.template ("none": instruct rows without a chat template)
+  template       "tokenizer" (tokenizer.chat_template) | "chatml" | "llama3" | "gemma" |
+                 a Jinja template (any string with "{{" or "{%")
   loss_on        "assistant" (default) | "all" | "last_assistant"   (text rows: all tokens)
+  roles_to_train the roles whose turns "assistant" trains (axolotl's name), ["assistant"]
+  train_on_eos   the end-of-turn marker after: "turn" each trained turn (default) | "all" every
+                 turn | "last" the last trained turn | "none" (axolotl's names; templates.py)
+  role_order     "alternate" (default): a conversation whose turns after an optional system
+                 message are not user, assistant, user, ... is skipped (role_order) | "any"
   seq_len        tokens per packed row
   batch_size     GLOBAL rows per step; each process yields batch_size // process_count rows
   overlength     what to do with a sample longer than seq_len; every case is counted:
@@ -65,13 +74,23 @@ from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
 
 OVERLENGTH = ("truncate", "drop", "split")
-_SOURCE_KEYS = {"path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows"}
+SHOW_SKIPPED = 3  # Skipped rows located in the report, per reason.
+_SOURCE_KEYS = {
+    "path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows", "template",
+    "prompt_format",
+}  # fmt: skip
 RULES = {
     "seq_len": fields.at_least(2), "batch_size": fields.at_least(1),
     "overlength": fields.one_of(OVERLENGTH), "loss_on": fields.one_of(templates.LOSS_ON),
     "eval_fraction": fields.within(0, 1, high_open=True), "eval_count": fields.at_least(0),
     "epochs": fields.at_least(0), "packing_bins": fields.at_least(0),
     "max_samples_per_row": fields.at_least(0),
+    "roles_to_train": (
+        lambda v: isinstance(v, (list, tuple)) and bool(v) and set(v) <= set(formats.ROLES),
+        f"must be a non-empty list of {list(formats.ROLES)}",
+    ),
+    "train_on_eos": fields.one_of(templates.TRAIN_ON_EOS),
+    "role_order": fields.one_of(formats.ROLE_ORDERS),
 }
 
 
@@ -82,6 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
             sources=[],
             template="tokenizer",
             loss_on="assistant",
+            roles_to_train=["assistant"],
+            train_on_eos="turn",
+            role_order="alternate",
             seq_len=2048,
             batch_size=8,
             overlength="truncate",
@@ -111,6 +133,15 @@ class SourceReport:
     tokens: int = 0
     trained_tokens: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    located: dict = dataclasses.field(default_factory=dict)  # reason -> first "file:line: ..."
+
+    def skip(self, error: formats.InvalidRow, where: str) -> None:
+        """Counts a skipped row; the first few per reason keep where they are and why."""
+        self.skipped[error.reason] += 1
+        first = self.located.setdefault(error.reason, [])
+        if len(first) < SHOW_SKIPPED:
+            detail = f" ({error.detail})" if error.detail else ""
+            first.append(f"{where}: {error.reason}{detail}")
 
     def __str__(self) -> str:
         skipped = (
@@ -122,11 +153,12 @@ class SourceReport:
             if self.split
             else ""
         )
-        return (
+        where = [w for r in formats.SKIP_REASONS for w in self.located.get(r, [])]
+        return "\n    ".join([
             f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval samples; "
             f"skipped {sum(self.skipped.values())} ({skipped}); truncated {self.truncated}; "
             f"{split}{self.tokens} tokens, {self.trained_tokens} trained"
-        )
+        ] + where)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -177,9 +209,11 @@ def build_pipeline(
         )
     rows = cfg["batch_size"] // process_count
     pad_id = cfg["pad_id"] if cfg["pad_id"] >= 0 else (tokenizer.pad_token_id or 0)
-    needs_template = any(_src_format(s) != "text" for s in cfg["sources"])
-    template = templates.ChatTemplate(tokenizer, cfg["template"]) if needs_template else None
-    loaded = [load_source(s, i, cfg, tokenizer, template) for i, s in enumerate(cfg["sources"])]
+    made: dict[str, templates.ChatTemplate] = {}
+    loaded = [
+        load_source(s, i, cfg, tokenizer, _source_template(s, cfg, tokenizer, made))
+        for i, s in enumerate(cfg["sources"])
+    ]
     train_sets, eval_sets, reports = zip(*loaded, strict=True)
     pack = functools.partial(
         pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
@@ -232,6 +266,17 @@ def _src_format(src: Mapping[str, Any]) -> str:
     return src.get("format", "messages")
 
 
+def _source_template(src, cfg, tokenizer, made: dict) -> templates.ChatTemplate | None:
+    """The source's chat template (one object per distinct template, so layouts are shared);
+    None for formats that use none, or template "none"."""
+    name = src.get("template") or cfg["template"]
+    if _src_format(src) in formats.PLAIN_FORMATS or name == templates.NO_TEMPLATE:
+        return None
+    if name not in made:
+        made[name] = templates.ChatTemplate(tokenizer, name)
+    return made[name]
+
+
 def load_source(
     src: Mapping[str, Any],
     index: int,
@@ -247,41 +292,48 @@ def load_source(
     if data is None:
         raise UserError(f"data.sources[{index}] needs `path` or `dataset`")
     name = src.get("name") or (str(data) if "path" in src else f"sources[{index}]")
-    fmt = formats.RowFormat.create(_src_format(src), src.get("fields"), src.get("role_map"))
+    fmt = formats.RowFormat.create(
+        _src_format(src), src.get("fields"), src.get("role_map"),
+        prompt_format=src.get("prompt_format"), chat=template is not None,
+        role_order=cfg["role_order"],
+    )  # fmt: skip
     rows = sources.read_rows(data, src.get("max_rows") or 0)  # max_rows: a quick run
     fmt.check_columns(rows, name)
     report = SourceReport(name, rows=len(rows))
-    examples = _parse_rows(rows, fmt, report)
+    examples, origin = _parse_rows(rows, fmt, report)
     if not examples:
         _raise_empty(name, report, "valid")
     train_idx, eval_idx = split_eval(
         len(examples), cfg["eval_fraction"], cfg["eval_count"], seed=(cfg["seed"], index)
     )
-    if fmt.format == "text":
-        encoded = templates.encode_texts(tokenizer, examples)
-    else:
-        encoded = templates.encode_chats(template, examples, cfg["loss_on"])
+    encoded = templates.encode_examples(
+        tokenizer, template, examples, cfg["loss_on"],
+        roles_to_train=cfg["roles_to_train"], train_on_eos=cfg["train_on_eos"],
+    )  # fmt: skip
     del examples
     fit = functools.partial(_fit, cfg=cfg, report=report)
-    train = [x for i in train_idx for x in fit(encoded[i])]
-    evals = [x for i in eval_idx for x in fit(encoded[i])]
+    train = [x for i in train_idx for x in fit(encoded[i], rows.where(origin[i]))]
+    evals = [x for i in eval_idx for x in fit(encoded[i], rows.where(origin[i]))]
     report.train, report.eval = len(train), len(evals)
     if not train:
         _raise_empty(name, report, "trainable")
     return train, evals, report
 
 
-def _parse_rows(rows: Sequence[Any], fmt: formats.RowFormat, report: SourceReport) -> list:
-    examples = []
-    for row in rows:
-        if isinstance(row, sources.BadRow):
-            report.skipped[row.reason] += 1
-            continue
+def _parse_rows(
+    rows: sources.Rows, fmt: formats.RowFormat, report: SourceReport
+) -> tuple[list, list[int]]:
+    """The valid rows' examples and, for each, its row's index (to locate later skips)."""
+    examples, origin = [], []
+    for i, row in enumerate(rows):
         try:
+            if isinstance(row, sources.BadRow):
+                raise formats.InvalidRow(row.reason, row.detail)
             examples.append(fmt.to_example(row))
+            origin.append(i)
         except formats.InvalidRow as e:
-            report.skipped[e.reason] += 1
-    return examples
+            report.skip(e, rows.where(i))
+    return examples, origin
 
 
 def _raise_empty(name: str, report: SourceReport, what: str):
@@ -301,7 +353,7 @@ def split_eval(n: int, fraction: float, count: int, seed) -> tuple[np.ndarray, n
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def _fit(encoded, *, cfg, report: SourceReport) -> list[dict]:
+def _fit(encoded, where: str, *, cfg, report: SourceReport) -> list[dict]:
     """One tokenised example (or its InvalidRow) -> its samples {"tokens", "weights"} under the
     overlength policy; none when skipped (the reason counted in report)."""
     try:
@@ -317,7 +369,7 @@ def _fit(encoded, *, cfg, report: SourceReport) -> list[dict]:
         if not kept:
             raise formats.InvalidRow("no_trained_tokens")
     except formats.InvalidRow as e:
-        report.skipped[e.reason] += 1
+        report.skip(e, where)
         return []
     report.truncated += int(cfg["overlength"] == "truncate" and len(ids) > cfg["seq_len"])
     for i, t in kept:
