@@ -60,7 +60,8 @@ def unit_floats(text: str) -> list[float]:
 
 def _mesh_arg(text: str | None):
     """``fsdp=4,tensor=2`` -> a mesh over all devices (omitted axes: 1, fsdp takes the rest)."""
-    from covenant_jax.parallel.sharding import MeshError, make_mesh
+    from covenant_jax.errors import MeshError
+    from covenant_jax.parallel.sharding import make_mesh
 
     if not text:
         return make_mesh()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError
+from covenant_jax.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig"}
@@ -51,10 +51,6 @@ _NULLABLE_KNOBS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attent
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
 _SILU = ("silu", "swish")  # transformers' ACT2FN: both are SiLU
-
-
-class ConfigError(UserError):
-    """A config.json (or recipe) field is missing, of the wrong type, unsupported or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)

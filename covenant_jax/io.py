@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import jax
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError
+from covenant_jax.errors import OutputExistsError
 
 # Files beside the weights that transformers and vLLM read.
 AUX_FILES = (
@@ -30,10 +30,6 @@ AUX_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-
-
-class OutputExistsError(UserError, FileExistsError):
-    """OUT_DIR is not empty and --overwrite was not given."""
 
 
 def _sync(name: str) -> None:

@@ -19,25 +19,13 @@ from typing import Iterable, Iterator
 
 from etils import epath
 
-from covenant_jax.errors import UserError
+from covenant_jax.errors import IncompleteFolderError, OutputNotWritableError, OutputOverlapsInputError
 
 Path = epath.Path
 
 # Written first and deleted last by a writer on an object store (io.atomic_output_dir); a folder
 # holding it is being written or its writer died, and our readers refuse it.
 INCOMPLETE = ".covenant-incomplete"
-
-
-class OutputNotWritableError(UserError):
-    """An output location cannot be written (read-only, missing bucket, no permission, full)."""
-
-
-class OutputOverlapsInputError(UserError):
-    """An output folder is its input, inside it, or contains it: writing it would destroy the input."""
-
-
-class IncompleteFolderError(UserError):
-    """A folder on an object store was never finished (its writer is running or died)."""
 
 
 def _no_stale_listings() -> None:

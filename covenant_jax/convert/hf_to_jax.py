@@ -28,9 +28,10 @@ from jax.sharding import Mesh
 from covenant_jax import storage
 from covenant_jax.config import DEQUANTIZE_HINT, ModelConfig
 from covenant_jax.convert import keymap, param_store
-from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
+from covenant_jax.convert.hf_files import WeightSource, open_weights
 from covenant_jax.model.llama import Llama, ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, spec_axes, state_shardings
+from covenant_jax.errors import CheckpointError
 
 
 def open_checked(hf_dir: str | Path) -> tuple[ModelConfig, WeightSource]:

@@ -24,9 +24,9 @@ from jax.sharding import Mesh
 
 from covenant_jax import storage
 from covenant_jax.config import ModelConfig
-from covenant_jax.convert.hf_files import CheckpointError
 from covenant_jax.model.llama import Llama, ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+from covenant_jax.errors import CheckpointError
 
 PARAMS = "params"
 META = "covenant.json"

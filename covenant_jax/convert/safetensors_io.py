@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError
+from covenant_jax.errors import SafetensorsError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -32,10 +32,6 @@ DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class SafetensorsError(UserError):
-    """A safetensors file is truncated, corrupt or not what its header says."""
 
 
 # The safetensors library's own bound on the JSON header.

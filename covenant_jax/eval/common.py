@@ -20,14 +20,10 @@ from jax.sharding import Mesh
 
 from covenant_jax import storage
 from covenant_jax.config import ModelConfig, RopeConfig
-from covenant_jax.errors import UserError
+from covenant_jax.errors import EvalInputError
 from covenant_jax.model.llama import Llama, ModelOptions, with_rope
 from covenant_jax.parallel.sharding import activation_sharding
 from covenant_jax.train import loss as loss_lib
-
-
-class EvalInputError(UserError):
-    """An evaluation input (text file, lengths, depths) is missing or unusable."""
 
 
 # ---- inputs -----------------------------------------------------------------------------------

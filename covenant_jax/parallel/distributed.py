@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Mapping
 
-from covenant_jax.errors import UserError
+from covenant_jax.errors import DistributedError
 
 ENV_COORDINATOR = "COVENANT_COORDINATOR"
 ENV_NUM_PROCESSES = "COVENANT_NUM_PROCESSES"
@@ -42,10 +42,6 @@ EXIT_NO_PEER = 2  # the CLI's bad-input code
 EXIT_PEER_LOST = 1
 # The end of the one line a survivor prints, whether its peer died or hung.
 PEER_LOST = "has probably died or hung. Completed checkpoints are intact: restart every process to resume."
-
-
-class DistributedError(UserError):
-    """The processes of a multi-process job could not find each other in time."""
 
 
 def cluster_detected(env: Mapping[str, str] | None = None) -> str | None:

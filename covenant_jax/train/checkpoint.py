@@ -29,8 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from covenant_jax import storage
-from covenant_jax.convert.hf_files import CheckpointError
-from covenant_jax.errors import CheckpointWriteError
+from covenant_jax.errors import CheckpointError, CheckpointWriteError
 from covenant_jax.train import integrity
 
 ITEMS = ("state", "data", "config", "integrity")

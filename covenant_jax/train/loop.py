@@ -27,15 +27,11 @@ from covenant_jax import storage
 from covenant_jax.convert.api import export_model, load_model
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
-from covenant_jax.errors import UserError
+from covenant_jax.errors import NonFiniteLoss, UserError
 from covenant_jax.model.llama import Llama, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
 from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, program, recipe, resume
 from covenant_jax.train import state as state_lib
-
-
-class NonFiniteLoss(UserError):
-    """The loss or gradient norm became NaN/inf; the message names the step."""
 
 
 @dataclasses.dataclass

@@ -210,7 +210,7 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
     assert not list(mp.glob(".*.partial"))
 
     # A 2-process checkpoint does not resume in 1 process: a clear error, not Grain's.
-    from covenant_jax.convert.hf_files import CheckpointError
+    from covenant_jax.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="different number of processes"):
         loop.train(mp_common.recipe(mp, mp / "conv", data, steps=9))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from covenant_jax.convert.hf_files import CheckpointError
+from covenant_jax.errors import CheckpointError
 from covenant_jax.train import integrity, loop
 from covenant_jax.train.checkpoint import RunCheckpointer
 from tests.train import common
