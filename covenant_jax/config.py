@@ -96,10 +96,6 @@ class ModelConfig:
     # The source config.json, so fields we do not model (bos/eos ids, dtype, ...) survive export.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    @property
-    def num_query_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def num_params(self) -> int:
         d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
         n, k, h = self.num_attention_heads, self.num_key_value_heads, self.head_dim

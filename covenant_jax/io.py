@@ -1,6 +1,6 @@
 """Atomic output folders and the small files that travel with a model (tokenizer, configs).
 
-Decision 9: a crash or a bad input never leaves a folder that looks like a valid export or
+A crash or a bad input never leaves a folder that looks like a valid export or
 checkpoint. Locally, outputs are written into a temporary sibling and renamed into place at the
 end; before that rename every file and folder in it is fsynced (:func:`fsync_tree`), so after a
 power loss the folder is either absent or whole; writers inside it need not fsync file by file.

@@ -1,8 +1,8 @@
 """HF folder -> parameters, two ways.
 
 :func:`load_hf` builds a live Llama whose parameters are created directly on their mesh
-shardings (decision 4): the model is built abstractly (``nnx.eval_shape``), shardings come
-from the logical axes, and each array is made with ``jax.make_array_from_callback``: each
+shardings, never whole on one host: the model is built abstractly (``nnx.eval_shape``),
+shardings come from the logical axes, and each array is made with ``jax.make_array_from_callback``: each
 device's callback reads just that device's slice from the memory-mapped file. With several
 processes, each process only reads the slices its own devices hold.
 

@@ -37,14 +37,6 @@ def is_params_checkpoint(path: str | Path) -> bool:
     return (path / PARAMS).is_dir() and (path / META).is_file()
 
 
-def save_params(model: Llama, out_dir: Path) -> None:
-    """Writes params/, config.json and covenant.json into ``out_dir`` (which must exist)."""
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    checkpointer = ocp.PyTreeCheckpointer()
-    checkpointer.save(out_dir / PARAMS, pure)
-    write_meta(model.config, model.options.param_dtype, out_dir)
-
-
 def write_meta(cfg: ModelConfig, param_dtype: str, out_dir: Path) -> None:
     """config.json and covenant.json (process 0)."""
     if jax.process_index() == 0:

@@ -241,7 +241,7 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment, as the reference writer does
-    with storage.open_for_write(storage.path(path)) as f:  # local: fsynced at the end
+    with storage.open_for_write(storage.path(path)) as f:  # made durable by io.atomic_output_dir
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         written = 0

@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, Mistral without sliding window) in Flax NNX.
 
-HF layout inside (decision 1): split-half RoPE, kernels stored [in, out] with heads split out
-(q kernel is [D, N, H]), nothing folded into weights, so conversion is transpose / reshape /
-stack only. Layers are stacked on a leading axis and run with ``lax.scan`` (decision 2).
+HF layout inside: split-half RoPE, kernels stored [in, out] with heads split out (q kernel is
+[D, N, H]), nothing folded into weights, so conversion is transpose / reshape / stack only and
+round trips are bit-exact. Layers are stacked on a leading axis and run with ``lax.scan``, so an
+80-layer model compiles as fast as a 2-layer one.
 Parameters are kept in ``param_dtype`` and cast to the compute ``dtype`` at use; norms,
 softmax and RoPE tables are computed in float32.
 

@@ -259,15 +259,6 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
             f"waiting for the other processes ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
-def shutdown() -> None:
-    import jax
-
-    if PeerWatch.running is not None:
-        PeerWatch.running.stop()
-    if jax.distributed.is_initialized():
-        jax.distributed.shutdown()
-
-
 def is_multiprocess() -> bool:
     """True in a joined job of several processes (without touching JAX when it is not loaded)."""
     if "jax" not in sys.modules:

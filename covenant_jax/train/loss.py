@@ -1,5 +1,5 @@
 """Token cross-entropy returned as (sum, token count), so accumulation and packing normalise by
-the true global token count (decision 5).
+the true global token count.
 
 ``token_nll`` never holds [tokens, vocab] logits: it walks the flattened tokens in chunks of
 ``chunk_size`` with ``lax.scan``, and its custom VJP recomputes each chunk's logits in the

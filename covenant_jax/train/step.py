@@ -1,4 +1,4 @@
-"""The pure, jitted train and eval steps (decision 5).
+"""The pure, jitted train and eval steps.
 
 ``train_step(state, batch) -> (state, metrics)``. The batch carries a leading micro-batch axis
 ``[A, b, T]``; gradients of the summed token loss are accumulated over the A micro-batches in
