@@ -49,6 +49,12 @@ fast tokenizer's batch API (parallel in Rust), and a long raw document is cut at
 its tokens cannot change, so the work stays linear in its length (templates.encode_texts).
 `tools/bench_data.py` measures setup and steady-state speed on real data.
 
+Preference pairs (sources of format "dpo", for train.objective "dpo") are one packing unit
+each and come out with pair fields (`covenant_jax.data.pairs`); a source mixture of pairs and
+other formats is refused, and so is overlength "split" for pairs. `build_pipeline(...,
+annotate=f)` lets the trainer add a per-token field to every example before packing (the
+precomputed reference log-probs): `f(lists of examples)` adds it in place.
+
 Batches (numpy, each [batch_size // process_count, seq_len]): `tokens` int32, `targets`
 int32 (tokens[t+1] in the same sample, else pad), `loss_mask` float32 (1 where targets[t] is
 a trained token of the same sample), `segment_ids` int32 (1, 2, ... per sample; 0 = padding),
@@ -69,7 +75,7 @@ import ml_collections
 import numpy as np
 
 from covenant_jax import fields
-from covenant_jax.data import formats, sources, templates
+from covenant_jax.data import formats, pairs, sources, templates
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
 
@@ -185,6 +191,7 @@ class DataPipeline:
     rows_per_process: int
     seq_len: int
     pad_id: int
+    pairs: bool = False  # preference pairs (batches carry the pair fields)
 
 
 def build_pipeline(
@@ -193,9 +200,12 @@ def build_pipeline(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    annotate=None,
 ) -> DataPipeline:
     """The whole pipeline from the `data` config section. `tokenizer`: a fast HF tokenizer or
-    a local path to one. Shards by jax.process_index() / process_count() unless both given."""
+    a local path to one. Shards by jax.process_index() / process_count() unless both given.
+    `annotate(example_lists)`, when given, adds a per-token field to every example (train and
+    eval, in place) before packing."""
     cfg = _with_defaults(cfg)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
@@ -215,11 +225,22 @@ def build_pipeline(
         for i, s in enumerate(cfg["sources"])
     ]
     train_sets, eval_sets, reports = zip(*loaded, strict=True)
-    pack = functools.partial(
-        pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
-        bins=cfg["packing_bins"] or rows, seed=cfg["seed"],
-        max_samples_per_row=cfg["max_samples_per_row"],
-    )  # fmt: skip
+    is_pairs = pairs.is_pair_data(cfg["sources"])
+    if annotate is not None:
+        annotate([*train_sets, *eval_sets])
+    if is_pairs:
+        first = train_sets[0][0]
+        pack = functools.partial(
+            pairs.pack_pairs, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
+            bins=cfg["packing_bins"] or rows, seed=cfg["seed"], fields=tuple(first),
+            pairs_per_row=pairs.pairs_per_row(cfg["seq_len"], cfg["max_samples_per_row"]),
+        )  # fmt: skip
+    else:
+        pack = functools.partial(
+            pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
+            bins=cfg["packing_bins"] or rows, seed=cfg["seed"],
+            max_samples_per_row=cfg["max_samples_per_row"],
+        )  # fmt: skip
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
     train = mix_sources(train_sets, weights, epochs=cfg["epochs"], seed=cfg["seed"])
     train = pack(_shard(train, process_index, process_count), shuffle_bins=True)
@@ -228,7 +249,7 @@ def build_pipeline(
     if eval_examples:
         eval_ds = _shard(grain.MapDataset.source(eval_examples), process_index, process_count)
         eval_ds = pack(eval_ds, shuffle_bins=False)
-    return DataPipeline(train, eval_ds, DataReport(list(reports)), rows, cfg["seq_len"], pad_id)
+    return DataPipeline(train, eval_ds, DataReport(list(reports)), rows, cfg["seq_len"], pad_id, is_pairs)
 
 
 def _shard(ds: grain.MapDataset, index: int, count: int) -> grain.IterDataset:
@@ -255,6 +276,9 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"known: {sorted(_SOURCE_KEYS)}"
             )
     fields.check("data", out, RULES)
+    if out["overlength"] == "split" and pairs.is_pair_data(out["sources"]):
+        raise UserError("data.overlength='split' cannot keep a preference pair's sequences together: "
+                        "use 'truncate' (the prompt, from the left) or 'drop'")
     return out
 
 
@@ -306,12 +330,16 @@ def load_source(
     train_idx, eval_idx = split_eval(
         len(examples), cfg["eval_fraction"], cfg["eval_count"], seed=(cfg["seed"], index)
     )
-    encoded = templates.encode_examples(
-        tokenizer, template, examples, cfg["loss_on"],
-        roles_to_train=cfg["roles_to_train"], train_on_eos=cfg["train_on_eos"],
-    )  # fmt: skip
+    if fmt.format in formats.PAIR_FORMATS:
+        encoded = pairs.encode_pairs(tokenizer, template, examples, cfg["train_on_eos"])
+        fit = functools.partial(_fit_pair, cfg=cfg, report=report)
+    else:
+        encoded = templates.encode_examples(
+            tokenizer, template, examples, cfg["loss_on"],
+            roles_to_train=cfg["roles_to_train"], train_on_eos=cfg["train_on_eos"],
+        )  # fmt: skip
+        fit = functools.partial(_fit, cfg=cfg, report=report)
     del examples
-    fit = functools.partial(_fit, cfg=cfg, report=report)
     train = [x for i in train_idx for x in fit(encoded[i], rows.where(origin[i]))]
     evals = [x for i in eval_idx for x in fit(encoded[i], rows.where(origin[i]))]
     report.train, report.eval = len(train), len(evals)
@@ -376,6 +404,21 @@ def _fit(encoded, where: str, *, cfg, report: SourceReport) -> list[dict]:
         report.tokens += len(i)
         report.trained_tokens += int(t[1:].sum())
     return [{"tokens": i, "weights": t} for i, t in kept]
+
+
+def _fit_pair(encoded, where: str, *, cfg, report: SourceReport) -> list[dict]:
+    """One encoded pair (or its InvalidRow) -> [its packing unit], or none when skipped."""
+    try:
+        if isinstance(encoded, formats.InvalidRow):
+            raise encoded
+        unit, truncated = pairs.pair_unit(encoded, cfg["seq_len"], cfg["overlength"])
+    except formats.InvalidRow as e:
+        report.skip(e, where)
+        return []
+    report.truncated += int(truncated)
+    report.tokens += len(unit["tokens"])
+    report.trained_tokens += pairs.scored_tokens(unit)
+    return [unit]
 
 
 def _fit_length(ids, trained, seq_len: int, policy: str) -> list[tuple]:
