@@ -63,6 +63,6 @@ def tiny_dpo_recipe(root: Path, model_dir: Path, data_path: Path, **train):
     cfg = tiny_recipe(root, model_dir, data_path, **train)
     cfg.train.objective = "dpo"
     cfg.data.sources = [dict(path=str(data_path), format="dpo")]
-    cfg.data.seq_len = 48
+    cfg.data.seq_len = 56  # rows of 2 and 3 pairs: micro-batches that weigh differently
     cfg.dpo.beta = 0.5
     return cfg
