@@ -69,7 +69,7 @@ def _my_values(units: list[dict], fn, params, mesh, sharding, cfg, rows: int, pa
     ds = grain.MapDataset.source(tagged).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     batches = iter(pairs.pack_pairs(
         ds, seq_len=cfg.data.seq_len, rows=rows, pad_id=pad_id, bins=rows, seed=0, shuffle_bins=False,
-        pairs_per_row=pairs.pairs_per_row(cfg.data.seq_len, cfg.data.max_samples_per_row),
+        pairs_per_row=program.pairs_per_row(cfg),
         fields=pairs.UNIT_FIELDS + ("unit",)))
     values: dict[int, np.ndarray] = {}
     while True:

@@ -28,11 +28,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from covenant_jax.config import ModelConfig
+from covenant_jax.data import pairs
 from covenant_jax.model.llama import ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import logical_to_spec, state_shardings
 from covenant_jax.train import optimizer, preference, state as state_lib, step as step_lib
 
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo")  # train.objective
 BATCH_FIELDS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
                 "segment_ids": np.int32, "positions": np.int32}
 PAIR_FIELDS = {"pair_slot": np.int32, "chosen": np.int32}
@@ -58,12 +59,8 @@ def batch_fields(cfg) -> dict[str, type]:
 
 
 def pairs_per_row(cfg) -> int:
-    """K, the most pairs a packed row holds: each pair is two samples, so half the packer's
-    sample bound (``data.max_samples_per_row``), else as many as fit (a pair has at least 4
-    tokens: a prompt and an answer token per sequence). The packer is bounded by the same K."""
-    if cfg.data.max_samples_per_row:
-        return max(cfg.data.max_samples_per_row // 2, 1)
-    return max(cfg.data.seq_len // 4, 1)
+    """K, the most pairs a packed row holds (the packer's bound; :func:`pairs.pairs_per_row`)."""
+    return pairs.pairs_per_row(cfg.data.seq_len, cfg.data.max_samples_per_row)
 
 
 def model_options(cfg) -> ModelOptions:

@@ -17,14 +17,11 @@ from ml_collections import config_dict
 
 from covenant_jax import fields
 from covenant_jax.config import REQUIRED_ROPE_KNOBS, ROPE_KNOBS, ROPE_TYPES, ModelConfig, RopeConfig
-from covenant_jax.data import pipeline as data_pipeline
+from covenant_jax.data import pairs, pipeline as data_pipeline
 from covenant_jax.errors import RecipeError, UserError
 from covenant_jax.model import attention, gpu_attention, llama
 from covenant_jax.parallel.sharding import MESH_AXES
-from covenant_jax.data import pairs
-from covenant_jax.train import optimizer, preference
-
-OBJECTIVES = ("sft", "dpo")
+from covenant_jax.train import optimizer, preference, program
 
 RULES = {
     "model": {
@@ -36,7 +33,7 @@ RULES = {
     "data": data_pipeline.RULES,
     "optim": optimizer.RULES,
     "train": {
-        "objective": fields.one_of(OBJECTIVES),
+        "objective": fields.one_of(program.OBJECTIVES),
         "steps": fields.at_least(1), "micro_batches": fields.at_least(1), "log_every": fields.at_least(1),
         "eval_every": fields.at_least(0), "eval_batches": fields.at_least(0),
         "checkpoint_every": fields.at_least(1), "keep_checkpoints": fields.at_least(1),
