@@ -12,9 +12,10 @@ row. A file that cannot be read at all raises, naming the file.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from covenant_jax import storage
 from covenant_jax.errors import UserError
@@ -128,3 +129,36 @@ def _read_hf_dir(path: str) -> list[dict]:
             "supported there, and the optional `datasets` package is missing"
         ) from e
     return read_rows(datasets.load_from_disk(path))
+
+
+def iter_rows(source: Any, max_rows: int = 0, select=None) -> Iterator[tuple[str, Any]]:
+    """`read_rows` one row at a time, as (location, row): a JSONL file is streamed (never held
+    in memory) and located as ``path:line``; other sources are read whole and located by row
+    index (``path[i]``, or ``row i`` in memory). Rows i with ``select(i)`` false are counted but not decoded (their row is None)."""
+    limit = max_rows if max_rows > 0 else None
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).lower().endswith(".jsonl"):
+        rows = _iter_jsonl(os.fspath(source))
+    else:
+        where = f"{os.fspath(source)}[{{}}]" if isinstance(source, (str, os.PathLike)) else "row {}"
+        rows = ((where.format(i), lambda r=r: r) for i, r in enumerate(read_rows(source, max_rows)))
+    for i, (where, decode) in enumerate(itertools.islice(rows, limit)):
+        yield where, decode() if select is None or select(i) else None
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    """(``path:line``, a function decoding the line) per non-empty line, streamed."""
+    if not storage.path(path).exists():
+        raise FileNotFoundError(f"Data file not found: {path}")
+    with storage.path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if _is_row(raw):
+                where = f"{path}:{lineno}"
+                yield where, lambda raw=raw, where=where: _parse_jsonl_line(raw, where)
+
+
+def _is_row(raw: bytes) -> bool:
+    """Whether `read_rows` counts this JSONL line as a row (blank lines are not rows)."""
+    try:
+        return bool(raw.decode("utf-8").strip())
+    except UnicodeDecodeError:
+        return True

@@ -1,0 +1,163 @@
+"""Prepared samples cached on disk (prepare.py, cache.py): the cache changes no batch, is the same
+whoever prepared it, resumes, and is keyed by what shapes the samples."""
+
+import collections
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from covenant_jax.data import cache, pipeline, prepare
+from tests.data import common
+
+SEQ = 32
+
+
+def _chat_file(path, n=120, bad_every=37):
+    """Chat rows of varied lengths (some over SEQ), a broken line every `bad_every` rows."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write("{not json\n" if i % bad_every == 5 else json.dumps(
+                common.chat_row(i, n_user=1 + (i * 7) % 25, n_asst=1 + (i * 5) % 13)) + "\n")
+    return str(path)
+
+
+def _text_file(path, n=30):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": common.words(i, 3 + (i * 11) % 70)}) + "\n")
+    return str(path)
+
+
+def _cfg(tmp_path, **kw):
+    sources = [
+        {"path": _chat_file(tmp_path / "chat.jsonl"), "weight": 2.0},
+        {"path": _text_file(tmp_path / "docs.jsonl"), "format": "text"},
+        {"dataset": [common.chat_row(1000 + i) for i in range(10)]},  # In memory: never cached.
+    ]
+    return dict(sources=sources, template="chatml", seq_len=SEQ, batch_size=4, epochs=1,
+                eval_fraction=0.2, overlength="split", shard_rows=16, workers=1, **kw)
+
+
+def _build(cfg, cache_dir=None, index=0, count=1):
+    return pipeline.build_pipeline(cfg, common.word_tokenizer(), process_index=index,
+                                   process_count=count, cache_dir=cache_dir)
+
+
+def _assert_same_batches(a, b, at_least=4):
+    n = 0
+    for x, y in itertools.zip_longest(a, b):
+        assert x is not None and y is not None, "as many batches"
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+        n += 1
+    assert n >= at_least
+
+
+def _files(folder):
+    return {p: open(os.path.join(folder, p), "rb").read() for p in sorted(os.listdir(folder))}
+
+
+def test_cached_batches_equal_uncached_bit_for_bit(tmp_path):
+    cfg = _cfg(tmp_path)
+    memory = _build(cfg)
+    cold = _build(cfg, tmp_path / "cache")
+    warm = _build(cfg, tmp_path / "cache")
+    assert memory.cache_locations == [None, None, None]
+    assert cold.cache_locations == warm.cache_locations and cold.cache_locations[2] is None
+    assert all(os.path.exists(os.path.join(p, cache.MANIFEST)) for p in cold.cache_locations[:2])
+    assert len(os.listdir(cold.cache_locations[0])) == 2 * 8 + 2  # 120 rows: 8 shards of 16
+    for built in (cold, warm):
+        _assert_same_batches(memory.train, built.train)
+        _assert_same_batches(memory.eval, built.eval)
+        assert str(built.report) == str(memory.report)
+    chat = memory.report.sources[0]
+    assert chat.skipped["invalid_json"] == 4 and chat.split > 0 and chat.eval > 0
+    assert f"{tmp_path / 'chat.jsonl'}:6" in str(memory.report)  # the first bad line, located
+
+    it = iter(warm.train)  # the iterator state (exact resume) is unchanged by the cache
+    next(it), next(it)
+    state, want = it.get_state(), [next(it) for _ in range(3)]
+    again = iter(_build(cfg, tmp_path / "cache").train)
+    again.set_state(state)
+    _assert_same_batches(want, [next(again) for _ in range(3)], at_least=3)
+
+
+def test_two_processes_preparing_halves_equal_one_preparing_all(tmp_path):
+    """Process 1 of 2 writes only its shards (and cannot load before process 0 completes the
+    entries); then process 0 writes the rest and joins them: every file equals the one process's,
+    and so do both processes' batches and the report."""
+    cfg = _cfg(tmp_path)
+    one = _build(cfg, tmp_path / "one")
+    with pytest.raises(cache.CacheError, match="incomplete"):
+        _build(cfg, tmp_path / "two", index=1, count=2)
+    first = os.path.join(tmp_path / "two", os.path.basename(one.cache_locations[0]))
+    written = sorted(p for p in os.listdir(first) if p.endswith(".json"))
+    assert written == [f"shard-{s:05d}.json" for s in (1, 3, 5, 7)]  # shard s -> process s % 2
+    two = [_build(cfg, tmp_path / "two", index=i, count=2) for i in (0, 1)]
+    for mine, theirs in zip(one.cache_locations[:2], two[0].cache_locations[:2]):
+        assert os.path.basename(mine) == os.path.basename(theirs)
+        assert _files(mine) == _files(theirs)
+    for i in (0, 1):
+        reference = _build(cfg, index=i, count=2)  # in memory, every row in this process
+        _assert_same_batches(reference.train, two[i].train)
+        _assert_same_batches(reference.eval, two[i].eval)
+        assert str(two[i].report) == str(one.report) == str(reference.report)
+
+
+def test_an_unshared_cache_folder_is_named(tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(cache.CacheError, match="shard 1 is missing.*storage all hosts share"):
+        _build(cfg, tmp_path / "cache", index=0, count=2)
+
+
+def test_preparation_resumes_at_the_missing_shards(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(cache.CacheError):
+        _build(cfg, tmp_path / "cache", index=1, count=2)  # a job stopped after half the shards
+    rows = collections.Counter()
+    real = prepare.Worker.samples
+
+    def counting(self, fmt, task_rows):
+        rows[fmt.format] += len(task_rows)
+        return real(self, fmt, task_rows)
+
+    monkeypatch.setattr(prepare.Worker, "samples", counting)
+    resumed = _build(cfg, tmp_path / "cache")
+    # chat: shards 0, 2, 4, 6 of 0..7; docs (30 rows): shard 1, its last 14 rows (source 1's
+    # shard s goes to process (s + 1) % 2: process 1 had written shard 0); the in-memory source.
+    assert rows == {"messages": 4 * 16 + 10, "text": 14}
+    monkeypatch.setattr(prepare.Worker, "samples", real)
+    _assert_same_batches(_build(cfg).train, resumed.train)
+
+
+def test_the_key_follows_what_shapes_the_samples(tmp_path):
+    cfg = _cfg(tmp_path)
+    where = _build(cfg, tmp_path / "cache").cache_locations[:2]
+    same = dict(cfg, batch_size=8, seed=3, eval_fraction=0.1, epochs=2, packing_bins=3,
+                eval_mode="trainer", workers=2)
+    assert _build(same, tmp_path / "cache").cache_locations[:2] == where
+    assert _build(dict(cfg, seq_len=SEQ + 1), tmp_path / "cache").cache_locations[0] != where[0]
+    chat = tmp_path / "chat.jsonl"
+    os.utime(chat, ns=(os.stat(chat).st_atime_ns, os.stat(chat).st_mtime_ns + 10**9))
+    moved = _build(cfg, tmp_path / "cache").cache_locations[:2]
+    assert moved[0] != where[0] and moved[1] == where[1]  # only the touched file's entry
+    renamed = dict(cfg, sources=[dict(cfg["sources"][0], weight=1.0, name="chats")] + cfg["sources"][1:])
+    assert _build(renamed, tmp_path / "cache").cache_locations[0] == moved[0]
+
+
+def test_processes_prepare_like_one(tmp_path, monkeypatch):
+    """Two spawned preparation processes give the samples one process gives, in order."""
+    cfg = dict(_cfg(tmp_path), sources=[{"path": _chat_file(tmp_path / "c.jsonl", n=3 * prepare.TASK_ROWS)}])
+    one = _build(cfg)
+    started = []
+    monkeypatch.setattr(prepare.Pool, "_start", lambda self, real=prepare.Pool._start: started.append(
+        self.processes) or real(self))
+    two = _build(dict(cfg, workers=2))
+    assert started and started[0] == 2
+    _assert_same_batches(one.train, two.train)
+    assert str(one.report) == str(two.report)
