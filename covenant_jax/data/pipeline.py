@@ -37,8 +37,9 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
   shard_rows     rows per cache shard: the unit the hosts of a job divide (part of the key)
   eval_mode      "token_mean" (default): eval loss = summed token loss / trained tokens over
                  all eval rows | "trainer": what transformers' Trainer.evaluate() reports (the
-                 platform's validator): eval rows over seq_len left out, the mean over batches
-                 of `eval_batch_size` rows (in row order) of each batch's token mean
+                 platform's validator): eval rows over seq_len left out, each batch of
+                 `eval_batch_size` rows (in row order) scored by its token mean, and those
+                 means averaged weighted by the batches' rows
   eval_batch_size  rows per eval batch in eval_mode "trainer" (per_device_eval_batch_size)
 
 Every row is validated and tokenised before step 0 (prepare.py: in parallel processes), so the
@@ -381,7 +382,7 @@ class TrainerEval:
     as it does (the mean of per-batch token means): the eval samples in order, `batch_size` at a
     time. A Trainer batch's samples are packed into rows (packing changes no token's loss) and
     cut into device batches of `rows` global rows; every process packs the same rows and feeds
-    its slice. Iterating yields, per Trainer batch, the list of this process's batches."""
+    its slice. Iterating yields, per Trainer batch, (its samples, this process's batches)."""
 
     samples: Sequence
     batch_size: int  # Samples per Trainer batch (per_device_eval_batch_size).
@@ -395,7 +396,7 @@ class TrainerEval:
     def __len__(self) -> int:
         return -(-len(self.samples) // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[dict[str, np.ndarray]]]:
+    def __iter__(self) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
         local = self.rows // self.process_count
         mine = slice(self.process_index * local, (self.process_index + 1) * local)
         for start in range(0, len(self.samples), self.batch_size):
@@ -407,7 +408,7 @@ class TrainerEval:
                 ds, seq_len=self.seq_len, rows=self.rows, pad_id=self.pad_id, bins=self.rows, seed=0,
                 shuffle_bins=False, max_samples_per_row=self.max_samples_per_row,
             )  # fmt: skip
-            yield [{k: v[mine] for k, v in b.items()} for b in batches]
+            yield len(group), [{k: v[mine] for k, v in b.items()} for b in batches]
 
 
 def mix_sources(

@@ -237,16 +237,23 @@ def _eval_sums(run: Run, params: dict, batch: dict[str, np.ndarray]) -> tuple[fl
 
 
 def _evaluate_like_trainer(run: Run, params: dict) -> float | None:
-    """What transformers' Trainer.evaluate() reports (and Gradients' validator scores): the mean
-    over eval batches of data.eval_batch_size rows of each batch's token mean; batches whose
-    mean is not finite left out, as its logging_nan_inf_filter does. The pipeline forms the
-    batches (TrainerEval); each may take several device batches (summed before dividing)."""
-    means = []
-    for batches in itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None):
+    """What transformers' Trainer.evaluate() reports (and Gradients' validator scores): each
+    eval batch's token mean, averaged over the batches weighted by their rows (Trainer repeats
+    a batch's loss per row, and accelerate's gather_for_metrics cuts the last batch's repeats to
+    its rows); batches whose mean is not finite left out (logging_nan_inf_filter). The pipeline
+    forms the batches (TrainerEval); each may take several device batches, summed before the mean."""
+    means, weights = [], []
+    for rows, batches in itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None):
         total, count = np.sum([_eval_sums(run, params, b) for b in batches], axis=0)
         means.append(total / count if count else float("nan"))
-    finite = [m for m in means if np.isfinite(m)]
-    return float(np.mean(finite or means)) if means else None
+        weights.append(rows)
+    if not means:
+        return None
+    means, weights = np.asarray(means), np.asarray(weights, float)
+    finite = np.isfinite(means)
+    if finite.any():
+        means, weights = means[finite], weights[finite]
+    return float(np.sum(means * weights) / np.sum(weights))
 
 
 class _Progress:
