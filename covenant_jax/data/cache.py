@@ -64,6 +64,8 @@ def file_identity(path: str) -> dict:
     """What changes when a data file changes, without reading it: size and modification time
     (local), or the object store's generation / etag / checksum."""
     p = storage.path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"Data file not found: {path}")
     if not storage.is_remote(p):
         st = os.stat(p)
         return {"path": os.path.realpath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

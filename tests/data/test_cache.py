@@ -161,3 +161,31 @@ def test_processes_prepare_like_one(tmp_path, monkeypatch):
     assert started and started[0] == 2
     _assert_same_batches(one.train, two.train)
     assert str(one.report) == str(two.report)
+
+
+def test_data_prepare_verb_fills_the_cache_training_reads(tmp_path, capsys, monkeypatch):
+    from covenant_jax import cli
+    from covenant_jax.train import loop
+    from tests.train import common as train_common
+
+    model = tmp_path / "model"
+    common.word_tokenizer().save_pretrained(model)  # all `data prepare` reads of the model
+    data = _chat_file(tmp_path / "chat.jsonl")
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(
+        "from pathlib import Path\nfrom tests.train import common\n\ndef get_config():\n"
+        f"    c = common.tiny_recipe(Path({str(tmp_path)!r}), Path({str(model)!r}), Path({data!r}))\n"
+        "    c.data.template = 'chatml'\n    return c\n")
+    assert cli.main(["data", "prepare", str(recipe), "--config.data.workers=1"]) == 0
+    out = capsys.readouterr().out
+    cfg = cli.load_recipe(str(recipe), [])
+    where = os.path.join(loop.data_cache_dir(cfg), os.listdir(loop.data_cache_dir(cfg))[0])
+    assert "data report:" in out and "skipped 4 (invalid_json=4)" in out and f"cached in {where}" in out
+
+    def no_work(*_):
+        raise AssertionError("training prepared again")
+
+    monkeypatch.setattr(prepare.Worker, "samples", no_work)  # the run reads the cache
+    data = pipeline.build_pipeline(cfg.data, common.word_tokenizer(), process_index=0, process_count=1,
+                                   cache_dir=loop.data_cache_dir(cfg))
+    assert data.cache_locations == [where] and str(data.report) in out
