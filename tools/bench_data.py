@@ -189,7 +189,6 @@ def million_config(files: dict[str, Path], scale: float, workers: int) -> dict:
 def measure_warm(cfg: dict, batches: int) -> dict:
     """In a fresh process: from interpreter start to the first batch, then RSS after batches."""
     started = time.perf_counter()
-    import psutil  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
 
     from covenant_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -205,13 +204,63 @@ def measure_warm(cfg: dict, batches: int) -> dict:
     for _ in range(batches):
         next(it)
     steady_s = time.perf_counter() - first
-    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+    # Resident memory now (VmRSS: RssAnon, the process's own, + RssFile, mapped files) and peak.
+    status = {k: v.strip() for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+              if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
     return dict(rows=sum(s.rows for s in data.report.sources),
                 samples=sum(s.train + s.eval for s in data.report.sources),
                 imports_s=imports - started, tokenizer_s=loaded - imports, build_s=built - loaded,
                 first_batch_s=first - built, to_first_batch_s=first - started,
-                tokens_per_s=batches * 8 * 2048 / steady_s, rss_mb=psutil.Process().memory_info().rss / 2**20,
-                **{k.lower(): v.strip() for k, v in status.items()})
+                tokens_per_s=batches * 8 * 2048 / steady_s, **status)
+
+
+FIRST_STEP_RECIPE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from configs.smollm2_sft_cpu import get_config as smollm2
+
+
+def get_config():
+    cfg = smollm2()
+    cfg.data.update(json.loads({data!r}))
+    cfg.data.batch_size = 4
+    cfg.train.update(steps=1, eval_every=0, export=False, run_dir={run_dir!r})
+    return cfg
+"""
+
+
+def first_step(data_cfg: dict, timeout: float = 900) -> dict:
+    """`covenant-jax train` (SmolLM2-135M, 4 x 2048 tokens, CPU) on the data from its warm cache:
+    seconds from the command's start to its progress bar (setup done: model loaded, data ready,
+    state created) and to step 1 done (compiled and run). The run is then stopped."""
+    import shutil  # pylint: disable=g-import-not-at-top
+
+    run_dir = BENCH / "first_step_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    recipe = BENCH / "first_step_recipe.py"
+    recipe.write_text(FIRST_STEP_RECIPE.format(repo=str(REPO), data=json.dumps(data_cfg), run_dir=str(run_dir)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, marks = b"", {}
+    try:
+        while "step" not in marks and time.perf_counter() - started < timeout:
+            chunk = proc.stderr.read1(4096)
+            if not chunk:
+                break
+            seen += chunk
+            if "setup" not in marks and b"0/1 [" in seen:
+                marks["setup"] = time.perf_counter() - started
+            if b"1/1 [" in seen:
+                marks["step"] = time.perf_counter() - started
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if "step" not in marks:
+        raise RuntimeError(f"train did not reach step 1:\n{seen.decode(errors='replace')[-3000:]}")
+    return {"setup_s": marks.get("setup"), "first_step_s": marks["step"]}
 
 
 def million(workers: int, batches: int) -> dict:
@@ -233,6 +282,9 @@ def million(workers: int, batches: int) -> dict:
                               capture_output=True, text=True, check=True, cwd=REPO)
         out[f"{label} warm"] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  {label} warm start: {out[f'{label} warm']}", flush=True)
+    out["1M train"] = first_step({k: v for k, v in million_config(files, 1.0, workers).items()
+                                  if k not in ("batch_size",)})
+    print(f"  1M covenant-jax train: {out['1M train']}", flush=True)
     return out
 
 
@@ -241,7 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=3000, help="ShareGPT rows (max_rows)")
     ap.add_argument("--batches", type=int, default=200, help="steady-state batches per case")
     ap.add_argument("--workers", type=int, default=0, help="data.workers (0: one per core)")
-    ap.add_argument("--only", choices=["sharegpt", "long_text"], help="run one material only")
+    ap.add_argument("--only", choices=["sharegpt", "long_text", "none"],
+                    help="side by side on one material only (none: skip it)")
     ap.add_argument("--million", action="store_true", help="also the 1M-row mixture")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # a warm start, in a fresh process
     ap.add_argument("--json", help="also write the results here")
@@ -261,7 +314,8 @@ def main(argv=None) -> int:
         if not args.only or case["name"] == args.only:
             results += side_by_side(case, tokenizer, args.batches, args.workers)
     print(f"\ncpu cores: {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}\n")
-    print(table(results))
+    if results:
+        print(table(results))
     out = {"side_by_side": results}
     if args.million:
         out["million"] = million(args.workers, args.batches)

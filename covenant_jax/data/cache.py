@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Iterable, Sequence
 
@@ -61,19 +62,23 @@ def key(spec: Any) -> str:
 
 
 def file_identity(path: str) -> dict:
-    """What changes when a data file changes, without reading it: size and modification time
-    (local), or the object store's generation / etag / checksum."""
+    """What the file's samples depend on, the same on every host: a local file's content digest
+    (every host may hold its own copy; sha256 reads ~1 GB/s), or, on an object store, the
+    store's content checksum (else its generation / etag), without reading the object."""
     p = storage.path(path)
     if not p.exists():
         raise FileNotFoundError(f"Data file not found: {path}")
     if not storage.is_remote(p):
-        st = os.stat(p)
-        return {"path": os.path.realpath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return {"size": os.path.getsize(p), "sha256": digest.hexdigest()}
     fs, fs_path = storage._fs(p)  # pylint: disable=protected-access
     info = fs.info(fs_path)
-    keep = ("size", "generation", "etag", "ETag", "md5Hash", "crc32c", "mtime", "updated",
-            "LastModified")  # fmt: skip
-    return {"path": os.fspath(p), **{k: str(info[k]) for k in keep if k in info}}
+    content = [k for k in ("md5Hash", "crc32c", "ContentMD5") if info.get(k)]
+    keep = content or [k for k in ("generation", "etag", "ETag", "mtime", "updated", "LastModified") if k in info]
+    return {"size": info.get("size"), **{k: str(info[k]) for k in keep}}
 
 
 def entry_name(source_path: str | None, spec_key: str) -> str:
@@ -163,21 +168,25 @@ class ShardStore:
 
 def local_copy(entry: Entry, shards: int, local_root: str | None = None) -> list[os.PathLike]:
     """Local paths of the entry's shard files: the files themselves when the entry is local,
-    else a copy under ``local_root`` (default: the temp folder), reused while it is complete."""
+    else a copy under ``local_root`` (default: the temp folder). The copy's folder is named after
+    the manifest and appears whole (renamed into place), so it is reused as it is, also by other
+    processes on the host."""
     files = entry.shard_files(shards)
     if not storage.is_remote(entry.dir):
         return files
-    root = storage.Path(local_root or tempfile.gettempdir()) / "covenant-data-cache" / entry.name
-    marker = root / ".complete"
-    manifest = (entry.dir / MANIFEST).read_text()
-    local = [root / f.name for f in files]
-    if marker.exists() and marker.read_text() == manifest:
-        return local
-    root.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(storage.copy_file, files, local))
-    marker.write_text(manifest)
-    return local
+    digest = hashlib.sha256((entry.dir / MANIFEST).read_bytes()).hexdigest()[:12]
+    parent = os.path.join(local_root or tempfile.gettempdir(), "covenant-data-cache")
+    root = os.path.join(parent, f"{entry.name}-{digest}")
+    if not os.path.isdir(root):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{entry.name}-", dir=parent)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda f: storage.copy_file(f, storage.Path(tmp) / f.name), files))
+        try:
+            os.rename(tmp, root)
+        except OSError:  # Another process of this host renamed its copy first.
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [storage.Path(root) / f.name for f in files]
 
 
 def _write_bytes(path: storage.Path, data: bytes) -> None:

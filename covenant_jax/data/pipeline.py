@@ -152,15 +152,21 @@ class SourceReport:
             else ""
         )
         dropped = f" ({self.eval_dropped} over seq_len left out)" if self.eval_dropped else ""
-        where = "".join(
-            f"\n    {r}: {', '.join(self.examples[r])}{', ...' if self.skipped[r] > len(self.examples[r]) else ''}"
-            for r in formats.SKIP_REASONS if self.examples.get(r)
-        )
         return (
             f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval samples"
             f"{dropped}; skipped {sum(self.skipped.values())} ({skipped}); truncated "
-            f"{self.truncated}; {split}{self.tokens} tokens, {self.trained_tokens} trained{where}"
+            f"{self.truncated}; {split}{self.tokens} tokens, {self.trained_tokens} trained"
+            f"{self._located()}"
         )
+
+    def _located(self) -> str:
+        """The first skipped rows of each reason, a line per reason."""
+        lines = []
+        for r in formats.SKIP_REASONS:
+            if self.examples.get(r):
+                more = ", ..." if self.skipped[r] > len(self.examples[r]) else ""
+                lines.append(f"\n    {r}: {', '.join(self.examples[r])}{more}")
+        return "".join(lines)
 
 
 @dataclasses.dataclass
@@ -220,7 +226,7 @@ def build_pipeline(
     template = templates.ChatTemplate(tokenizer, cfg["template"]) if needs_template else None
     worker = prepare.Worker(tokenizer, template, cfg["loss_on"], cfg["seq_len"], cfg["overlength"])
     prepared = prepare.prepare_sources(
-        cfg["sources"], [row_format(s, i) for i, s in enumerate(cfg["sources"])], cfg, worker,
+        cfg["sources"], [row_format(s) for s in cfg["sources"]], cfg, worker,
         cache_dir=cfg["cache_dir"] if cache_dir is None else cache_dir,
         process_index=process_index, process_count=process_count, barrier=_barrier,
         local_root=local_cache_dir,
@@ -306,7 +312,7 @@ def _src_format(src: Mapping[str, Any]) -> str:
     return src.get("format", "messages")
 
 
-def row_format(src: Mapping[str, Any], index: int) -> formats.RowFormat:  # pylint: disable=unused-argument
+def row_format(src: Mapping[str, Any]) -> formats.RowFormat:
     """How one source's rows are read (format, field names, role names)."""
     return formats.RowFormat.create(_src_format(src), src.get("fields"), src.get("role_map"))
 
@@ -322,8 +328,7 @@ def split_source(p: prepare.PreparedSource, index: int, cfg: Mapping[str, Any]) 
     """The source's samples split by row into train and eval (split_eval over its valid rows);
     in eval_mode "trainer" eval rows over seq_len are left out, as the platform's validator does.
     Raises (naming the source) when no valid or no trainable row remains."""
-    src = cfg["sources"][index]
-    name = src.get("name") or (str(src["path"]) if "path" in src else f"sources[{index}]")
+    name = prepare.source_name(cfg["sources"][index], index)
     report = SourceReport.of(name, p.tally)
     if not p.tally.valid:
         _raise_empty(name, report, "valid")

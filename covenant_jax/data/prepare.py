@@ -341,7 +341,7 @@ def prepare_sources(
     return [in_memory[p.index] if p.entry is None else load(p, local_root) for p in plans]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # Compared by identity.
 class _Plan:
     """One source: how to read it and, when it is cached, its entry."""
 
@@ -358,12 +358,17 @@ class _Plan:
 def plan_source(src: Mapping, index: int, cfg: Mapping, worker: Worker, fmt: formats.RowFormat,
                 cache_dir) -> _Plan:  # fmt: skip
     data = src.get("path", src.get("dataset"))
-    name = src.get("name") or (str(data) if "path" in src else f"sources[{index}]")
+    name = source_name(src, index)
     entry = spec = None
     if cache_dir and "path" in src:
         spec = cache_spec(src, cfg, worker)
         entry = cache.Entry(cache_dir, cache.entry_name(src["path"], cache.key(spec)))
     return _Plan(index, name, data, int(src.get("max_rows") or 0), fmt, entry, spec)
+
+
+def source_name(src: Mapping, index: int) -> str:
+    """How reports name a source: its `name`, else its path, else its place in the list."""
+    return src.get("name") or (str(src["path"]) if "path" in src else f"sources[{index}]")
 
 
 def cache_spec(src: Mapping, cfg: Mapping, worker: Worker) -> dict:

@@ -144,10 +144,13 @@ def test_the_key_follows_what_shapes_the_samples(tmp_path):
     assert _build(dict(cfg, seq_len=SEQ + 1), tmp_path / "cache").cache_locations[0] != where[0]
     chat = tmp_path / "chat.jsonl"
     os.utime(chat, ns=(os.stat(chat).st_atime_ns, os.stat(chat).st_mtime_ns + 10**9))
-    moved = _build(cfg, tmp_path / "cache").cache_locations[:2]
-    assert moved[0] != where[0] and moved[1] == where[1]  # only the touched file's entry
+    assert _build(cfg, tmp_path / "cache").cache_locations[:2] == where  # content, not mtime
+    with open(chat, "a") as f:
+        f.write(json.dumps(common.chat_row(7)) + "\n")
+    changed = _build(cfg, tmp_path / "cache").cache_locations[:2]
+    assert changed[0] != where[0] and changed[1] == where[1]  # only the changed file's entry
     renamed = dict(cfg, sources=[dict(cfg["sources"][0], weight=1.0, name="chats")] + cfg["sources"][1:])
-    assert _build(renamed, tmp_path / "cache").cache_locations[0] == moved[0]
+    assert _build(renamed, tmp_path / "cache").cache_locations[0] == changed[0]
 
 
 def test_processes_prepare_like_one(tmp_path, monkeypatch):
@@ -189,3 +192,31 @@ def test_data_prepare_verb_fills_the_cache_training_reads(tmp_path, capsys, monk
     data = pipeline.build_pipeline(cfg.data, common.word_tokenizer(), process_index=0, process_count=1,
                                    cache_dir=loop.data_cache_dir(cfg))
     assert data.cache_locations == [where] and str(data.report) in out
+
+
+def test_a_cache_on_an_object_store_is_read_through_one_local_copy(tmp_path):
+    from covenant_jax import storage
+    from tests import gcs_emulator
+
+    cfg = _cfg(tmp_path)
+    with gcs_emulator.gcs_server(("bucket",)) as url:
+        saved = dict(os.environ)
+        os.environ.update(gcs_emulator.client_env(url))
+        import fsspec
+
+        fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+        try:
+            remote = [pipeline.build_pipeline(cfg, common.word_tokenizer(), process_index=0, process_count=1,
+                                              cache_dir="gs://bucket/cache", local_cache_dir=str(tmp_path / "local"))
+                      for _ in range(2)]  # cold (written to the bucket), then warm
+            assert remote[0].cache_locations[0].startswith("gs://bucket/cache/chat-")
+            assert storage.path(remote[0].cache_locations[0] + "/" + cache.MANIFEST).exists()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    copies = sorted(os.listdir(tmp_path / "local" / "covenant-data-cache"))
+    assert len(copies) == 2 and not [c for c in copies if c.startswith(".")]  # one per entry, whole
+    memory = _build(cfg)
+    for r in remote:
+        _assert_same_batches(memory.train, r.train)
+        assert str(r.report) == str(memory.report)
