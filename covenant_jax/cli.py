@@ -11,6 +11,7 @@ from covenant_jax import storage
 from covenant_jax.errors import USER_ERRORS, UserError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,7 +60,8 @@ def unit_floats(text: str) -> list[float]:
 
 def _mesh_arg(text: str | None):
     """``fsdp=4,tensor=2`` -> a mesh over all devices (omitted axes: 1, fsdp takes the rest)."""
-    from covenant_jax.parallel.sharding import MeshError, make_mesh
+    from covenant_jax.errors import MeshError
+    from covenant_jax.parallel.sharding import make_mesh
 
     if not text:
         return make_mesh()
@@ -91,8 +93,8 @@ def cmd_jax_to_hf(args) -> int:
 def cmd_verify(args) -> int:
     from covenant_jax.convert.verify import verify
 
-    parity = verify(args.hf_dir, args.ckpt_dir, dtype=args.dtype, seq_len=args.seq_len,
-                    tolerance=args.tolerance)
+    parity = verify(args.hf_dir, args.ckpt_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
+                    factor=args.factor, tolerance=args.tolerance)
     print(parity.report())
     return 0 if parity.ok else 1
 
@@ -121,23 +123,10 @@ def load_recipe(config_path: str, overrides: list[str]):
         cause = _user_error_in(e)
         if cause is not None:
             raise cause from None
-        if isinstance(e, (KeyError, AttributeError)) and overrides:
-            _check_override_keys(config_path, overrides)
-        raise UserError(f"recipe {config_path}: {_one_line(e)}") from e
-
-
-def _check_override_keys(config_path: str, overrides: list[str]) -> None:
-    """Names the first override whose key the recipe does not have, with the keys it has there."""
-    base = load_recipe(config_path, [])
-    for override in overrides:
-        node, walked = base, []
-        for key in override[len("--config."):].split("=", 1)[0].split("."):
-            if not hasattr(node, "keys") or key not in node:
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
-                where = ".".join(walked) or "the recipe"
-                raise UserError(f"recipe {config_path}: {override.split('=', 1)[0]}: {where} has no key "
-                                f"{key!r}; its keys: {known}")
-            node, walked = node[key], walked + [key]
+        unknown = None
+        if isinstance(e, (KeyError, AttributeError)) and overrides:  # ml_collections says only "'key'"
+            unknown = _unknown_key(load_recipe(config_path, []), overrides)
+        raise UserError(f"recipe {config_path}: {unknown or _one_line(e)}") from e
 
 
 def _check_recipe_file(config_path: str) -> None:
@@ -180,11 +169,29 @@ def _one_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def _unknown_key(config, overrides: list[str]) -> str | None:
+    """'unknown key model.rope.foo; model.rope has: ...' for the first override naming no field."""
+    import ml_collections
+
+    for override in overrides:
+        path = override.removeprefix("--config.").split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if key not in node:
+                parent = ".".join(path[:depth]) or "the recipe"
+                return f"unknown key {'.'.join(path[:depth + 1])}; {parent} has: {', '.join(node.keys())}"
+            node = node[key]
+    return None
+
+
 def cmd_train(args) -> int:
     from covenant_jax.train.loop import train
+    from covenant_jax.train.preemption import EXIT_PREEMPTED
 
-    train(load_recipe(args.config, args.overrides))
-    return 0
+    summary = train(load_recipe(args.config, args.overrides))
+    return EXIT_PREEMPTED if summary.preempted else 0
 
 
 def cmd_data_prepare(args) -> int:
@@ -336,9 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("hf_dir")
     ver.add_argument("ckpt_dir", nargs="?", help="converted folder to check (default: HF_DIR itself)")
     ver.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ver.add_argument("--batch", type=positive_int, default=2)
     ver.add_argument("--seq-len", type=positive_int, default=64,
                      help="tokens per row (at most the model's max_position_embeddings)")
-    ver.add_argument("--tolerance", type=positive_float, help="max |Δlogits| (default in float32: 1e-4 + 1e-5 * max |logits|)")
+    ver.add_argument("--factor", type=positive_float, default=2.0,
+                     help="pass when ours is within FACTOR x transformers' own distance from its float64 "
+                          "logits (default %(default)s)")
+    ver.add_argument("--tolerance", type=positive_float, help="a fixed limit on max |Δlogits| from float64 instead")
     ver.set_defaults(fn=cmd_verify)
 
     ev = verbs.add_parser("eval", help="long-context evaluation: perplexity by length, passkey")
@@ -444,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covenant-jax: error: {e}", file=sys.stderr)
         distributed.abandon(EXIT_BAD_INPUT)  # multi-process: do not wait on the peers
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one before training starts
+        print("covenant-jax: interrupted; completed checkpoints are intact", file=sys.stderr)
+        distributed.abandon(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except BaseException as e:
         storage = storage_failure(e) if isinstance(e, Exception) else None
         if storage is not None:

@@ -1,6 +1,6 @@
 """Atomic output folders and the small files that travel with a model (tokenizer, configs).
 
-Decision 9: a crash or a bad input never leaves a folder that looks like a valid export or
+A crash or a bad input never leaves a folder that looks like a valid export or
 checkpoint. Locally, outputs are written into a temporary sibling and renamed into place at the
 end; before that rename every file and folder in it is fsynced (:func:`fsync_tree`), so after a
 power loss the folder is either absent or whole; writers inside it need not fsync file by file.
@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import jax
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError
+from covenant_jax.errors import OutputExistsError
 
 # Files beside the weights that transformers and vLLM read.
 AUX_FILES = (
@@ -30,10 +30,6 @@ AUX_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-
-
-class OutputExistsError(UserError, FileExistsError):
-    """OUT_DIR is not empty and --overwrite was not given."""
 
 
 def _sync(name: str) -> None:

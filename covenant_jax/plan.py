@@ -85,16 +85,25 @@ class Topology:
 
 
 def _torus(chips: int, dims: int) -> str:
-    """The usual Cloud TPU slice shape for a chip count: 128 v5p chips -> 4x4x8, 64 v5e -> 8x8."""
-    if chips < 4 or chips & (chips - 1):
-        raise PlanError(f"{chips} chips: a named slice needs a power of two >= 4 chips; give the "
-                        f"shape instead (e.g. v5p:4x4x8, v5e:8x16)")
-    shape = [2, 2] + [1] * (dims - 2)
+    """The usual Cloud TPU slice shape for a chip count: 128 v5p chips -> 4x4x8, 4 -> 2x2x1,
+    64 v5e -> 8x8, 1 -> 1x1 (v5e-1, v6e-1: single-chip slices)."""
+    if chips < 1 or chips & (chips - 1):
+        raise PlanError(f"{chips} chips: a named slice has a power of two of chips; give the shape "
+                        f"instead (e.g. v5p:4x4x8, v5e:8x16)")
+    shape = [1] * dims
     while math.prod(shape) < chips:
         smallest = min(shape)
-        i = max(j for j, s in enumerate(shape) if s == smallest)
+        i = max(j for j, s in enumerate(shape) if s == smallest) if smallest > 1 else shape.index(1)
         shape[i] *= 2
-    return "x".join(map(str, sorted(shape)))
+    return "x".join(map(str, sorted(s for s in shape if s > 1) + [1] * shape.count(1)))
+
+
+def _host_bounds(spec: str) -> dict:
+    """libtpu lays a slice out in hosts of 2x2x1 chips unless told otherwise; a slice smaller than
+    that (v5e-1, v6e-1) is one host of its own shape."""
+    dims = [int(d) for d in spec.split(":")[1].split("x")]
+    bounds = [min(d, h) for d, h in zip(dims + [1] * (3 - len(dims)), (2, 2, 1))]
+    return {} if bounds == [2, 2, 1] else {"chips_per_host_bounds": bounds}
 
 
 def parse_topology(name: str) -> tuple[str, str, str]:
@@ -148,7 +157,7 @@ def resolve_topology(name: str) -> Topology:
     from jax.experimental import topologies
 
     try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=spec).devices
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=spec, **_host_bounds(spec)).devices
     except RuntimeError as e:  # JaxRuntimeError
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "topology" not in msg.lower() and "tpu" not in msg.lower():
@@ -242,40 +251,6 @@ def check_mesh(cfg, model_cfg, sizes: dict[str, int]) -> list[str]:
 # ---- compiling ----------------------------------------------------------------------------------
 
 
-def abstract_state(cfg, model_cfg, mesh):
-    """(graphdef, rest, tx, schedule, abstract state with shardings, state shardings)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from covenant_jax.convert.hf_to_jax import abstract_model
-    from covenant_jax.parallel.sharding import state_shardings
-    from covenant_jax.train import optimizer, state as state_lib
-    from covenant_jax.train.loop import model_options
-
-    model = abstract_model(model_cfg, model_options(cfg))
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings = nnx.to_pure_dict(state_shardings(params_state, mesh))
-    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                          nnx.to_pure_dict(params_state), param_shardings)
-    tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_lib.state_shardings(params, tx, mesh)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-             "opt_state": jax.eval_shape(tx.init, params)}
-    return graphdef, rest, tx, schedule, state_lib.abstract_like(state, shardings), shardings
-
-
-def abstract_batch(cfg, sharding) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    a = cfg.train.micro_batches
-    shape = (a, cfg.data.batch_size // a, cfg.data.seq_len)
-    dtypes = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-              "segment_ids": jnp.int32, "positions": jnp.int32}
-    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
-
-
 def _device_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
     import jax
@@ -319,12 +294,15 @@ def compile_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> tup
 
 def _compile_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> tuple[Memory, float | None, float]:
     from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-    from covenant_jax.train.loop import make_steps
+    from covenant_jax.train import program
 
     mesh = make_mesh(sizes, devices=topo.devices)
-    graphdef, rest, tx, schedule, state, shardings = abstract_state(cfg, model_cfg, mesh)
-    steps = make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
-    batch = abstract_batch(cfg, steps.batch_sharding)
+    abstract = program.abstract_state(cfg, model_cfg, mesh)
+    state = abstract.state
+    steps = program.make_steps(cfg, abstract.graphdef, abstract.rest, abstract.tx, abstract.schedule,
+                               abstract.shardings, mesh)
+    batch = program.abstract_batch(cfg.data.batch_size, cfg.data.seq_len, cfg.train.micro_batches,
+                                   steps.batch_sharding)
     started = time.time()
     try:
         with activation_sharding(mesh):
@@ -369,10 +347,10 @@ def estimate_memory(cfg, model_cfg, topo: Topology, sizes: dict[str, int]) -> Me
     import numpy as np
     from flax import nnx
 
-    from covenant_jax.convert.hf_to_jax import abstract_model
+    from covenant_jax.model.llama import abstract_model
     from covenant_jax.parallel.sharding import _axes_of, logical_to_spec, spec_axes
     from covenant_jax.train import optimizer
-    from covenant_jax.train.loop import model_options
+    from covenant_jax.train.program import model_options
 
     model = abstract_model(model_cfg, model_options(cfg))
     _, params_state, _ = nnx.split(model, nnx.Param, ...)

@@ -19,25 +19,13 @@ from typing import Iterable, Iterator
 
 from etils import epath
 
-from covenant_jax.errors import UserError
+from covenant_jax.errors import IncompleteFolderError, OutputNotWritableError, OutputOverlapsInputError
 
 Path = epath.Path
 
 # Written first and deleted last by a writer on an object store (io.atomic_output_dir); a folder
 # holding it is being written or its writer died, and our readers refuse it.
 INCOMPLETE = ".covenant-incomplete"
-
-
-class OutputNotWritableError(UserError):
-    """An output location cannot be written (read-only, missing bucket, no permission, full)."""
-
-
-class OutputOverlapsInputError(UserError):
-    """An output folder is its input, inside it, or contains it: writing it would destroy the input."""
-
-
-class IncompleteFolderError(UserError):
-    """A folder on an object store was never finished (its writer is running or died)."""
 
 
 def _no_stale_listings() -> None:
@@ -82,17 +70,19 @@ def read_range(p: Path, offset: int, size: int) -> bytes:
 
 
 @contextlib.contextmanager
-def open_for_write(p: Path) -> Iterator:
-    """A binary file to stream into. Local: its data is fsynced at the end. Remote: an upload in
-    parts (gcsfs buffers one block), complete when the file closes."""
+def open_for_write(p: Path, *, sync: bool = False) -> Iterator:
+    """A binary file to stream into. Remote: an upload in parts (gcsfs buffers one block), complete
+    when the file closes. Local: fsynced at the end only with ``sync`` (outputs are written inside
+    ``io.atomic_output_dir``, which fsyncs the whole folder once before publishing it)."""
     if is_remote(p):
         with p.open("wb") as f:
             yield f
         return
     with open(p, "wb") as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -138,7 +128,7 @@ def _probe(folder: Path) -> None:
     """Creates, syncs and deletes a small file in ``folder``: permissions, a read-only mount, a
     full disk (the byte needs a block), a missing bucket all fail here."""
     probe = folder / f".covenant-write-probe-{uuid.uuid4().hex}"
-    with open_for_write(probe) as f:
+    with open_for_write(probe, sync=True) as f:
         f.write(b"\0")
     probe.unlink()
 

@@ -47,7 +47,7 @@ CASES = {
     "train: recipe syntax error": (["train", "{root}/syntax.py"], "recipe {root}/syntax.py:1: invalid syntax"),
     "train: unknown variant": (["train", "configs/smollm2_sft_cpu.py:runlocl"],
                                "recipe variant 'runlocl' does not exist; this recipe has: runlocal"),
-    "train: unknown key": (["train", "{recipe}", "--config.train.stesp=3"], "train has no key 'stesp'"),
+    "train: unknown key": (["train", "{recipe}", "--config.train.stesp=3"], "unknown key train.stesp; train has: "),
     "train: remat": (["train", "{recipe}", "--config.model.remat=ful"], "model.remat='ful': must be one of"),
     "train: attention": (["train", "{recipe}", "--config.model.attention=flash"],
                          "model.attention='flash': must be one of"),

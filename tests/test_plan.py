@@ -76,6 +76,17 @@ def test_topology_names():
     assert (topo.chips, topo.num_devices, topo.hbm_per_device) == (128, 128, 95 * plan_lib.GiB)
 
 
+@pytest.mark.parametrize("name,spec,chips,devices", [
+    ("v5e-1", "v5e:1x1", 1, 1), ("v6e-1", "v6e:1x1", 1, 1), ("v5litepod-4", "v5e:2x2", 4, 4),
+    ("v5p-8", "v5p:2x2x1", 4, 4), ("v4-8", "v4:2x2x1", 4, 8), ("v6e:1x1", "v6e:1x1", 1, 1),
+])
+def test_small_real_slices_resolve(name, spec, chips, devices):
+    """Single-chip slices (v5e-1, v6e-1) and the smallest 3D ones (v5p-8, v4-8: 2x2x1) are what
+    Cloud TPU sells; libtpu takes them given a host no larger than the slice."""
+    topo = plan_lib.resolve_topology(name)
+    assert (topo.spec, topo.chips, topo.num_devices) == (spec, chips, devices)
+
+
 @pytest.mark.parametrize("name", ["tpu9-64", "v5p-3", "v7x"])
 def test_unknown_topology_is_named(name):
     with pytest.raises(plan_lib.PlanError, match=name):

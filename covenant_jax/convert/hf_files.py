@@ -15,12 +15,8 @@ import ml_dtypes
 import numpy as np
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError, require
-from covenant_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
-
-
-class CheckpointError(UserError):
-    """The checkpoint's files are missing, unreadable or inconsistent."""
+from covenant_jax.errors import CheckpointError, SafetensorsError, require
+from covenant_jax.convert.safetensors_io import SafetensorsFile
 
 
 class _TorchFile:

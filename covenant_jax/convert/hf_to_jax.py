@@ -1,8 +1,8 @@
 """HF folder -> parameters, two ways.
 
 :func:`load_hf` builds a live Llama whose parameters are created directly on their mesh
-shardings (decision 4): the model is built abstractly (``nnx.eval_shape``), shardings come
-from the logical axes, and each array is made with ``jax.make_array_from_callback``: each
+shardings, never whole on one host: the model is built abstractly (``nnx.eval_shape``),
+shardings come from the logical axes, and each array is made with ``jax.make_array_from_callback``: each
 device's callback reads just that device's slice from the memory-mapped file. With several
 processes, each process only reads the slices its own devices hold.
 
@@ -15,6 +15,7 @@ boundaries, so a restore onto that mesh reads whole chunks.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -25,11 +26,12 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
 from covenant_jax import storage
-from covenant_jax.config import ModelConfig
+from covenant_jax.config import DEQUANTIZE_HINT, ModelConfig
 from covenant_jax.convert import keymap, param_store
-from covenant_jax.convert.hf_files import CheckpointError, WeightSource, open_weights
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.convert.hf_files import WeightSource, open_weights
+from covenant_jax.model.llama import Llama, ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, spec_axes, state_shardings
+from covenant_jax.errors import CheckpointError
 
 
 def open_checked(hf_dir: str | Path) -> tuple[ModelConfig, WeightSource]:
@@ -41,8 +43,33 @@ def open_checked(hf_dir: str | Path) -> tuple[ModelConfig, WeightSource]:
     return cfg, source
 
 
+# Tensors quantization methods store beside (or instead of) ``.weight``, and the method they mean.
+_QUANTIZATION_TENSORS = (
+    (re.compile(r".*\.(qweight|qzeros|scales|g_idx)"), "GPTQ/AWQ"),
+    (re.compile(r".*\.(SCB|weight_format)"), "bitsandbytes int8"),
+    (re.compile(r".*\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)"), "bitsandbytes 4-bit"),
+    (re.compile(r".*\.(weight_scale|weight_scale_inv|input_scale)"), "fp8"),
+)
+_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_not_quantized(source: WeightSource) -> None:
+    """No quantized tensors (int8, packed int32, fp8, scales): cast to floats they would convert
+    into a different model, silently."""
+    for key in source.keys():
+        method = next((m for pattern, m in _QUANTIZATION_TENSORS if pattern.fullmatch(key)), None)
+        try:
+            dtype = np.dtype(source.dtype(key)).name
+        except TypeError as e:  # a torch dtype numpy cannot hold (float8 in a .bin)
+            dtype = f"not a numpy dtype (torch: {e})"
+        if method or dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(f"the checkpoint is quantized: tensor {key!r} is {dtype}"
+                                  f"{f' ({method})' if method else ''}; {DEQUANTIZE_HINT}")
+
+
 def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
-    """Every expected tensor present with its config.json shape, nothing unexpected."""
+    """Unquantized, every expected tensor present with its config.json shape, nothing unexpected."""
+    check_not_quantized(source)
     expected = keymap.expected_hf_shapes(cfg)
     present = set(source.keys())
     problems = [f"missing tensor {k!r} (expected shape {list(s)})" for k, s in expected.items() if k not in present]
@@ -62,10 +89,6 @@ def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
 def source_dtype(source: WeightSource, cfg: ModelConfig) -> str:
     """The checkpoint's dtype (its embedding's), as a jnp dtype name."""
     return np.dtype(source.dtype(keymap.tensor_maps(cfg)[0].hf_name())).name
-
-
-def abstract_model(cfg: ModelConfig, opts: ModelOptions) -> Llama:
-    return nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0)))
 
 
 def _place(source: WeightSource, m: keymap.TensorMap, sharding, dtype, num_layers: int) -> jax.Array:

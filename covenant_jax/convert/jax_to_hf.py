@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -158,8 +159,22 @@ def _write_side_files(cfg, out_dir: Path, out_dtype: np.dtype, names, shards, au
     write_json(out_dir / "config.json", hf)
     if aux_dir is not None:
         copy_aux_files(aux_dir, out_dir)
+        _fit_tokenizer_to_context(out_dir / "tokenizer_config.json", cfg.max_position_embeddings)
     if not (out_dir / "generation_config.json").exists():
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
         write_json(out_dir / "generation_config.json", gen)
 
 
+
+
+def _fit_tokenizer_to_context(path: Path, max_positions: int) -> None:
+    """After a context extension the copied tokenizer_config.json still says the old
+    ``model_max_length`` (SmolLM2: 8192), and transformers' tokenizer truncates or warns at it:
+    raise it to the model's context. A larger value (often transformers' "no limit" 1e30) stays."""
+    if not path.is_file():
+        return
+    tokenizer_config = json.loads(path.read_text())
+    current = tokenizer_config.get("model_max_length")
+    if isinstance(current, (int, float)) and current < max_positions:
+        path.unlink()  # a copy of a read-only source file keeps its mode
+        write_json(path, {**tokenizer_config, "model_max_length": max_positions})

@@ -37,9 +37,6 @@ class TensorMap:
     def _t_shape(self) -> tuple[int, ...]:
         return self.hf_shape[::-1] if self.transpose else self.hf_shape
 
-    def to_ours(self, hf: np.ndarray) -> np.ndarray:
-        return (hf.T if self.transpose else hf).reshape(self.shape)
-
     def _groups(self) -> list[tuple[int, int]]:
         """(first axis, axis count) of ours for each axis of the (transposed) HF tensor."""
         groups, axis = [], 0
@@ -77,7 +74,7 @@ class TensorMap:
         return t.T if self.transpose else t
 
     def read(self, hf_tensor, index: tuple[slice, ...]) -> np.ndarray:
-        """``to_ours(hf_tensor)[index]``, reading only the HF rows/columns the slice needs."""
+        """``(hf.T if transpose else hf).reshape(shape)[index]``, reading only the HF rows/columns the slice needs."""
         t_index, post_index, t_out_shape = [], [], []
         for start, n in self._groups():
             dims, slices = self.shape[start : start + n], index[start : start + n]

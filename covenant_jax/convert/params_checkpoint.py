@@ -24,9 +24,9 @@ from jax.sharding import Mesh
 
 from covenant_jax import storage
 from covenant_jax.config import ModelConfig
-from covenant_jax.convert.hf_files import CheckpointError
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.model.llama import Llama, ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+from covenant_jax.errors import CheckpointError
 
 PARAMS = "params"
 META = "covenant.json"
@@ -35,14 +35,6 @@ META = "covenant.json"
 def is_params_checkpoint(path: str | Path) -> bool:
     path = storage.path(path)
     return (path / PARAMS).is_dir() and (path / META).is_file()
-
-
-def save_params(model: Llama, out_dir: Path) -> None:
-    """Writes params/, config.json and covenant.json into ``out_dir`` (which must exist)."""
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    checkpointer = ocp.PyTreeCheckpointer()
-    checkpointer.save(out_dir / PARAMS, pure)
-    write_meta(model.config, model.options.param_dtype, out_dir)
 
 
 def write_meta(cfg: ModelConfig, param_dtype: str, out_dir: Path) -> None:
@@ -69,8 +61,7 @@ def _restore(ckpt_dir: Path, abstract_pure: dict) -> dict:
 
 
 def _abstract_params(cfg: ModelConfig, opts: ModelOptions, mesh: Mesh, rules: Mapping):
-    model = nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract_model(cfg, opts), nnx.Param, ...)
     shardings = state_shardings(params, mesh, rules)
     abstract = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),

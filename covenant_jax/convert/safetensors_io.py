@@ -21,19 +21,17 @@ import ml_dtypes
 import numpy as np
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError
+from covenant_jax.errors import SafetensorsError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    # fp8 (quantized checkpoints): readable, so the checks can name them as quantized
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class SafetensorsError(UserError):
-    """A safetensors file is truncated, corrupt or not what its header says."""
 
 
 # The safetensors library's own bound on the JSON header.
@@ -243,7 +241,7 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment, as the reference writer does
-    with storage.open_for_write(storage.path(path)) as f:  # local: fsynced at the end
+    with storage.open_for_write(storage.path(path)) as f:  # made durable by io.atomic_output_dir
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         written = 0

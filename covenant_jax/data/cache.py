@@ -41,7 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError
+from covenant_jax.errors import CacheError
 
 VERSION = 1  # Of the layout above; part of every key.
 MANIFEST = "manifest.json"
@@ -49,10 +49,6 @@ INDEX = "index.npz"
 # ArrayRecord writer options: one record a chunk (random access reads one record), no
 # compression (token ids barely compress; reads stay a copy).
 WRITER_OPTIONS = "group_size:1,uncompressed"
-
-
-class CacheError(UserError):
-    """A data cache entry cannot be completed or read (e.g. a cache folder hosts do not share)."""
 
 
 def key(spec: Any) -> str:

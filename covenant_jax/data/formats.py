@@ -1,37 +1,53 @@
-"""Row formats -> one normal form: a list of `{"role", "content"}` messages, or raw text.
+"""Row formats -> one normal form: a list of `{"role", "content"}` messages, a `Completion`
+(prompt + completion text, no chat template), or raw text.
 
 Why one normal form: templates, loss masks and validation then exist once, whatever the file
 looked like. Formats (`format:` in a source's config) and their logical field names (override
 any of them with `fields: {logical: column}`):
 
-  messages           messages, role, content          OpenAI `messages: [{role, content}]`
-  sharegpt           messages=conversations, role=from, content=value; roles human/gpt/system
+  messages           messages, role, content, system  OpenAI `messages: [{role, content}]`
+  sharegpt           messages=conversations, role=from, content=value, system; roles
+                     human/gpt/system
   instruct           system, instruction, input, output (system and input optional)
   prompt_completion  prompt, completion, system (system optional)
-  text               text                             raw documents: every token is trained
+  completion         text                             axolotl `type: completion`: every token
+                                                      trained, the tokenizer's own BOS
+  text               text                             raw documents: BOS + text + EOS, all trained
 
 `role_map` (messages/sharegpt) maps the data's role values onto system/user/assistant; it is
-merged over the format's defaults. Invalid rows raise `InvalidRow(reason)`; the pipeline
-counts them by reason instead of training on them.
+merged over the format's defaults. A conversation without a system message takes the row's
+`system` field (when it is a non-empty string) as one, as axolotl's chat_template does.
+`instruct` rows are built by axolotl's custom-format rule (`PromptFormat`: `format`,
+`no_input_format`, `system_format`, `system_prompt`); with a chat template the result is a
+system + user + assistant conversation, without one (template "none") a `Completion`, tokenised
+as axolotl does. Invalid rows raise `InvalidRow(reason)`; the pipeline counts them by reason
+instead of training on them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Any, Iterable, Mapping
+
 from covenant_jax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
+# "alternate": an optional system message, then user and assistant turns taking turns, the
+# first a user turn; "any": whatever order the template renders.
+ROLE_ORDERS = ("alternate", "any")
 
 # Every reason a row can be skipped for (the report counts them in this order).
 SKIP_REASONS = (
     "invalid_json",
+    "invalid_csv",
     "non_utf8",
     "missing_field",
     "not_a_list",
     "non_string_content",
     "unknown_role",
     "misplaced_system",
+    "role_order",
     "empty_conversation",
     "empty_content",
     "no_assistant",
@@ -42,8 +58,10 @@ SKIP_REASONS = (
 )
 
 _DEFAULT_FIELDS = {
-    "messages": {"messages": "messages", "role": "role", "content": "content"},
-    "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
+    "messages": {"messages": "messages", "role": "role", "content": "content", "system": "system"},
+    "sharegpt": {
+        "messages": "conversations", "role": "from", "content": "value", "system": "system",
+    },  # fmt: skip
     "instruct": {
         "system": "system",
         "instruction": "instruction",
@@ -51,6 +69,7 @@ _DEFAULT_FIELDS = {
         "output": "output",
     },
     "prompt_completion": {"prompt": "prompt", "completion": "completion", "system": "system"},
+    "completion": {"text": "text"},
     "text": {"text": "text"},
 }
 _OPTIONAL = {"system", "input"}  # Logical fields a row may lack.
@@ -65,6 +84,9 @@ _DEFAULT_ROLE_MAP = {
     },
 }
 FORMATS = tuple(_DEFAULT_FIELDS)
+CHAT_FORMATS = ("messages", "sharegpt", "prompt_completion")  # Need a chat template.
+PLAIN_FORMATS = ("completion", "text")  # Never use one.
+# `instruct` uses the chat template unless it is "none".
 
 
 class InvalidRow(Exception):
@@ -72,8 +94,84 @@ class InvalidRow(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         assert reason in SKIP_REASONS, reason
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # Pickles (worker processes return these) with both arguments.
+        return InvalidRow, (self.reason, self.detail)
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """A prompt (not trained) and its completion (trained), tokenised as axolotl's instruct
+    strategies do: each part on its own with the tokenizer's special tokens, the completion's
+    BOS dropped when a prompt precedes it, and EOS appended (templates.encode_completions)."""
+
+    prompt: str
+    completion: str
+
+
+# axolotl's UserDefinedDatasetConfig formats these with str.format and exactly these names
+# (alpaca_w_system.SystemDataPrompter.build_prompt_w_system); any other name is a KeyError there.
+_PLACEHOLDERS = {
+    "format": ("instruction", "input"),
+    "no_input_format": ("instruction",),
+    "system_format": ("system",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """axolotl's custom instruct format (`type: {format, no_input_format, ...}`, the G.O.D
+    instruct task's strings): prompt = system_format(system) if the system text is non-empty,
+    then format(instruction, input) if the input is non-empty, else no_input_format(instruction).
+    The system text is the row's system field when the row has one, else `system_prompt`.
+
+    Defaults are covenant_jax's (G.O.D writes its own; axolotl's are "{instruction} {input} ")."""
+
+    format: str = "{instruction}\n\n{input}"
+    no_input_format: str = "{instruction}"
+    system_format: str = "{system}"
+    system_prompt: str = ""
+
+    @classmethod
+    def create(cls, spec: Mapping[str, Any] | None) -> PromptFormat:
+        """From a source's `prompt_format` dict; a None value keeps the default (as G.O.D
+        leaves unset strings out of axolotl's config)."""
+        spec = {k: v for k, v in dict(spec or {}).items() if v is not None}
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(spec) - known:
+            raise UserError(
+                f"prompt_format has no key(s) {sorted(set(spec) - known)}; known: {sorted(known)}"
+            )
+        for key, value in spec.items():
+            if not isinstance(value, str):
+                raise UserError(f"prompt_format.{key} must be a string, got {value!r}")
+            if key in _PLACEHOLDERS:
+                _check_placeholders(key, value, _PLACEHOLDERS[key])
+        return cls(**spec)
+
+    def system(self, system: str) -> str:
+        return self.system_format.format(system=system) if system and self.system_format else ""
+
+    def turn(self, instruction: str, input: str) -> str:  # pylint: disable=redefined-builtin
+        if input:
+            return self.format.format(instruction=instruction, input=input)
+        return self.no_input_format.format(instruction=instruction)
+
+
+def _check_placeholders(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+    except ValueError as e:  # An unmatched brace.
+        raise UserError(f"prompt_format.{key}={value!r}: {e} (write a literal brace as {{{{)")
+    for name in names:
+        if name not in allowed:
+            raise UserError(
+                f"prompt_format.{key}={value!r}: placeholder {{{name}}} is not one of "
+                f"{', '.join('{' + a + '}' for a in allowed)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +182,23 @@ class RowFormat:
     fields: Mapping[str, str]
     role_map: Mapping[str, str]
     explicit: frozenset[str]  # Logical fields the user named (they must exist in the data).
+    prompt_format: PromptFormat = PromptFormat()
+    chat: bool = True  # instruct rows become conversations (else Completions).
+    role_order: str = "alternate"
 
     @classmethod
     def create(
         cls,
-        format: str,
-        fields: Mapping[str, str] | None = None,  # pylint: disable=redefined-builtin
+        format: str,  # pylint: disable=redefined-builtin
+        fields: Mapping[str, str] | None = None,
         role_map: Mapping[str, str] | None = None,
+        *,
+        prompt_format: Mapping[str, Any] | None = None,
+        chat: bool = True,
+        role_order: str = "alternate",
     ) -> RowFormat:
+        """`chat=False`: the source has no chat template (template "none"), which only
+        `instruct` (and the formats that never use one) can do without."""
         if format not in _DEFAULT_FIELDS:
             raise UserError(f"Unknown data format {format!r}; expected one of {FORMATS}")
         fields = dict(fields or {})
@@ -105,10 +212,22 @@ class RowFormat:
         bad = {v for v in roles.values() if v not in ROLES}
         if bad:
             raise UserError(f"role_map targets {sorted(bad)} are not among {ROLES}")
-        return cls(format, {**_DEFAULT_FIELDS[format], **fields}, roles, frozenset(fields))
+        if prompt_format and format != "instruct":
+            raise UserError(f"prompt_format is for format 'instruct', not {format!r}")
+        if not chat and format in CHAT_FORMATS:
+            raise UserError(
+                f"format {format!r} needs a chat template (template 'none' is for 'instruct')"
+            )
+        if role_order not in ROLE_ORDERS:
+            raise UserError(f"role_order={role_order!r}; expected one of {ROLE_ORDERS}")
+        return cls(
+            format, {**_DEFAULT_FIELDS[format], **fields}, roles, frozenset(fields),
+            PromptFormat.create(prompt_format), chat, role_order,
+        )  # fmt: skip
 
-    def to_example(self, row: Any) -> list[dict[str, str]] | str:
-        """The row as messages (chat formats) or a string (`text`); raises InvalidRow."""
+    def to_example(self, row: Any) -> list[dict[str, str]] | Completion | str:
+        """The row as messages (chat formats), a Completion or a string (`text`); raises
+        InvalidRow."""
         if not isinstance(row, Mapping):
             raise InvalidRow("invalid_json", f"row is a {type(row).__name__}, not an object")
         if self.format in ("messages", "sharegpt"):
@@ -117,7 +236,8 @@ class RowFormat:
             return self._instruct(row)
         if self.format == "prompt_completion":
             return self._turns(row, "prompt", "completion")
-        return _text(row, self.fields["text"], required=True)
+        text = _text(row, self.fields["text"], required=True)
+        return Completion("", text) if self.format == "completion" else text
 
     def check_columns(self, rows: Iterable[Any], where: str) -> None:
         """Raises if a required (or user-named) field occurs in no row at all: a typo in the
@@ -169,44 +289,42 @@ class RowFormat:
                     "content": _as_text(m.get(self.fields["content"]), self.fields["content"]),
                 }
             )
-        return validate_messages(out)
+        system = _text(row, self.fields["system"], required=False)
+        if system and not (out and out[0]["role"] == "system"):
+            out.insert(0, {"role": "system", "content": system})
+        return validate_messages(out, self.role_order)
 
-    def _instruct(self, row: Mapping) -> list[dict[str, str]]:
-        f = self.fields
-        user = _as_text(row.get(f["instruction"]), f["instruction"])
+    def _instruct(self, row: Mapping) -> list[dict[str, str]] | Completion:
+        """axolotl's user_defined rule (see PromptFormat)."""
+        f, pf = self.fields, self.prompt_format
+        instruction = _as_text(row.get(f["instruction"]), f["instruction"])
         extra = _text(row, f["input"], required=False)
-        if extra.strip():
-            user = f"{user}\n\n{extra}"
-        return self._with_system(
-            row,
-            [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": _as_text(row.get(f["output"]), f["output"])},
-            ],
-        )
+        system = _text(row, f["system"], required=False) if f["system"] in row else pf.system_prompt
+        output = _text(row, f["output"], required=True)
+        if not self.chat:
+            return Completion(pf.system(system) + pf.turn(instruction, extra), output)
+        msgs = [{"role": "user", "content": pf.turn(instruction, extra)}]
+        if pf.system(system):
+            msgs.insert(0, {"role": "system", "content": pf.system(system)})
+        return validate_messages(msgs + [{"role": "assistant", "content": output}])
 
     def _turns(self, row: Mapping, user_key: str, assistant_key: str) -> list[dict[str, str]]:
         f = self.fields
-        return self._with_system(
-            row,
-            [
-                {"role": "user", "content": _as_text(row.get(f[user_key]), f[user_key])},
-                {
-                    "role": "assistant",
-                    "content": _as_text(row.get(f[assistant_key]), f[assistant_key]),
-                },
-            ],
-        )
-
-    def _with_system(self, row: Mapping, msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-        system = _text(row, self.fields["system"], required=False)
+        msgs = [
+            {"role": "user", "content": _as_text(row.get(f[user_key]), f[user_key])},
+            {"role": "assistant", "content": _as_text(row.get(f[assistant_key]), f[assistant_key])},
+        ]
+        system = _text(row, f["system"], required=False)
         if system.strip():
-            msgs = [{"role": "system", "content": system}] + msgs
+            msgs.insert(0, {"role": "system", "content": system})
         return validate_messages(msgs)
 
 
-def validate_messages(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Checks the normal form: known roles, system only first, no empty turns, an assistant.
+def validate_messages(
+    msgs: list[dict[str, str]], role_order: str = "alternate"
+) -> list[dict[str, str]]:
+    """Checks the normal form: known roles, system only first, no empty turns, an assistant,
+    and (role_order "alternate") user and assistant taking turns, a user first.
 
     Empty system messages are dropped (common in exports and harmless)."""
     msgs = [m for m in msgs if not (m["role"] == "system" and not m["content"].strip())]
@@ -221,7 +339,19 @@ def validate_messages(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
             raise InvalidRow("empty_content", f"{m['role']} message {i}")
     if not any(m["role"] == "assistant" for m in msgs):
         raise InvalidRow("no_assistant")
+    if role_order == "alternate":
+        _check_alternation(msgs)
     return msgs
+
+
+def _check_alternation(msgs: list[dict[str, str]]) -> None:
+    turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    for i, m in enumerate(turns):
+        if m["role"] != ("user", "assistant")[i % 2]:
+            raise InvalidRow(
+                "role_order", f"message {i + len(msgs) - len(turns)} is {m['role']} "
+                f"(roles: {'/'.join(t['role'] for t in turns[: i + 1])})"
+            )  # fmt: skip
 
 
 def _text(row: Mapping, field: str, required: bool) -> str:

@@ -5,12 +5,21 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
 (`default_config()` lists every key; sources are dicts):
 
   sources        list of {path | dataset, format, weight=1.0, fields={}, role_map={}, name=,
-                 max_rows=0 (0: all; else the first N rows of the file)}
-                 path: .jsonl / .json / .parquet file (or a `datasets.save_to_disk` folder);
-                 dataset: an in-memory list of dicts or HF `datasets.Dataset`; format, fields
-                 and role_map: see formats.py.
-  template       "tokenizer" (tokenizer.chat_template) | "chatml" | "llama3" | "gemma"
+                 max_rows=0 (0: all; else the first N rows of the file), template=,
+                 prompt_format={}}
+                 path: .jsonl / .json / .csv / .parquet file, local or gs:// (or a
+                 `datasets.save_to_disk` folder); dataset: an in-memory list of dicts or HF
+                 `datasets.Dataset`; format, fields, role_map and prompt_format (instruct:
+                 axolotl's format strings): see formats.py; template: this source's, instead
+                 of data.template ("none": instruct rows without a chat template)
+  template       "tokenizer" (tokenizer.chat_template) | "chatml" | "llama3" | "gemma" |
+                 a Jinja template (any string with "{{" or "{%")
   loss_on        "assistant" (default) | "all" | "last_assistant"   (text rows: all tokens)
+  roles_to_train the roles whose turns "assistant" trains (axolotl's name), ["assistant"]
+  train_on_eos   the end-of-turn marker after: "turn" each trained turn (default) | "all" every
+                 turn | "last" the last trained turn | "none" (axolotl's names; templates.py)
+  role_order     "alternate" (default): a conversation whose turns after an optional system
+                 message are not user, assistant, user, ... is skipped (role_order) | "any"
   seq_len        tokens per packed row
   batch_size     GLOBAL rows per step; each process yields batch_size // process_count rows
   overlength     what to do with a sample longer than seq_len; every case is counted:
@@ -77,7 +86,10 @@ from covenant_jax.errors import UserError
 
 OVERLENGTH = ("truncate", "drop", "split")
 EVAL_MODES = ("token_mean", "trainer")
-_SOURCE_KEYS = {"path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows"}
+_SOURCE_KEYS = {
+    "path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows", "template",
+    "prompt_format",
+}  # fmt: skip
 RULES = {
     "seq_len": fields.at_least(2), "batch_size": fields.at_least(1),
     "overlength": fields.one_of(OVERLENGTH), "loss_on": fields.one_of(templates.LOSS_ON),
@@ -86,6 +98,12 @@ RULES = {
     "max_samples_per_row": fields.at_least(0), "workers": fields.at_least(0),
     "shard_rows": fields.at_least(1), "eval_mode": fields.one_of(EVAL_MODES),
     "eval_batch_size": fields.at_least(1),
+    "roles_to_train": (
+        lambda v: isinstance(v, (list, tuple)) and bool(v) and set(v) <= set(formats.ROLES),
+        f"must be a non-empty list of {list(formats.ROLES)}",
+    ),
+    "train_on_eos": fields.one_of(templates.TRAIN_ON_EOS),
+    "role_order": fields.one_of(formats.ROLE_ORDERS),
 }
 # How long a process waits for the others to prepare their shards of a cache entry.
 PREPARE_TIMEOUT_S = 48 * 3600
@@ -98,6 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
             sources=[],
             template="tokenizer",
             loss_on="assistant",
+            roles_to_train=["assistant"],
+            train_on_eos="turn",
+            role_order="alternate",
             seq_len=2048,
             batch_size=8,
             overlength="truncate",
@@ -132,14 +153,14 @@ class SourceReport:
     tokens: int = 0
     trained_tokens: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    examples: dict = dataclasses.field(default_factory=dict)  # reason -> first skipped rows
+    located: dict = dataclasses.field(default_factory=dict)  # reason -> first "file:line: ..."
     eval_dropped: int = 0  # Eval rows over seq_len left out (eval_mode="trainer").
 
     @classmethod
     def of(cls, name: str, tally: prepare.Tally) -> SourceReport:
         counts = ("rows", "truncated", "split", "pieces", "pieces_dropped", "tokens", "trained_tokens")
         return cls(name, **{k: getattr(tally, k) for k in counts},
-                   skipped=collections.Counter(tally.skipped), examples=dict(tally.examples))
+                   skipped=collections.Counter(tally.skipped), located=dict(tally.located))
 
     def __str__(self) -> str:
         skipped = (
@@ -152,21 +173,12 @@ class SourceReport:
             else ""
         )
         dropped = f" ({self.eval_dropped} over seq_len left out)" if self.eval_dropped else ""
-        return (
+        where = [w for r in formats.SKIP_REASONS for w in self.located.get(r, [])]
+        return "\n    ".join([
             f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval samples"
             f"{dropped}; skipped {sum(self.skipped.values())} ({skipped}); truncated "
             f"{self.truncated}; {split}{self.tokens} tokens, {self.trained_tokens} trained"
-            f"{self._located()}"
-        )
-
-    def _located(self) -> str:
-        """The first skipped rows of each reason, a line per reason."""
-        lines = []
-        for r in formats.SKIP_REASONS:
-            if self.examples.get(r):
-                more = ", ..." if self.skipped[r] > len(self.examples[r]) else ""
-                lines.append(f"\n    {r}: {', '.join(self.examples[r])}{more}")
-        return "".join(lines)
+        ] + where)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -222,11 +234,9 @@ def build_pipeline(
         )
     rows = cfg["batch_size"] // process_count
     pad_id = cfg["pad_id"] if cfg["pad_id"] >= 0 else (tokenizer.pad_token_id or 0)
-    needs_template = any(_src_format(s) != "text" for s in cfg["sources"])
-    template = templates.ChatTemplate(tokenizer, cfg["template"]) if needs_template else None
-    worker = prepare.Worker(tokenizer, template, cfg["loss_on"], cfg["seq_len"], cfg["overlength"])
+    worker = prepare.Worker.create(tokenizer, cfg["sources"], cfg)
     prepared = prepare.prepare_sources(
-        cfg["sources"], [row_format(s) for s in cfg["sources"]], cfg, worker,
+        cfg["sources"], cfg, worker,
         cache_dir=cfg["cache_dir"] if cache_dir is None else cache_dir,
         process_index=process_index, process_count=process_count, barrier=_barrier,
         local_root=local_cache_dir,
@@ -306,15 +316,6 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _plain(x: Any) -> Any:
     return x.to_dict() if hasattr(x, "to_dict") else dict(x)
-
-
-def _src_format(src: Mapping[str, Any]) -> str:
-    return src.get("format", "messages")
-
-
-def row_format(src: Mapping[str, Any]) -> formats.RowFormat:
-    """How one source's rows are read (format, field names, role names)."""
-    return formats.RowFormat.create(_src_format(src), src.get("fields"), src.get("role_map"))
 
 
 @dataclasses.dataclass

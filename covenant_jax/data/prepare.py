@@ -36,17 +36,18 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from covenant_jax.data import cache, formats, sources, templates
-from covenant_jax.errors import UserError
+from covenant_jax.errors import CacheError, UserError
 
 TASK_ROWS = 64  # Rows a process renders and tokenises at once.
 CHECK_ROWS = 1024  # Rows a source's columns are checked on before any work.
-SKIP_EXAMPLES = 3  # Located skipped rows kept per reason.
+SHOW_SKIPPED = 3  # Skipped rows located in the report, per reason.
 MAX_AUTO_WORKERS = 32  # `data.workers = 0`: one per core, at most this many.
 # `data` keys that do not change a source's samples, so not in its cache key (a new key is in
 # it by default: at worst an entry is prepared again).
 NOT_IN_KEY = frozenset({
     "sources", "batch_size", "seed", "eval_fraction", "eval_count", "epochs", "packing_bins",
     "max_samples_per_row", "pad_id", "cache_dir", "workers", "eval_mode", "eval_batch_size",
+    "template",  # The key holds the template each source resolves to (cache_spec).
 })  # fmt: skip
 _COUNTS = ("rows", "valid", "truncated", "split", "pieces", "pieces_dropped", "tokens",
            "trained_tokens")  # fmt: skip
@@ -65,30 +66,32 @@ class Tally:
     tokens: int = 0
     trained_tokens: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    examples: dict = dataclasses.field(default_factory=dict)  # reason -> first locations
+    located: dict = dataclasses.field(default_factory=dict)  # reason -> first "file:line: ..."
 
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] += 1
-        seen = self.examples.setdefault(reason, [])
-        if len(seen) < SKIP_EXAMPLES:
-            seen.append(where)
+    def skip(self, error: formats.InvalidRow, where: str) -> None:
+        """Counts a skipped row; the first few per reason keep where they are and why."""
+        self.skipped[error.reason] += 1
+        first = self.located.setdefault(error.reason, [])
+        if len(first) < SHOW_SKIPPED:
+            detail = f" ({error.detail})" if error.detail else ""
+            first.append(f"{where}: {error.reason}{detail}")
 
     def add(self, other: Tally) -> None:
         for name in _COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.skipped.update(other.skipped)
-        for reason, wheres in other.examples.items():
-            seen = self.examples.setdefault(reason, [])
-            seen.extend(wheres[: SKIP_EXAMPLES - len(seen)])
+        for reason, lines in other.located.items():
+            first = self.located.setdefault(reason, [])
+            first.extend(lines[: SHOW_SKIPPED - len(first)])
 
     def to_json(self) -> dict:
         return {**{n: getattr(self, n) for n in _COUNTS}, "skipped": dict(self.skipped),
-                "examples": self.examples}  # fmt: skip
+                "located": self.located}  # fmt: skip
 
     @classmethod
     def from_json(cls, d: Mapping) -> Tally:
         return cls(**{n: d[n] for n in _COUNTS}, skipped=collections.Counter(d["skipped"]),
-                   examples={k: list(v) for k, v in d["examples"].items()})  # fmt: skip
+                   located={k: list(v) for k, v in d["located"].items()})  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -158,16 +161,58 @@ class PreparedSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reading:
+    """How one source's rows become examples: its row format and the name of its chat template
+    (a key of `Worker.templates`; None: rows rendered without one). Sent with every task."""
+
+    fmt: formats.RowFormat
+    template: str | None
+
+
+def source_template(src: Mapping, cfg: Mapping) -> str | None:
+    """The chat template a source's rows are rendered with: its own `template`, else
+    data.template; None for formats that never use one, or template "none"."""
+    name = src.get("template") or cfg["template"]
+    if src_format(src) in formats.PLAIN_FORMATS or name == templates.NO_TEMPLATE:
+        return None
+    return name
+
+
+def src_format(src: Mapping) -> str:
+    return src.get("format", "messages")
+
+
+def reading(src: Mapping, cfg: Mapping) -> Reading:
+    """How a source's rows are read: format, field and role names, prompt format, role order."""
+    template = source_template(src, cfg)
+    fmt = formats.RowFormat.create(
+        src_format(src), src.get("fields"), src.get("role_map"),
+        prompt_format=src.get("prompt_format"), chat=template is not None,
+        role_order=cfg["role_order"],
+    )  # fmt: skip
+    return Reading(fmt, template)
+
+
+@dataclasses.dataclass(frozen=True)
 class Worker:
     """Turns rows into samples; picklable, so each process of the pool gets one copy."""
 
     tokenizer: Any
-    template: templates.ChatTemplate | None
-    loss_on: str
+    templates: Mapping[str, templates.ChatTemplate]  # By name: every source's template.
+    mask: templates.MaskRule
     seq_len: int
     overlength: str
 
-    def samples(self, fmt: formats.RowFormat, rows: Sequence[tuple[str, Any]]) -> Samples:
+    @classmethod
+    def create(cls, tokenizer, srcs: Sequence[Mapping], cfg: Mapping) -> Worker:
+        """The worker for these sources under the `data` settings `cfg` (one ChatTemplate per
+        distinct template, so layouts are shared)."""
+        names = dict.fromkeys(source_template(s, cfg) for s in srcs)
+        chat = {n: templates.ChatTemplate(tokenizer, n) for n in names if n is not None}
+        mask = templates.MaskRule.create(cfg["loss_on"], cfg["roles_to_train"], cfg["train_on_eos"])
+        return cls(tokenizer, chat, mask, cfg["seq_len"], cfg["overlength"])
+
+    def samples(self, how: Reading, rows: Sequence[tuple[str, Any]]) -> Samples:
         """(location, raw row) pairs -> their samples; invalid rows counted by reason."""
         tally = Tally(rows=len(rows))
         examples = []
@@ -175,15 +220,15 @@ class Worker:
             try:
                 if isinstance(row, sources.BadRow):
                     raise formats.InvalidRow(row.reason, row.detail)
-                examples.append((where, fmt.to_example(row)))
+                examples.append((where, how.fmt.to_example(row)))
             except formats.InvalidRow as e:
-                tally.skip(e.reason, where)
+                tally.skip(e, where)
         tally.valid = len(examples)
-        convs = [e for _, e in examples]
-        if fmt.format == "text":
-            encoded = templates.encode_texts(self.tokenizer, convs)
-        else:
-            encoded = templates.encode_chats(self.template, convs, self.loss_on)
+        encoded = templates.encode_examples(
+            self.tokenizer, self.templates.get(how.template), [e for _, e in examples],
+            self.mask.loss_on, roles_to_train=self.mask.roles_to_train,
+            train_on_eos=self.mask.train_on_eos,
+        )  # fmt: skip
         pieces = [
             (ids, trained, ordinal, overlong)
             for ordinal, ((where, _), enc) in enumerate(zip(examples, encoded, strict=True))
@@ -207,7 +252,7 @@ class Worker:
             if not kept:
                 raise formats.InvalidRow("no_trained_tokens")
         except formats.InvalidRow as e:
-            tally.skip(e.reason, where)
+            tally.skip(e, where)
             return []
         overlong = len(ids) > self.seq_len
         tally.truncated += int(self.overlength == "truncate" and overlong)
@@ -242,7 +287,7 @@ def _start_process(worker: bytes) -> None:
     _PROCESS_WORKER = pickle.loads(worker)
 
 
-def _run_task(task: tuple[formats.RowFormat, list]) -> Samples:
+def _run_task(task: tuple[Reading, list]) -> Samples:
     return _PROCESS_WORKER.samples(*task)
 
 
@@ -270,18 +315,18 @@ class Pool:
             self._executor.shutdown(cancel_futures=True)
             self._executor = None
 
-    def map(self, tasks: Iterable[tuple[Any, formats.RowFormat, list]]) -> Iterator[tuple]:
-        """(meta, fmt, rows) tasks -> (meta, Samples), in order."""
+    def map(self, tasks: Iterable[tuple[Any, Reading, list]]) -> Iterator[tuple]:
+        """(meta, how, rows) tasks -> (meta, Samples), in order."""
         tasks = iter(tasks)
         head = list(itertools.islice(tasks, 2))
         if self.processes <= 1 or (len(head) < 2 and self._executor is None):
-            for meta, fmt, rows in itertools.chain(head, tasks):
-                yield meta, self.worker.samples(fmt, rows)
+            for meta, how, rows in itertools.chain(head, tasks):
+                yield meta, self.worker.samples(how, rows)
             return
         executor = self._start()
         pending = collections.deque()
-        for meta, fmt, rows in itertools.chain(head, tasks):
-            pending.append((meta, executor.submit(_run_task, (fmt, rows))))
+        for meta, how, rows in itertools.chain(head, tasks):
+            pending.append((meta, executor.submit(_run_task, (how, rows))))
             if len(pending) >= 2 * self.processes:
                 meta0, done = pending.popleft()
                 yield meta0, self._result(done)
@@ -312,7 +357,7 @@ class Pool:
 
 
 def prepare_sources(
-    srcs: Sequence[Mapping], fmts: Sequence[formats.RowFormat], cfg: Mapping, worker: Worker, *,
+    srcs: Sequence[Mapping], cfg: Mapping, worker: Worker, *,
     cache_dir, process_index: int, process_count: int,
     barrier: Callable[[str], None] = lambda name: None, local_root: str | None = None,
 ) -> list[PreparedSource]:  # fmt: skip
@@ -320,7 +365,7 @@ def prepare_sources(
     which is first written where missing: each process writes its shards, `barrier`, process 0
     joins them, `barrier`. Other sources (and all without a cache) are prepared in memory, all
     rows in every process. Columns are checked before any work."""
-    plans = [plan_source(s, i, cfg, worker, f, cache_dir) for i, (s, f) in enumerate(zip(srcs, fmts))]
+    plans = [plan_source(s, i, cfg, worker, cache_dir) for i, s in enumerate(srcs)]
     todo = [p for p in plans if p.entry is not None and not p.entry.complete()]
     for p in plans:
         if p.entry is None or p in todo:
@@ -349,21 +394,21 @@ class _Plan:
     name: str
     data: Any  # A path or an in-memory dataset.
     max_rows: int
-    fmt: formats.RowFormat
+    how: Reading
     entry: cache.Entry | None
     spec: dict | None  # What the entry's key is made of.
     rows: int = 0  # Counted while streaming.
 
 
-def plan_source(src: Mapping, index: int, cfg: Mapping, worker: Worker, fmt: formats.RowFormat,
-                cache_dir) -> _Plan:  # fmt: skip
+def plan_source(src: Mapping, index: int, cfg: Mapping, worker: Worker, cache_dir) -> _Plan:
     data = src.get("path", src.get("dataset"))
     name = source_name(src, index)
+    how = reading(src, cfg)
     entry = spec = None
     if cache_dir and "path" in src:
-        spec = cache_spec(src, cfg, worker)
+        spec = cache_spec(src, cfg, worker, how.template)
         entry = cache.Entry(cache_dir, cache.entry_name(src["path"], cache.key(spec)))
-    return _Plan(index, name, data, int(src.get("max_rows") or 0), fmt, entry, spec)
+    return _Plan(index, name, data, int(src.get("max_rows") or 0), how, entry, spec)
 
 
 def source_name(src: Mapping, index: int) -> str:
@@ -371,15 +416,18 @@ def source_name(src: Mapping, index: int) -> str:
     return src.get("name") or (str(src["path"]) if "path" in src else f"sources[{index}]")
 
 
-def cache_spec(src: Mapping, cfg: Mapping, worker: Worker) -> dict:
+def cache_spec(src: Mapping, cfg: Mapping, worker: Worker, template: str | None) -> dict:
     """Everything a source's samples depend on: the file (identity, not content), how rows are
-    read, the tokenizer, the template, the settings, and the code and libraries that prepare."""
-    template = worker.template
+    read, the tokenizer, the template the source resolves to (`template`, a key of
+    worker.templates), the settings (masks and role order included), and the code and libraries
+    that prepare."""
+    template = worker.templates.get(template)
     return {
         "layout": cache.VERSION,
         "code": _code_digest(),
         "libraries": _library_versions(),
-        "source": {**{k: v for k, v in src.items() if k not in ("weight", "name", "path")},
+        "source": {**{k: v for k, v in src.items() if k not in ("weight", "name", "path",
+                                                                "template")},  # fmt: skip
                    "file": cache.file_identity(src["path"])},  # fmt: skip
         "tokenizer": tokenizer_digest(worker.tokenizer),
         "template": None if template is None else [template.name, template.source],
@@ -425,29 +473,29 @@ def check_columns(plan: _Plan) -> None:
     head = [row for _, row in sources.iter_rows(plan.data, min(plan.max_rows or CHECK_ROWS,
                                                                CHECK_ROWS))]  # fmt: skip
     try:
-        plan.fmt.check_columns(head, plan.name)
+        plan.how.fmt.check_columns(head, plan.name)
     except UserError:
         if len(head) < CHECK_ROWS:
             raise
-        plan.fmt.check_columns([r for _, r in sources.iter_rows(plan.data, plan.max_rows)], plan.name)
+        plan.how.fmt.check_columns([r for _, r in sources.iter_rows(plan.data, plan.max_rows)], plan.name)
 
 
 def _tasks(rows: Iterator[tuple[str, Any]], plan: _Plan, shard_rows: int,
-           mine: Callable[[int], bool]) -> Iterator[tuple[int, formats.RowFormat, list]]:  # fmt: skip
-    """(shard, fmt, rows) tasks of at most TASK_ROWS rows of this process's shards; a task never
+           mine: Callable[[int], bool]) -> Iterator[tuple[int, Reading, list]]:  # fmt: skip
+    """(shard, how, rows) tasks of at most TASK_ROWS rows of this process's shards; a task never
     spans two shards. Counts every row in plan.rows."""
     task, task_shard = [], None
     for i, (where, row) in enumerate(rows):
         plan.rows = i + 1
         shard = i // shard_rows
         if task and (shard != task_shard or len(task) == TASK_ROWS):
-            yield task_shard, plan.fmt, task
+            yield task_shard, plan.how, task
             task = []
         if mine(shard):
             task.append((where, row))
             task_shard = shard
     if task:
-        yield task_shard, plan.fmt, task
+        yield task_shard, plan.how, task
 
 
 def prepare_in_memory(plan: _Plan, pool: Pool) -> PreparedSource:
@@ -508,12 +556,12 @@ def finalize(plan: _Plan, shard_rows: int) -> None:
 
 def load(plan: _Plan, local_root: str | None = None) -> PreparedSource:
     if not plan.entry.complete():
-        raise cache.CacheError(f"data cache {plan.entry.dir} is incomplete: process 0 completes it "
+        raise CacheError(f"data cache {plan.entry.dir} is incomplete: process 0 completes it "
                                "once every process has written its shards")  # fmt: skip
     manifest, index = plan.entry.read()
     store = cache.ShardStore(cache.local_copy(plan.entry, manifest["shards"], local_root))
     if len(store) != manifest["samples"]:
-        raise cache.CacheError(f"data cache {plan.entry.dir}: {len(store)} samples in its shards, "
+        raise CacheError(f"data cache {plan.entry.dir}: {len(store)} samples in its shards, "
                                f"{manifest['samples']} in its manifest")  # fmt: skip
     return PreparedSource(store, index["valid_ordinal"], index["overlong"],
                           Tally.from_json(manifest["tally"]), os.fspath(plan.entry.dir))  # fmt: skip

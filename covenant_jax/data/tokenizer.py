@@ -5,15 +5,11 @@ from __future__ import annotations
 import os
 
 from covenant_jax import storage
-from covenant_jax.errors import UserError
+from covenant_jax.errors import TokenizerError
 from covenant_jax.io import AUX_FILES
 
 # Any of these lets transformers build a tokenizer (tokenizer.model needs sentencepiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-class TokenizerError(UserError):
-    """A model folder has no tokenizer files, or transformers cannot load them."""
 
 
 def load_tokenizer(path: str | os.PathLike):

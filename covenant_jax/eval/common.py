@@ -20,13 +20,10 @@ from jax.sharding import Mesh
 
 from covenant_jax import storage
 from covenant_jax.config import ModelConfig, RopeConfig
-from covenant_jax.errors import UserError
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.errors import EvalInputError
+from covenant_jax.model.llama import Llama, ModelOptions, with_rope
 from covenant_jax.parallel.sharding import activation_sharding
-
-
-class EvalInputError(UserError):
-    """An evaluation input (text file, lengths, depths) is missing or unusable."""
+from covenant_jax.train import loss as loss_lib
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -64,19 +61,6 @@ def encode(tokenizer, text: str) -> list[int]:
 # ---- model ------------------------------------------------------------------------------------
 
 
-def with_rope(model: Llama, rope: RopeConfig, max_position_embeddings: int) -> Llama:
-    """The same parameters under another RoPE (e.g. YaRN without training).
-
-    The RoPE tables are static attributes fixed at construction, so this builds the model's
-    graph abstractly from the new config and merges the existing (unchanged, not copied)
-    parameter state into it.
-    """
-    cfg = model.config.with_rope(rope, max_position_embeddings)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg, model.options, rngs=nnx.Rngs(0))))
-    _, state = nnx.split(model)
-    return nnx.merge(graphdef, state)
-
-
 def yarn_rope(cfg: ModelConfig, factor: float, original_max_position_embeddings: int | None = None,
               **knobs) -> tuple[RopeConfig, int]:
     """(YaRN RopeConfig, new max_position_embeddings) scaling ``cfg``'s context by ``factor``."""
@@ -100,27 +84,10 @@ def load_eval_model(path: str | Path, dtype: str = "float32", mesh: Mesh | None 
 # ---- jitted forward pieces ----------------------------------------------------------------------
 
 
-def _chunked(fn: Callable, hidden_BTD: jnp.ndarray, other_BT: jnp.ndarray, chunk: int) -> jnp.ndarray:
-    """``fn(hidden_BCD, other_BC) -> [B, C]`` over sequence chunks of ``chunk`` (padded) -> [B, T]."""
-    b, t, d = hidden_BTD.shape
-    c = min(chunk, t)
-    pad = -t % c
-    j = (t + pad) // c
-    hidden_JBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, j, c, d).swapaxes(0, 1)
-    other_JBC = jnp.pad(other_BT, ((0, 0), (0, pad))).reshape(b, j, c).swapaxes(0, 1)
-    out_JBC = jax.lax.map(lambda xs: fn(*xs), (hidden_JBCD, other_JBC))
-    return out_JBC.swapaxes(0, 1).reshape(b, j * c)[:, :t]
-
-
 def token_nll(model: Llama, hidden_BTD: jnp.ndarray, targets_BT: jnp.ndarray, chunk: int) -> jnp.ndarray:
-    """float32 -log p(target) [B, T]; logits exist only ``chunk`` positions at a time."""
-
-    def nll(hidden_BCD, targets_BC):
-        logits_BCV = model.logits(hidden_BCD)
-        target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits_BCV, axis=-1) - target_BC
-
-    return _chunked(nll, hidden_BTD, targets_BT.astype(jnp.int32), chunk)
+    """float32 -log p(target) [B, T]; logits exist only ``chunk`` positions at a time (the
+    training loss's kernel)."""
+    return loss_lib.token_nll(hidden_BTD, model.output_kernel(), targets_BT, chunk_size=chunk)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from covenant_jax.eval.common import EvalInputError, batches, encode, jit_model_fn, pad_rows
+from covenant_jax.eval.common import batches, encode, jit_model_fn, pad_rows
 from covenant_jax.model.llama import Llama
+from covenant_jax.errors import EvalInputError
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
         "memorize it. I will quiz you about the important information there.")

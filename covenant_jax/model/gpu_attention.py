@@ -44,15 +44,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from covenant_jax.errors import UserError
+from covenant_jax.errors import AttentionBackendError
 from covenant_jax.model import blockwise_attention as blockwise_lib
 from covenant_jax.parallel import sharding as sharding_lib
 
 _PAD_SEGMENT = -1
-
-
-class AttentionBackendError(UserError):
-    """An attention backend chosen for a platform or mesh it cannot run on."""
 
 
 def platform_in_use() -> str:

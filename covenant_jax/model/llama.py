@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, Mistral without sliding window) in Flax NNX.
 
-HF layout inside (decision 1): split-half RoPE, kernels stored [in, out] with heads split out
-(q kernel is [D, N, H]), nothing folded into weights, so conversion is transpose / reshape /
-stack only. Layers are stacked on a leading axis and run with ``lax.scan`` (decision 2).
+HF layout inside: split-half RoPE, kernels stored [in, out] with heads split out (q kernel is
+[D, N, H]), nothing folded into weights, so conversion is transpose / reshape / stack only and
+round trips are bit-exact. Layers are stacked on a leading axis and run with ``lax.scan``, so an
+80-layer model compiles as fast as a 2-layer one.
 Parameters are kept in ``param_dtype`` and cast to the compute ``dtype`` at use; norms,
 softmax and RoPE tables are computed in float32.
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from covenant_jax.config import ModelConfig
+from covenant_jax.config import ModelConfig, RopeConfig
 from covenant_jax.errors import RecipeError
 from covenant_jax.model import attention as attention_lib
 from covenant_jax.model import rope as rope_lib
@@ -211,3 +212,19 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jnp.ndarray:
         return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
+
+
+def abstract_model(cfg: ModelConfig, opts: ModelOptions = ModelOptions()) -> Llama:
+    """The model with ShapeDtypeStructs for weights (``nnx.eval_shape``): shapes, dtypes and
+    logical axes to derive shardings from, before (or instead of) any weight exists."""
+    return nnx.eval_shape(lambda: Llama(cfg, opts, rngs=nnx.Rngs(0)))
+
+
+def with_rope(model: Llama, rope: RopeConfig, max_position_embeddings: int) -> Llama:
+    """The same parameters under another RoPE (a long-context recipe, YaRN at evaluation): the
+    one way to change it. The forward reads RoPE from ``model.config`` at trace time, so this is
+    a new model object over the same (unchanged, not copied) arrays with the config swapped."""
+    graphdef, state = nnx.split(model)
+    swapped = nnx.merge(graphdef, state)
+    swapped.config = model.config.with_rope(rope, max_position_embeddings)
+    return swapped

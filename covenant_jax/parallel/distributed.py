@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Mapping
 
-from covenant_jax.errors import UserError
+from covenant_jax.errors import DistributedError
 
 ENV_COORDINATOR = "COVENANT_COORDINATOR"
 ENV_NUM_PROCESSES = "COVENANT_NUM_PROCESSES"
@@ -42,10 +42,6 @@ EXIT_NO_PEER = 2  # the CLI's bad-input code
 EXIT_PEER_LOST = 1
 # The end of the one line a survivor prints, whether its peer died or hung.
 PEER_LOST = "has probably died or hung. Completed checkpoints are intact: restart every process to resume."
-
-
-class DistributedError(UserError):
-    """The processes of a multi-process job could not find each other in time."""
 
 
 def cluster_detected(env: Mapping[str, str] | None = None) -> str | None:
@@ -261,15 +257,6 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         raise DistributedError(
             f"process {jax.process_index()}: barrier {name!r} timed out after {timeout_s}s "
             f"waiting for the other processes ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-
-
-def shutdown() -> None:
-    import jax
-
-    if PeerWatch.running is not None:
-        PeerWatch.running.stop()
-    if jax.distributed.is_initialized():
-        jax.distributed.shutdown()
 
 
 def is_multiprocess() -> bool:

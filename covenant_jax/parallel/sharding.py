@@ -22,11 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from covenant_jax.errors import UserError
+from covenant_jax.errors import MeshError
 
-
-class MeshError(UserError):
-    """A mesh that does not fit the devices or names an unknown axis."""
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 

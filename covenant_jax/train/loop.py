@@ -1,8 +1,12 @@
 """The training run: setup in named steps, then the step loop.
 
 The loop dispatches step N before fetching step N-1's metrics, so logging never stalls the
-device. Checkpoints save the state and the data iterator at the same step; a NaN/inf stops the
-run (the step skipped the update on device, so the last checkpoint and the state stay good).
+device. Checkpoints save the state and the data iterator at the same step, only after that
+step's loss, gradients and updated state are known finite; a NaN/inf stops the run naming the
+step, and the last checkpoint stays good. Resuming checks the recipe against the checkpoint's
+(:mod:`covenant_jax.train.resume`) before anything loads, and restores the newest intact step.
+SIGTERM / SIGINT save the step all processes agree on and exit with ``EXIT_PREEMPTED``
+(:mod:`covenant_jax.train.preemption`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,21 +22,17 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from covenant_jax import storage
 from covenant_jax.convert.api import export_model, load_model
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
-from covenant_jax.errors import UserError
-from covenant_jax.model.llama import Llama, ModelOptions
+from covenant_jax.errors import NonFiniteLoss, UserError
+from covenant_jax.model.llama import Llama, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, recipe, state as state_lib
-from covenant_jax.train import step as step_lib
-
-
-class NonFiniteLoss(UserError):
-    """The loss or gradient norm became NaN/inf; the message names the step."""
+from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, program, recipe, resume
+from covenant_jax.train import state as state_lib
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class RunSummary:
     run_dir: Path
     checkpoint_step: int | None
     export_dir: Path | None
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after saving `checkpoint_step`
 
     def __str__(self) -> str:
         def fmt(x):
@@ -79,9 +81,9 @@ class Run:
 
 
 def _load(cfg, mesh) -> Llama:
-    model = load_model(cfg.model.path, model_options(cfg), mesh)
-    model.config = recipe.rope_override(model.config, cfg.model)
-    return model
+    model = load_model(cfg.model.path, program.model_options(cfg), mesh)
+    target = recipe.rope_override(model.config, cfg.model)  # the recipe's RoPE, if it sets one
+    return with_rope(model, target.rope, target.max_position_embeddings)
 
 
 def _check_vocab(tokenizer, model: Llama) -> None:
@@ -101,6 +103,36 @@ def check_outputs(cfg: ml_collections.ConfigDict) -> storage.Path:
     return run_dir
 
 
+def _print0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _check_resume(cfg: ml_collections.ConfigDict) -> None:
+    """Refuses a resume that would not continue the saved run; reads only small JSON files."""
+    directory = storage.path(cfg.train.run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return
+    reader = checkpoint.RunCheckpointer(directory, async_save=False, create=False)
+    try:
+        resume.check(cfg, reader.saved_config(), reader.latest_step(), directory)
+    finally:
+        reader.close()
+
+
+def _restore(cfg, ckpt: checkpoint.RunCheckpointer, state: dict, shardings: dict,
+             train_iter) -> tuple[int, dict]:
+    """(start step, state): the newest intact checkpoint's, or step 0 and the fresh state."""
+    if not cfg.train.resume:
+        return 0, state
+    step, restored = ckpt.restore_newest_intact(state_lib.abstract_like(state, shardings), train_iter,
+                                                log=_print0)
+    if step is None:
+        return 0, state
+    _print0(f"resumed from {ckpt.directory} at step {step}")
+    return step, restored
+
+
 def export_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
     return storage.path(cfg.train.run_dir) / "export"
 
@@ -114,6 +146,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.check_fields(cfg)
     recipe.bound_samples_per_row(cfg)
     run_dir = check_outputs(cfg)
+    _check_resume(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
     model = _load(cfg, mesh)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
@@ -125,7 +158,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, params, rest = state_lib.split_model(model)
     state, shardings = state_lib.create_state(params, tx, mesh)
-    steps = make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
+    steps = program.make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
     storage.makedirs(run_dir)
     if jax.process_index() == 0:  # one writer
@@ -133,42 +166,11 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     ckpt = checkpoint.RunCheckpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints,
                                       cfg.train.async_checkpoint)
     train_iter = iter(data.train)
-    start = 0
-    if cfg.train.resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state = ckpt.restore(start, state_lib.abstract_like(state, shardings), train_iter)
-        if jax.process_index() == 0:
-            print(f"resumed from {run_dir / 'checkpoints'} at step {start}")
+    start, state = _restore(cfg, ckpt, state, shardings, train_iter)
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
                batch_sharding, steps.eval_sharding, ckpt, writer, start, flops)
-
-
-@dataclasses.dataclass
-class Steps:
-    train_step: Any  # jitted (state, batch[A, b, T]) -> (state, metrics)
-    eval_step: Any  # jitted (params, batch[B, T]) -> (loss sum, token count)
-    batch_sharding: NamedSharding  # of a [A, b, T] train batch
-    eval_sharding: NamedSharding  # of a [B, T] eval batch
-
-
-def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh) -> Steps:
-    """The jitted steps with explicit shardings and donation; also what `plan` lowers abstractly."""
-    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size)
-    batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
-    eval_sharding = NamedSharding(mesh, P(("data", "fsdp"), "context"))
-    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(loss_fn), in_shardings=(shardings["params"], eval_sharding))
-    return Steps(train_step, eval_step, batch_sharding, eval_sharding)
-
-
-def model_options(cfg) -> ModelOptions:
-    return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                        remat=cfg.model.remat, attention=cfg.model.attention,
-                        max_samples_per_row=cfg.data.max_samples_per_row)
 
 
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -178,28 +180,6 @@ def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
         return zigzag_permute(batch, run.mesh.shape["context"])
     return batch
-
-
-def _device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_batches: int | None):
-    """Host batch [rows, T] (this process's rows) -> global arrays, [A, b, T] when micro-batched."""
-    def put(x):
-        if micro_batches is not None:
-            x = x.reshape(micro_batches, -1, *x.shape[1:])
-        global_shape = list(x.shape)
-        batch_axis = 1 if micro_batches is not None else 0
-        global_shape[batch_axis] *= jax.process_count()
-        return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
-
-    return {k: put(v) for k, v in batch.items()}
-
-
-def _padding_batch(data: data_pipeline.DataPipeline) -> dict[str, np.ndarray]:
-    """A batch of padding rows (no tokens, no loss): what a process feeds once its share ends."""
-    shape = (data.rows_per_process, data.seq_len)
-    pad = np.full(shape, data.pad_id, np.int32)
-    zeros = np.zeros(shape, np.int32)
-    return {"tokens": pad, "targets": pad, "loss_mask": np.zeros(shape, np.float32),
-            "segment_ids": zeros, "positions": zeros}
 
 
 def evaluate(run: Run, params: dict) -> float | None:
@@ -221,7 +201,7 @@ def evaluate(run: Run, params: dict) -> float | None:
 
             if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
                 break
-            batch = _padding_batch(run.data) if batch is None else batch
+            batch = program.padding_batch(run.data.rows_per_process, run.data.seq_len, run.data.pad_id) if batch is None else batch
         elif batch is None:
             break
         loss_sum, n = _eval_sums(run, params, batch)
@@ -232,7 +212,7 @@ def evaluate(run: Run, params: dict) -> float | None:
 def _eval_sums(run: Run, params: dict, batch: dict[str, np.ndarray]) -> tuple[float, float]:
     """(summed token loss, trained tokens) of one eval batch (this process's rows of it)."""
     with activation_sharding(run.mesh):
-        loss_sum, n = run.eval_step(params, _device_batch(_host_layout(run, batch), run.eval_sharding, None))
+        loss_sum, n = run.eval_step(params, program.device_batch(_host_layout(run, batch), run.eval_sharding, None))
     return float(loss_sum), float(n)
 
 
@@ -296,7 +276,36 @@ def _log(run: Run, step: int, m: dict, seconds: float, progress: _Progress, eval
     return scalars
 
 
+def _non_finite(run: Run, step: int, m: dict) -> NonFiniteLoss:
+    """The error for a step whose loss, gradients or updated state are not finite."""
+    run.checkpointer.wait()  # an in-flight save of an earlier (checked) step completes first
+    latest = run.checkpointer.latest_step()
+    kept = (f"the last checkpoint ({latest}) is intact" if latest is not None
+            else "no checkpoint has been written")
+    values = f"loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}"
+    if not m["finite"]:
+        return NonFiniteLoss(
+            f"non-finite loss or gradient at step {step}, on the run's batch #{step} ({values}); "
+            f"the update was skipped, {kept}. Lower optim.lr or check the data.")
+    return NonFiniteLoss(
+        f"non-finite parameters or optimizer state after the update of step {step} ({values}): "
+        f"the run stops and this state is not saved; {kept}. Lower optim.lr or set optim.clip_norm.")
+
+
+def _stopped(run: Run, stop: preemption.StopRequest, step: int) -> None:
+    if jax.process_index() == 0:
+        print(f"covenant-jax: stopped by {stop.describe()} after step {step}: checkpoint saved in "
+              f"{run.checkpointer.directory / str(step)}; rerun the same command to resume "
+              f"(exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+
+
 def train(cfg: ml_collections.ConfigDict) -> RunSummary:
+    """Trains (or resumes) the recipe; returns early, ``preempted``, after SIGTERM / SIGINT."""
+    with preemption.StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunSummary:
     started = time.time()
     run = setup(cfg)
     t = cfg.train
@@ -304,18 +313,14 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
     state, last_train, last_eval, tokens = run.state, None, None, 0
     pending = None  # (step, metrics on device, dispatch time) of the step before
     last_time = time.time()
+    stopped_at = None
 
     def finish(pending_item):
         nonlocal last_train, tokens, last_time, last_eval
         step, m, _ = pending_item
         m = jax.device_get(m)
-        if not m["finite"]:
-            raise NonFiniteLoss(
-                f"non-finite loss or gradient at step {step}, on the run's batch #{step} "
-                f"(loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); the update was "
-                f"skipped, the last checkpoint "
-                f"({run.checkpointer.latest_step()}) is intact. Lower optim.lr or check the data."
-            )
+        if not (m["finite"] and m["state_finite"]):
+            raise _non_finite(run, step, m)
         now = time.time()
         seconds, last_time = now - last_time, now
         tokens += int(m["tokens"])
@@ -333,28 +338,36 @@ def train(cfg: ml_collections.ConfigDict) -> RunSummary:
                 print(f"eval loss before training: {last_eval:.4f}")
     try:
         for step in range(run.start_step + 1, t.steps + 1):
-            batch = _device_batch(_host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches)
+            batch = program.device_batch(_host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches)
             with activation_sharding(run.mesh):
                 state, m = run.train_step(state, batch)
             if pending is not None:
                 finish(pending)  # step N-1's metrics, fetched after step N was dispatched
             pending = (step, m, time.time())
+            stopping = stop.agreed(step)  # every step, on every process
             is_eval = bool(t.eval_every) and step % t.eval_every == 0
-            is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps
+            is_checkpoint = step % t.checkpoint_every == 0 or step == t.steps or stopping
             if is_eval or is_checkpoint:
-                # Evaluate the state of this step, and never checkpoint a state whose loss is
-                # not known to be finite.
+                # Evaluate the state of this step, and never checkpoint a state that is not
+                # known to be finite.
                 finish(pending)
                 pending = None
             if is_checkpoint:
                 run.checkpointer.save(step, state, run.train_iter, cfg.to_dict())
                 run.writer.flush()  # metrics through this step, durable with it (object stores)
+            if stopping:
+                stopped_at = step
+                break
         run.checkpointer.wait()
         checkpoint_step = run.checkpointer.latest_step()
     finally:
         progress.close()
         run.writer.close()
         run.checkpointer.close()
+    if stopped_at is not None:
+        _stopped(run, stop, stopped_at)
+        return RunSummary(stopped_at - run.start_step, tokens, last_train, last_eval, time.time() - started,
+                          storage.path(t.run_dir), checkpoint_step, None, preempted=True)
     exported = _export(run, state) if t.export else None
     summary = RunSummary(t.steps - run.start_step, tokens, last_train, last_eval, time.time() - started,
                          storage.path(t.run_dir), checkpoint_step, exported)

@@ -1,10 +1,11 @@
 """Token cross-entropy returned as (sum, token count), so accumulation and packing normalise by
-the true global token count (decision 5).
+the true global token count.
 
-``cross_entropy_sum`` never holds [tokens, vocab] logits: it walks the flattened tokens in
-chunks of ``chunk_size`` with ``lax.scan``, and its custom VJP recomputes each chunk's logits in
-the backward pass from the saved per-token logsumexp, so peak memory in forward and backward is
-bounded by chunk_size x V (plus the [D, V] kernel gradient). Logits come from a matmul in the
+``token_nll`` never holds [tokens, vocab] logits: it walks the flattened tokens in chunks of
+``chunk_size`` with ``lax.scan``, and its custom VJP recomputes each chunk's logits in the
+backward pass from the saved per-token logsumexp, so peak memory in forward and backward is
+bounded by chunk_size x V (plus the [D, V] kernel gradient). ``cross_entropy_sum`` is its masked
+sum. Logits come from a matmul in the
 input dtype with float32 accumulation; softmax statistics and the loss are float32.
 
 Axes: B batch, T sequence, D hidden, V vocab, M = B*T tokens (padded), C chunk, J chunks.
@@ -38,60 +39,68 @@ def cross_entropy_sum(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """``plain_cross_entropy_sum(hidden @ kernel, ...)`` with logits only ever chunk_size x V.
 
-    Differentiable in ``hidden_BTD`` and ``kernel_DV``; tokens are padded (mask 0) up to a
-    multiple of ``chunk_size`` (clipped to B*T).
+    Differentiable in ``hidden_BTD`` and ``kernel_DV``."""
+    mask_BT = loss_mask_BT.astype(jnp.float32)
+    nll_BT = token_nll(hidden_BTD, kernel_DV, targets_BT, chunk_size=chunk_size)
+    return jnp.sum(mask_BT * nll_BT), jnp.sum(mask_BT)
+
+
+def token_nll(hidden_BTD: jnp.ndarray, kernel_DV: jnp.ndarray, targets_BT: jnp.ndarray, *,
+              chunk_size: int = 4096) -> jnp.ndarray:
+    """float32 ``-log p(target)`` of every token [B, T], logits only ever chunk_size x V.
+
+    The one chunked-logits kernel: the SFT loss masks and sums it, preference losses sum it per
+    sequence, evaluation reads it. Differentiable in ``hidden_BTD`` and ``kernel_DV`` (any
+    cotangent per token); tokens are padded up to a multiple of ``chunk_size`` (clipped to B*T).
     """
     b, t, d = hidden_BTD.shape
     m = b * t
     c = min(chunk_size, m)
     pad = -m % c
-    hidden_MD = jnp.pad(hidden_BTD.reshape(m, d), ((0, pad), (0, 0)))
-    targets_M = jnp.pad(targets_BT.reshape(m).astype(jnp.int32), (0, pad))
-    mask_M = jnp.pad(loss_mask_BT.reshape(m).astype(jnp.float32), (0, pad))
     j = (m + pad) // c
-    loss_sum = _chunked_ce(
-        hidden_MD.reshape(j, c, d), kernel_DV, targets_M.reshape(j, c), mask_M.reshape(j, c)
-    )
-    return loss_sum, jnp.sum(mask_M)
+    hidden_JCD = jnp.pad(hidden_BTD.reshape(m, d), ((0, pad), (0, 0))).reshape(j, c, d)
+    targets_JC = jnp.pad(targets_BT.reshape(m).astype(jnp.int32), (0, pad)).reshape(j, c)
+    return _chunked_nll(hidden_JCD, kernel_DV, targets_JC).reshape(-1)[:m].reshape(b, t)
 
 
 def _chunk_logits(hidden_CD, kernel_DV):
     return jnp.einsum("CD,DV->CV", hidden_CD, kernel_DV, preferred_element_type=jnp.float32)
 
 
-def _forward(hidden_JCD, kernel_DV, targets_JC, mask_JC):
-    """Loss sum and the per-token logsumexp [J, C] (float32)."""
+def _forward(hidden_JCD, kernel_DV, targets_JC):
+    """Per-token NLL and logsumexp, both [J, C] float32."""
 
-    def chunk(total, xs):
-        hidden_CD, targets_C, mask_C = xs
+    def chunk(_, xs):
+        hidden_CD, targets_C = xs
         logits_CV = _chunk_logits(hidden_CD, kernel_DV)
         lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
         target_logit_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(mask_C * (lse_C - target_logit_C)), lse_C
+        return None, (lse_C - target_logit_C, lse_C)
 
-    return lax.scan(chunk, jnp.zeros((), jnp.float32), (hidden_JCD, targets_JC, mask_JC))
+    return lax.scan(chunk, None, (hidden_JCD, targets_JC))[1]
 
 
 @jax.custom_vjp
-def _chunked_ce(hidden_JCD, kernel_DV, targets_JC, mask_JC):
-    return _forward(hidden_JCD, kernel_DV, targets_JC, mask_JC)[0]
+def _chunked_nll(hidden_JCD, kernel_DV, targets_JC):
+    return _forward(hidden_JCD, kernel_DV, targets_JC)[0]
 
 
-def _chunked_ce_fwd(hidden_JCD, kernel_DV, targets_JC, mask_JC):
-    loss_sum, lse_JC = _forward(hidden_JCD, kernel_DV, targets_JC, mask_JC)
-    return loss_sum, (hidden_JCD, kernel_DV, targets_JC, mask_JC, lse_JC)
+def _chunked_nll_fwd(hidden_JCD, kernel_DV, targets_JC):
+    nll_JC, lse_JC = _forward(hidden_JCD, kernel_DV, targets_JC)
+    return nll_JC, (hidden_JCD, kernel_DV, targets_JC, lse_JC)
 
 
-def _chunked_ce_bwd(residuals, g):
-    """d loss / d logits = g * mask * (softmax - onehot(target)), one chunk at a time."""
-    hidden_JCD, kernel_DV, targets_JC, mask_JC, lse_JC = residuals
+def _chunked_nll_bwd(residuals, g_JC):
+    """d nll / d logits = softmax - onehot(target), scaled by each token's cotangent, one chunk
+    at a time: logits are recomputed from the saved logsumexp, never stored."""
+    hidden_JCD, kernel_DV, targets_JC, lse_JC = residuals
     v = kernel_DV.shape[1]
 
     def chunk(dkernel_DV, xs):
-        hidden_CD, targets_C, mask_C, lse_C = xs
+        hidden_CD, targets_C, lse_C, g_C = xs
         probs_CV = jnp.exp(_chunk_logits(hidden_CD, kernel_DV) - lse_C[:, None])
         onehot_CV = jax.nn.one_hot(targets_C, v, dtype=jnp.float32)
-        dlogits_CV = ((g * mask_C)[:, None] * (probs_CV - onehot_CV)).astype(hidden_CD.dtype)
+        dlogits_CV = (g_C.astype(jnp.float32)[:, None] * (probs_CV - onehot_CV)).astype(hidden_CD.dtype)
         dhidden_CD = jnp.einsum("CV,DV->CD", dlogits_CV, kernel_DV, preferred_element_type=jnp.float32)
         dkernel_DV = dkernel_DV + jnp.einsum(
             "CD,CV->DV", hidden_CD, dlogits_CV, preferred_element_type=jnp.float32
@@ -99,9 +108,9 @@ def _chunked_ce_bwd(residuals, g):
         return dkernel_DV, dhidden_CD.astype(hidden_CD.dtype)
 
     dkernel_DV, dhidden_JCD = lax.scan(
-        chunk, jnp.zeros(kernel_DV.shape, jnp.float32), (hidden_JCD, targets_JC, mask_JC, lse_JC)
+        chunk, jnp.zeros(kernel_DV.shape, jnp.float32), (hidden_JCD, targets_JC, lse_JC, g_JC)
     )
-    return dhidden_JCD, dkernel_DV.astype(kernel_DV.dtype), None, None
+    return dhidden_JCD, dkernel_DV.astype(kernel_DV.dtype), None
 
 
-_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)

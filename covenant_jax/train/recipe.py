@@ -4,15 +4,18 @@ Sections: ``model`` (where the weights are and how to run them), ``mesh``, ``dat
 covenant_jax.data.pipeline), ``optim`` (covenant_jax.train.optimizer), ``train`` (steps, batch
 layout, logging, checkpoints, export). The model's shape is never here: it comes from the
 checkpoint's config.json. ``model.rope`` optionally replaces the checkpoint's RoPE scaling (the
-long-context recipes) together with ``model.max_position_embeddings``.
+long-context recipes; every knob transformers reads) together with ``model.max_position_embeddings``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
 
 from covenant_jax import fields
-from covenant_jax.config import ModelConfig, RopeConfig
+from covenant_jax.config import REQUIRED_ROPE_KNOBS, ROPE_KNOBS, ROPE_TYPES, ModelConfig, RopeConfig
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.errors import RecipeError, UserError
 from covenant_jax.model import attention, gpu_attention, llama
@@ -42,9 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         path="", param_dtype="float32", dtype="float32", remat="none", attention="naive",
-        # RoPE override; rope_type "" keeps the checkpoint's.
-        rope=dict(rope_type="", factor=0.0, original_max_position_embeddings=0, beta_fast=0.0,
-                  beta_slow=0.0, low_freq_factor=0.0, high_freq_factor=0.0),
+        rope=rope_section(),
         max_position_embeddings=0,
     ))
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
@@ -55,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         log_every=10, eval_every=50, eval_batches=0, checkpoint_every=50, keep_checkpoints=3,
         async_checkpoint=True, loss_chunk_size=4096, export=True, export_dtype="",
         peak_tflops_per_device=0.0, progress=True,
+        allow_recipe_change=False,  # resume a run_dir whose checkpoint has another recipe (train/resume.py)
     ))
     return cfg
 
@@ -68,24 +70,30 @@ def check_variant(variant: str, *known: str) -> str:
     return variant
 
 
+def rope_section() -> ml_collections.ConfigDict:
+    """``model.rope``: every knob transformers reads, as transformers spells it; None = not set
+    (transformers' default), any other value -- 0 and False included -- is passed on as given.
+    ``rope_type`` "" keeps the checkpoint's RoPE (knobs set then change just those knobs)."""
+    knobs = {k: config_dict.placeholder(float) for k in ("rope_theta",) + ROPE_KNOBS["yarn"] + ROPE_KNOBS["llama3"]}
+    knobs.update(original_max_position_embeddings=config_dict.placeholder(int),
+                 truncate=config_dict.placeholder(bool))
+    return ml_collections.ConfigDict(dict(rope_type="", **knobs))
+
+
 def rope_override(model_cfg: ModelConfig, section) -> ModelConfig:
     """The checkpoint's config with ``model.rope`` / ``model.max_position_embeddings`` applied."""
-    if not section.rope.rope_type:
-        if section.max_position_embeddings:
-            return model_cfg.with_rope(model_cfg.rope, section.max_position_embeddings)
-        return model_cfg
-    knobs = {k: v for k, v in section.rope.to_dict().items() if k != "rope_type" and v}
-    rope = RopeConfig(rope_type=section.rope.rope_type, theta=model_cfg.rope.theta, **knobs)
+    rope = recipe_rope(model_cfg, section.rope)
     max_pos = section.max_position_embeddings or model_cfg.max_position_embeddings
-    if rope.rope_type == "yarn":
-        original = rope.original_max_position_embeddings or model_cfg.max_position_embeddings
-        rope = RopeConfig(**{**rope.__dict__, "original_max_position_embeddings": original})
+    if rope.rope_type == "yarn" and rope != model_cfg.rope:
+        original = rope.original_max_position_embeddings
         if abs(rope.factor * original - max_pos) > 1e-6 * max_pos:
             raise UserError(
                 f"model.rope: yarn factor {rope.factor} x original_max_position_embeddings {original} "
                 f"= {rope.factor * original:g}, but model.max_position_embeddings is {max_pos}; "
                 "make them agree (e.g. factor 16 with 2048 -> 32768)"
             )
+    if rope == model_cfg.rope and max_pos == model_cfg.max_position_embeddings:
+        return model_cfg
     return model_cfg.with_rope(rope, max_pos)
 
 
@@ -102,6 +110,34 @@ def bound_samples_per_row(cfg: ml_collections.ConfigDict) -> None:
     take its default, so the packer and the kernel (``ModelOptions``) read one number."""
     if cfg.model.attention == "cudnn" and not cfg.data.max_samples_per_row:
         cfg.data.max_samples_per_row = gpu_attention.DEFAULT_MAX_SAMPLES_PER_ROW
+
+
+def recipe_rope(model_cfg: ModelConfig, section) -> RopeConfig:
+    """``model.rope`` over the checkpoint's RoPE: a new ``rope_type`` starts from that type's
+    defaults (original_max_position_embeddings: the checkpoint's context), else the checkpoint's
+    knobs stay and those set replace theirs. A knob the type does not read is an error."""
+    knobs = {k: v for k, v in section.to_dict().items() if k != "rope_type" and v is not None}
+    if "rope_theta" in knobs:
+        knobs["theta"] = knobs.pop("rope_theta")
+    if not section.rope_type:
+        base = model_cfg.rope
+    elif section.rope_type not in ROPE_TYPES:
+        raise UserError(f"model.rope.rope_type={section.rope_type!r} is not supported; "
+                        f"supported: {', '.join(ROPE_TYPES)} ('' keeps the checkpoint's)")
+    else:
+        base = RopeConfig(section.rope_type, theta=model_cfg.rope.theta)
+        if "original_max_position_embeddings" in ROPE_KNOBS[base.rope_type]:
+            base = dataclasses.replace(base, original_max_position_embeddings=model_cfg.max_position_embeddings)
+    read = ROPE_KNOBS[base.rope_type]
+    for k in knobs:
+        if k != "theta" and k not in read:
+            raise UserError(f"model.rope.{k} is not read by rope_type {base.rope_type!r}, which reads: "
+                            f"{', '.join(('rope_theta',) + read)}")
+    rope = dataclasses.replace(base, **knobs)
+    for k in REQUIRED_ROPE_KNOBS.get(rope.rope_type, ()):
+        if getattr(rope, k) is None:
+            raise UserError(f"model.rope.{k} is required for rope_type {rope.rope_type!r}")
+    return rope
 
 
 def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int,

@@ -1,4 +1,4 @@
-"""Train state, created already sharded (decision 4).
+"""Train state, created already sharded (never whole on one host).
 
 The state is a plain pytree ``{"step", "params", "opt_state"}`` so Orbax saves and restores
 it directly; ``params`` is the model's pure param dict and the model's graph definition stays

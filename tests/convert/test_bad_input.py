@@ -1,10 +1,12 @@
 """Each bad input exits non-zero with a message naming the problem, and leaves no output."""
 
 import json
+import re
 import struct
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from covenant_jax import cli
@@ -17,6 +19,7 @@ def hf_dir(tmp_path):
 
 
 def _convert(capsys, src, out, *extra):
+    capsys.readouterr()  # the fixtures' save_pretrained progress bars
     code = cli.main(["convert", "hf-to-jax", str(src), str(out), *extra])
     return code, capsys.readouterr().err
 
@@ -89,11 +92,105 @@ def test_missing_shard_of_index(capsys, tmp_path):
     (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
      "rope_parameters.low_freq_factor is required"),
     (lambda c: c.update(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
+    (lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}),
+     "rope_scaling.type='dynamic' is not supported"),
+    (lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": "2", "rope_theta": 1e4}),
+     "rope_parameters.factor must be a number, got str '2'"),
+    (lambda c: c.update(rope_parameters={**_YARN, "truncate": "false"}),
+     "rope_parameters.truncate must be true, false or null, got 'false'"),
+    # issue #12: types are checked as transformers' LlamaConfig does
+    (lambda c: c.update(tie_word_embeddings="false"),
+     "'tie_word_embeddings' is str 'false', but transformers' LlamaConfig needs bool"),
+    (lambda c: c.update(max_position_embeddings="128"),
+     "'max_position_embeddings' is str '128', but transformers' LlamaConfig needs int"),
+    (lambda c: c.update(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    (lambda c: c.update(quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"}),
+     "the checkpoint is quantized (fp8, quantization_config); covenant_jax reads unquantized weights only: "
+     "dequantize it with transformers first"),
 ])
 def test_config_problems_are_named(capsys, tmp_path, hf_dir, edit, expected):
     _edit_config(hf_dir, edit)
     code, err = _convert(capsys, hf_dir, tmp_path / "out")
-    assert code == 2 and expected in err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    _assert_nothing_written(tmp_path / "out")
+
+
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e4}
+
+
+def test_mistral_default_sliding_window_is_refused(capsys, tmp_path):
+    """transformers' MistralConfig reads an absent sliding_window as 4096: not full attention."""
+    src = helpers.save_hf(helpers.hf_model(architecture="mistral", max_position_embeddings=8192), tmp_path / "hf")
+    _edit_config(src, lambda c: c.pop("sliding_window"))
+    code, err = _convert(capsys, src, tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert ("sliding_window=4096 (absent: transformers' MistralConfig default) is less than "
+            "max_position_embeddings=8192: sliding-window attention is not supported") in err
+    _assert_nothing_written(tmp_path / "out")
+
+
+_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _int8_bitsandbytes(t):
+    for key in [k for k in t if k.endswith(_LINEAR_WEIGHTS)]:
+        t[key] = (t[key] * 127).round().clamp(-127, 127).to(torch.int8)
+        t[key.replace(".weight", ".SCB")] = torch.ones(t[key].shape[0])
+
+
+def _gptq(t):
+    for key in [k for k in t if k.endswith(_LINEAR_WEIGHTS)]:
+        out_features, in_features = t.pop(key).shape
+        base = key.removesuffix(".weight")
+        t[f"{base}.qweight"] = torch.zeros(in_features // 8, out_features, dtype=torch.int32)
+        t[f"{base}.qzeros"] = torch.zeros(1, out_features // 8, dtype=torch.int32)
+        t[f"{base}.scales"] = torch.ones(1, out_features, dtype=torch.float16)
+        t[f"{base}.g_idx"] = torch.zeros(in_features, dtype=torch.int32)
+
+
+def _fp8(t):
+    for key in [k for k in t if k.endswith(_LINEAR_WEIGHTS)]:
+        t[key] = t[key].to(torch.float8_e4m3fn)
+
+
+def _int8_plain(t):
+    key = "model.layers.0.mlp.up_proj.weight"
+    t[key] = (t[key] * 127).round().to(torch.int8)
+
+
+_LINEAR_WEIGHTS = tuple(f"{name}.weight" for name in _LINEAR)
+
+
+@pytest.mark.parametrize("weights,config,expected", [
+    (_int8_bitsandbytes, {"quant_method": "bitsandbytes", "load_in_8bit": True},
+     r"quantized \(bitsandbytes, quantization_config\)"),
+    (_gptq, {"quant_method": "gptq", "bits": 4, "group_size": 128}, r"quantized \(gptq, quantization_config\)"),
+    (_gptq, None, r"quantized: tensor 'model\.layers\.\d+\.\w+\.\w+\.(qweight|qzeros|g_idx|scales)' is "
+                  r"(int32|float16) \(GPTQ/AWQ\)"),
+    (_int8_bitsandbytes, None, r"quantized: tensor '.*\.(weight' is int8|SCB' is float32 \(bitsandbytes int8\))"),
+    (_int8_plain, None, r"quantized: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' is int8;"),
+    (_fp8, None, r"quantized: tensor '.*_proj\.weight' is float8_e4m3fn;"),
+], ids=["int8+bitsandbytes", "gptq+config", "gptq_tensors", "int8+SCB", "int8", "fp8_tensors"])
+def test_quantized_checkpoints_are_refused(capsys, tmp_path, hf_dir, weights, config, expected):
+    """Never a silent cast: one line saying quantized, which method, and what to do."""
+    _edit_weights(hf_dir, weights)
+    if config:
+        _edit_config(hf_dir, lambda c: c.update(quantization_config=config))
+    code, err = _convert(capsys, hf_dir, tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(expected, err) and "dequantize it with transformers first" in err, err
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_fp8_in_a_pytorch_file_is_refused(capsys, tmp_path):
+    """numpy has no float8: the tensor is still named as quantized, not a traceback."""
+    src = helpers.save_hf(helpers.hf_model(), tmp_path / "bin", torch_bin=True)
+    state = torch.load(src / "pytorch_model.bin")
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    torch.save(state, src / "pytorch_model.bin")
+    code, err = _convert(capsys, src, tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "quantized: tensor 'model.layers.0.mlp.up_proj.weight' is not a numpy dtype" in err
     _assert_nothing_written(tmp_path / "out")
 
 

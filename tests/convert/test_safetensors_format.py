@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors import SafetensorError, safe_open
 
-from covenant_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
+from covenant_jax.convert.safetensors_io import SafetensorsFile
+from covenant_jax.errors import SafetensorsError
 
 DATA = np.arange(4, dtype=np.float32).tobytes()  # 16 bytes
 

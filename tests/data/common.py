@@ -61,17 +61,20 @@ def word_tokenizer(bos: str = "<bos>", chat_template: str | None = ZEPHYR):
     return out
 
 
-def bpe_tokenizer():
-    """Byte-level BPE trained in memory: tokens merge across spaces, as real tokenizers do."""
+def bpe_tokenizer(special: list[str] = SPECIAL, corpus: tuple[str, ...] = ()):
+    """Byte-level BPE trained in memory: tokens merge across spaces, as real tokenizers do.
+    Only `special` (and <bos> <eos> <pad> <unk>) are atomic tokens; `corpus` adds training
+    text (to make merges happen)."""
+    special = SPECIAL[:4] + [t for t in special if t not in SPECIAL[:4]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = ["hello world, how are you? fine thanks.", "the answer is forty two"] * 20
+    corpus = ["hello world, how are you? fine thanks.", "the answer is forty two"] * 20 + [*corpus]
     tok.train_from_iterator(
         corpus,
         trainers.BpeTrainer(
             vocab_size=300,
-            special_tokens=SPECIAL,
+            special_tokens=special,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from covenant_jax.data import cache, pipeline, prepare
+from covenant_jax.errors import CacheError
 from tests.data import common
 
 SEQ = 32
@@ -93,7 +94,7 @@ def test_two_processes_preparing_halves_equal_one_preparing_all(tmp_path):
     and so do both processes' batches and the report."""
     cfg = _cfg(tmp_path)
     one = _build(cfg, tmp_path / "one")
-    with pytest.raises(cache.CacheError, match="incomplete"):
+    with pytest.raises(CacheError, match="incomplete"):
         _build(cfg, tmp_path / "two", index=1, count=2)
     first = os.path.join(tmp_path / "two", os.path.basename(one.cache_locations[0]))
     written = sorted(p for p in os.listdir(first) if p.endswith(".json"))
@@ -111,20 +112,20 @@ def test_two_processes_preparing_halves_equal_one_preparing_all(tmp_path):
 
 def test_an_unshared_cache_folder_is_named(tmp_path):
     cfg = _cfg(tmp_path)
-    with pytest.raises(cache.CacheError, match="shard 1 is missing.*storage all hosts share"):
+    with pytest.raises(CacheError, match="shard 1 is missing.*storage all hosts share"):
         _build(cfg, tmp_path / "cache", index=0, count=2)
 
 
 def test_preparation_resumes_at_the_missing_shards(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
-    with pytest.raises(cache.CacheError):
+    with pytest.raises(CacheError):
         _build(cfg, tmp_path / "cache", index=1, count=2)  # a job stopped after half the shards
     rows = collections.Counter()
     real = prepare.Worker.samples
 
-    def counting(self, fmt, task_rows):
-        rows[fmt.format] += len(task_rows)
-        return real(self, fmt, task_rows)
+    def counting(self, how, task_rows):
+        rows[how.fmt.format] += len(task_rows)
+        return real(self, how, task_rows)
 
     monkeypatch.setattr(prepare.Worker, "samples", counting)
     resumed = _build(cfg, tmp_path / "cache")
@@ -151,6 +152,14 @@ def test_the_key_follows_what_shapes_the_samples(tmp_path):
     assert changed[0] != where[0] and changed[1] == where[1]  # only the changed file's entry
     renamed = dict(cfg, sources=[dict(cfg["sources"][0], weight=1.0, name="chats")] + cfg["sources"][1:])
     assert _build(renamed, tmp_path / "cache").cache_locations[0] == changed[0]
+    own = dict(cfg, template="llama3", sources=[dict(cfg["sources"][0], template="chatml")] + cfg["sources"][1:])
+    assert _build(own, tmp_path / "cache").cache_locations[:2] == changed  # the same templates
+    # What changes a conversation's tokens or mask changes its entry (the template: only its).
+    moved = _build(dict(cfg, template="llama3"), tmp_path / "cache").cache_locations[:2]
+    assert moved[0] != changed[0] and moved[1] == changed[1]
+    for change in (dict(roles_to_train=["user", "assistant"]), dict(train_on_eos="none"),
+                   dict(role_order="any"), dict(loss_on="all")):
+        assert _build(dict(cfg, **change), tmp_path / "cache").cache_locations[0] != changed[0], change
 
 
 def test_processes_prepare_like_one(tmp_path, monkeypatch):
@@ -169,7 +178,6 @@ def test_processes_prepare_like_one(tmp_path, monkeypatch):
 def test_data_prepare_verb_fills_the_cache_training_reads(tmp_path, capsys, monkeypatch):
     from covenant_jax import cli
     from covenant_jax.train import loop
-    from tests.train import common as train_common
 
     model = tmp_path / "model"
     common.word_tokenizer().save_pretrained(model)  # all `data prepare` reads of the model
@@ -220,3 +228,37 @@ def test_a_cache_on_an_object_store_is_read_through_one_local_copy(tmp_path):
     for r in remote:
         _assert_same_batches(memory.train, r.train)
         assert str(r.report) == str(memory.report)
+
+
+def test_every_row_format_and_template_setting_goes_through_the_cache(tmp_path):
+    """CSV with a BOM, instruct rows with axolotl's format strings and no chat template, a
+    source with its own template, and the mask settings: cached (2 processes, 2 workers)
+    == prepared in memory, skips located the same (`file:line: reason`)."""
+    csv_path = tmp_path / "rows.csv"
+    lines = ["instruction,input,output"] + [
+        f"{common.words(i, 3)},{common.words(i + 50, i % 3)},{common.words(i + 90, 2 + i % 5)}"
+        for i in range(40)]  # fmt: skip
+    lines[7] = "a,b,c,EXTRA"  # line 8: invalid_csv
+    csv_path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    chats = _chat_file(tmp_path / "chat.jsonl", n=40, bad_every=13)
+    prompt = {"format": "Q: {instruction} ({input})", "no_input_format": "Q: {instruction}",
+              "system_prompt": "Be brief."}  # fmt: skip
+    cfg = dict(
+        sources=[{"path": str(csv_path), "format": "instruct", "template": "none",
+                  "prompt_format": prompt},
+                 {"path": chats, "template": "llama3"}, {"path": chats}],
+        template="chatml", seq_len=SEQ, batch_size=4, epochs=1, eval_fraction=0.2,
+        overlength="split", shard_rows=8, roles_to_train=["user", "assistant"],
+        train_on_eos="last", role_order="any",
+    )  # fmt: skip
+    memory = _build(dict(cfg, workers=1))
+    with pytest.raises(CacheError):
+        _build(dict(cfg, workers=2), tmp_path / "cache", index=1, count=2)
+    cached = _build(dict(cfg, workers=2), tmp_path / "cache")
+    _assert_same_batches(memory.train, cached.train)
+    _assert_same_batches(memory.eval, cached.eval)
+    assert str(cached.report) == str(memory.report)
+    report = memory.report.sources
+    assert report[0].located["invalid_csv"] == [f"{csv_path}:8: invalid_csv (4 cells, the header has 3)"]
+    assert report[1].located["invalid_json"][0].startswith(f"{chats}:6: invalid_json (")
+    assert report[1].trained_tokens != report[2].trained_tokens  # llama3 vs chatml markers

@@ -1,6 +1,7 @@
 """Row formats -> messages, readers, and every kind of bad row counted by its reason."""
 
 import json
+import pickle
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,12 +62,49 @@ def test_instruct_prompt_completion_text():
         ({"messages": _msgs((U, b"\xff\xfe"), (A, "y"))}, "non_utf8"),
         ({"messages": _msgs((U, "x"), (A, "  "))}, "empty_content"),
         ({"messages": _msgs((U, "x"), ("system", "s"), (A, "y"))}, "misplaced_system"),
+        ({"messages": _msgs((A, "x"), (U, "y"))}, "role_order"),  # An answer to no question.
+        ({"messages": _msgs((U, "x"), (U, "y"), (A, "z"))}, "role_order"),
+        ({"messages": _msgs(("system", "s"), (A, "x"))}, "role_order"),
+        ({"messages": _msgs((U, "x"), (A, "y"), (A, "z"))}, "role_order"),
     ],
 )
 def test_bad_rows_raise_their_reason(row, reason):
     with pytest.raises(formats.InvalidRow) as e:
         formats.RowFormat.create("messages").to_example(row)
     assert e.value.reason == reason
+
+
+def test_invalid_rows_pickle():
+    """Worker processes hand skipped rows back pickled."""
+    e = pickle.loads(pickle.dumps(formats.InvalidRow("template_error", "roles must alternate")))
+    assert (e.reason, e.detail, str(e)) == (
+        "template_error", "roles must alternate", "template_error: roles must alternate"
+    )
+
+
+def test_role_order_any_takes_what_the_template_renders():
+    msgs = _msgs(("system", "s"), (A, "x"), (U, "y"), (U, "z"), (A, "w"))
+    fmt = formats.RowFormat.create("messages", role_order="any")
+    assert fmt.to_example({"messages": msgs}) == msgs
+    with pytest.raises(ValueError, match="role_order='random'"):
+        formats.RowFormat.create("messages", role_order="random")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("roles_to_train", ["tool"], r"data.roles_to_train=\['tool'\]: must be a non-empty list"),
+        ("roles_to_train", [], "must be a non-empty list"),
+        ("train_on_eos", "sometimes", r"data.train_on_eos='sometimes': must be one of 'turn'"),
+        ("role_order", "random", "data.role_order='random': must be one of 'alternate', 'any'"),
+    ],
+)
+def test_mask_and_role_order_settings_are_checked_first(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.build_pipeline(
+            _cfg(sources=[{"dataset": [common.chat_row(0)]}], **{key: value}),
+            common.word_tokenizer(), process_index=0, process_count=1,
+        )  # fmt: skip
 
 
 def _write_jsonl(path, rows, raw_lines=()):

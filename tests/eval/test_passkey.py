@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from covenant_jax.eval import passkey as pk
-from covenant_jax.eval.common import EvalInputError, encode
+from covenant_jax.eval.common import encode
+from covenant_jax.errors import EvalInputError
 from tests.eval.common import tiny_model, tiny_tokenizer
 
 

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from covenant_jax.eval import perplexity as ppl_lib
-from covenant_jax.eval.common import EvalInputError, with_rope, yarn_rope
+from covenant_jax.eval.common import with_rope, yarn_rope
+from covenant_jax.errors import EvalInputError
 from tests.eval.common import tiny_model, tiny_tokenizer
 
 VOCAB = 128

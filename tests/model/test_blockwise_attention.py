@@ -216,7 +216,7 @@ def test_cudnn_never_drops_a_sample_past_its_bound(fake_gpu, bound):
 def test_the_recipe_gives_the_packer_and_cudnn_one_bound(fake_gpu):
     """model.attention='cudnn' with no data.max_samples_per_row takes the backend's default; the
     packer (data section) and the model's kernel (ModelOptions) read the same number."""
-    from covenant_jax.train import loop, recipe
+    from covenant_jax.train import program, recipe
 
     cfg = recipe.default_config()
     cfg.model.update(attention="cudnn", param_dtype="bfloat16", dtype="bfloat16")
@@ -224,7 +224,7 @@ def test_the_recipe_gives_the_packer_and_cudnn_one_bound(fake_gpu):
     assert cfg.data.max_samples_per_row == gpu_attention.DEFAULT_MAX_SAMPLES_PER_ROW
     cfg.data.max_samples_per_row = 3
     recipe.bound_samples_per_row(cfg)
-    opts = loop.model_options(cfg)
+    opts = program.model_options(cfg)
     assert cfg.data.max_samples_per_row == opts.max_samples_per_row == 3
     model = Llama(ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama"}), opts, rngs=nnx.Rngs(0))
     seg = _short_samples([3, 4], t=16)

@@ -22,6 +22,12 @@ SCALINGS = [
      "mscale_all_dim": 1.0},
     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048, "attention_factor": 0.9},
     {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 4096},  # no scaling: scale 1
+    # null and falsy knobs, as transformers uses them: truncate null = no truncation, a null
+    # factor = max_position_embeddings / original, beta_fast 0 = 32, mscale 0 = plain 0.1 ln(s) + 1
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "truncate": None},
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 512},
+    {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512, "beta_fast": 0, "mscale": 0,
+     "mscale_all_dim": 1.0},
 ]
 
 

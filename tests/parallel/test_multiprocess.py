@@ -129,13 +129,13 @@ class _Joined:
 
 def _two_virtual_processes(monkeypatch):
     from covenant_jax.data import pipeline
-    from covenant_jax.train import loop
+    from covenant_jax.train import loop, program
 
     real = pipeline.build_pipeline
 
     def build(cfg, tokenizer, **_):
         shards = [real(cfg, tokenizer, process_index=i, process_count=2) for i in range(2)]
-        pad = loop._padding_batch(shards[0])
+        pad = program.padding_batch(shards[0].rows_per_process, shards[0].seq_len, shards[0].pad_id)
         return pipeline.DataPipeline(
             _Joined([s.train for s in shards], pad),
             _Joined([s.eval for s in shards], pad) if shards[0].eval is not None else None,
@@ -210,7 +210,7 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
     assert not list(mp.glob(".*.partial"))
 
     # A 2-process checkpoint does not resume in 1 process: a clear error, not Grain's.
-    from covenant_jax.convert.hf_files import CheckpointError
+    from covenant_jax.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="different number of processes"):
         loop.train(mp_common.recipe(mp, mp / "conv", data, steps=9))

@@ -9,7 +9,7 @@ from flax import nnx
 
 from covenant_jax.config import ModelConfig
 from covenant_jax.model.llama import Llama, ModelOptions
-from covenant_jax.train.loss import cross_entropy_sum, plain_cross_entropy_sum
+from covenant_jax.train.loss import cross_entropy_sum, plain_cross_entropy_sum, token_nll
 from tests import helpers
 
 
@@ -47,6 +47,25 @@ def test_matches_plain_values_and_grads(chunk_size, jit):
     for name, got, want in zip(("hidden", "kernel"), grads, ref_grads):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=name)
     assert not np.any(np.asarray(grads[0])[0, :4]), "masked tokens must get no gradient"
+
+
+def test_token_nll_any_cotangent_matches_plain():
+    """Per-token NLL with a different weight on every token (what a per-sequence preference
+    loss sends back): values and the VJP equal the materialised-logits reference."""
+    hidden, kernel, targets, _ = _inputs()
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
+
+    def plain_nll(h, k):
+        logits = jnp.einsum("BTD,DV->BTV", h, k, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    chunked = jax.jit(lambda h, k: token_nll(h, k, targets, chunk_size=5))
+    np.testing.assert_allclose(chunked(hidden, kernel), plain_nll(hidden, kernel), rtol=1e-6, atol=1e-6)
+    grads = jax.grad(lambda h, k: jnp.sum(weights * chunked(h, k)), argnums=(0, 1))(hidden, kernel)
+    ref = jax.grad(lambda h, k: jnp.sum(weights * plain_nll(h, k)), argnums=(0, 1))(hidden, kernel)
+    for got, want in zip(grads, ref):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():

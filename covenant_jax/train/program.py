@@ -1,0 +1,124 @@
+"""What one training step is, in one place: the batch (its fields, dtypes, shapes and shardings
+from the rule table), the abstract model and state, and the jitted steps.
+
+The loop runs these on real arrays, ``plan`` lowers them on abstract ones for a TPU topology,
+evaluation feeds the same batches; nothing else restates them.
+
+Batch contract (each field [rows, T], or [A, rows / A, T] with A micro-batches): ``tokens``,
+``targets`` (the next token of the same sample, else padding), ``loss_mask`` (1 where the
+target is trained), ``segment_ids`` (1, 2, ... per packed sample; 0 = padding), ``positions``
+(restarting at 0 per sample). Rows are sharded over the ``batch`` rule's mesh axes, T over
+``seq``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from covenant_jax.config import ModelConfig
+from covenant_jax.model.llama import ModelOptions, abstract_model
+from covenant_jax.parallel.sharding import logical_to_spec, state_shardings
+from covenant_jax.train import optimizer, state as state_lib, step as step_lib
+
+BATCH_FIELDS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
+                "segment_ids": np.int32, "positions": np.int32}
+
+
+def model_options(cfg) -> ModelOptions:
+    """How the recipe runs the model (``model.*`` and the packed-row bound)."""
+    return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                        remat=cfg.model.remat, attention=cfg.model.attention,
+                        max_samples_per_row=cfg.data.max_samples_per_row)
+
+
+# ---- the batch ----------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh, rows: int, seq_len: int, micro_batched: bool) -> NamedSharding:
+    """Rows over the ``batch`` rule's axes, T over ``seq``'s; a leading micro-batch axis whole."""
+    spec = logical_to_spec(("batch", "seq"), (rows, seq_len), mesh)
+    return NamedSharding(mesh, P(None, *spec) if micro_batched else spec)
+
+
+def abstract_batch(rows: int, seq_len: int, micro_batches: int, sharding: NamedSharding) -> dict:
+    """The [A, rows / A, T] train batch as ShapeDtypeStructs on ``sharding``."""
+    shape = (micro_batches, rows // micro_batches, seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in BATCH_FIELDS.items()}
+
+
+def padding_batch(rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows of padding (no tokens, no loss): what a process feeds once its share of a pass ends."""
+    fill = {"tokens": pad_id, "targets": pad_id}
+    return {k: np.full((rows, seq_len), fill.get(k, 0), d) for k, d in BATCH_FIELDS.items()}
+
+
+def device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_batches: int | None) -> dict:
+    """This process's host rows [rows, T] -> global arrays, [A, b, T] when micro-batched."""
+    def put(x):
+        if micro_batches is not None:
+            x = x.reshape(micro_batches, -1, *x.shape[1:])
+        global_shape = list(x.shape)
+        global_shape[1 if micro_batches is not None else 0] *= jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+# ---- the state ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AbstractState:
+    """A model's graph and the train state as sharded ShapeDtypeStructs (no weights anywhere)."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    tx: Any
+    schedule: Any
+    state: dict
+    shardings: dict
+
+
+def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh) -> AbstractState:
+    """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``."""
+    model = abstract_model(model_cfg, model_options(cfg))
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    param_shardings = nnx.to_pure_dict(state_shardings(params_state, mesh))
+    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                          nnx.to_pure_dict(params_state), param_shardings)
+    tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
+    shardings = state_lib.state_shardings(params, tx, mesh)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+             "opt_state": jax.eval_shape(tx.init, params)}
+    return AbstractState(graphdef, rest, tx, schedule, state_lib.abstract_like(state, shardings), shardings)
+
+
+# ---- the steps ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Steps:
+    train_step: Any  # jitted (state, batch[A, b, T]) -> (state, metrics)
+    eval_step: Any  # jitted (params, batch[B, T]) -> (loss sum, token count)
+    batch_sharding: NamedSharding  # of a [A, b, T] train batch
+    eval_sharding: NamedSharding  # of a [B, T] eval batch
+
+
+def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh) -> Steps:
+    """The jitted steps with explicit shardings and donation."""
+    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size)
+    rows, seq_len = cfg.data.batch_size // cfg.train.micro_batches, cfg.data.seq_len
+    train_sharding = batch_sharding(mesh, rows, seq_len, micro_batched=True)
+    eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
+    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule),
+                         in_shardings=(shardings, train_sharding),
+                         out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(loss_fn), in_shardings=(shardings["params"], eval_sharding))
+    return Steps(train_step, eval_step, train_sharding, eval_sharding)
