@@ -152,7 +152,8 @@ def test_the_key_follows_what_shapes_the_samples(tmp_path):
     assert changed[0] != where[0] and changed[1] == where[1]  # only the changed file's entry
     renamed = dict(cfg, sources=[dict(cfg["sources"][0], weight=1.0, name="chats")] + cfg["sources"][1:])
     assert _build(renamed, tmp_path / "cache").cache_locations[0] == changed[0]
-    own = dict(cfg, template="llama3", sources=[dict(cfg["sources"][0], template="chatml")] + cfg["sources"][1:])
+    own_template = [dict(cfg["sources"][0], template="chatml")] + cfg["sources"][1:]
+    own = dict(cfg, template="llama3", sources=own_template)
     assert _build(own, tmp_path / "cache").cache_locations[:2] == changed  # the same templates
     # What changes a conversation's tokens or mask changes its entry (the template: only its).
     moved = _build(dict(cfg, template="llama3"), tmp_path / "cache").cache_locations[:2]
