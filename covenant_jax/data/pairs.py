@@ -100,19 +100,23 @@ def pair_unit(encoded: tuple, seq_len: int, overlength: str) -> tuple[dict[str, 
         if cut > room:
             raise InvalidRow("overlength_dropped", f"the answers alone take {len(ids_c) + len(ids_r) - 2 * room} "
                              f"> {seq_len} tokens")
-    seqs = [(ids_c[cut:], trained_c[cut:]), (ids_r[cut:], trained_r[cut:])]
-    unit = {
-        "tokens": np.concatenate([i for i, _ in seqs]).astype(np.int32),
-        "weights": np.concatenate([t for _, t in seqs]).astype(bool),
-        "sub": np.concatenate([np.full(len(i), k + 1, np.int32) for k, (i, _) in enumerate(seqs)]),
-        "pos": np.concatenate([np.arange(len(i), dtype=np.int32) for i, _ in seqs]),
-    }
-    return unit, cut > 0
+    tokens = np.concatenate([ids_c[cut:], ids_r[cut:]]).astype(np.int32)
+    weights = np.concatenate([trained_c[cut:], trained_r[cut:]]).astype(bool)
+    return unit(tokens, weights, len(ids_c) - cut), cut > 0
 
 
-def scored_tokens(unit: Mapping[str, np.ndarray]) -> int:
+def unit(tokens: np.ndarray, weights: np.ndarray, first: int) -> dict[str, np.ndarray]:
+    """The packing unit of a pair's tokens and trained flags, its chosen sequence the `first`
+    tokens: `sub` 1 / 2 and `pos` restarting at the rejected sequence."""
+    n = len(tokens)
+    sub = np.where(np.arange(n) < first, 1, 2).astype(np.int32)
+    pos = np.concatenate([np.arange(first), np.arange(n - first)]).astype(np.int32)
+    return {"tokens": tokens, "weights": weights, "sub": sub, "pos": pos}
+
+
+def scored_tokens(pair: Mapping[str, np.ndarray]) -> int:
     """Targets the step scores: trained tokens that are not a sequence's first."""
-    return int((unit["weights"] & (unit["pos"] > 0)).sum())
+    return int((pair["weights"] & (pair["pos"] > 0)).sum())
 
 
 # ---- units -> batches ---------------------------------------------------------------------------

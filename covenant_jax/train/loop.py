@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,11 @@ def export_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
     return storage.path(cfg.train.run_dir) / "export"
 
 
+def data_cache_dir(cfg: ml_collections.ConfigDict) -> str:
+    """Where prepared samples are cached: data.cache_dir, else beside the run (RUN_DIR/data_cache)."""
+    return cfg.data.cache_dir or os.fspath(storage.path(cfg.train.run_dir) / "data_cache")
+
+
 def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.check_fields(cfg)
     recipe.bound_samples_per_row(cfg)
@@ -172,8 +178,8 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     _check_vocab(tokenizer, model)
     graphdef, params, rest = state_lib.split_model(model)
     reference = _reference_params(cfg, mesh, params)
-    data = data_pipeline.build_pipeline(cfg.data, tokenizer, annotate=_annotate(cfg, graphdef, rest, reference,
-                                                                                  mesh, tokenizer))
+    data = data_pipeline.build_pipeline(cfg.data, tokenizer, cache_dir=data_cache_dir(cfg),
+                                        annotate=_annotate(cfg, graphdef, rest, reference, mesh, tokenizer))
     if jax.process_index() == 0:
         print(data.report)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
@@ -208,11 +214,15 @@ def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def evaluate(run: Run, state: dict) -> dict[str, float] | None:
-    """The objective's metrics over the eval split (``loss`` among them), or None without one."""
+    """The objective's metrics (``loss`` among them) over the eval split, or None without one:
+    sums over all eval rows (data.eval_mode "token_mean": the token mean for SFT, the DPO loss
+    over all held-out pairs), or the loss transformers' Trainer.evaluate() reports ("trainer",
+    SFT only, see _evaluate_like_trainer)."""
     if run.data.eval is None:
         return None
-    eval_sharding = run.eval_sharding
-    params, frozen = state["params"], state.get("frozen", {})
+    if run.data.eval_mode == "trainer":
+        loss = _evaluate_like_trainer(run, state)
+        return None if loss is None else {"loss": loss}
     batches = itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None)
     sums, totals = None, None
     while True:
@@ -229,15 +239,46 @@ def evaluate(run: Run, state: dict) -> dict[str, float] | None:
                                           run.fields) if batch is None else batch
         elif batch is None:
             break
-        with activation_sharding(run.mesh):
-            batch_sums, batch_totals = run.eval_step(params, frozen, program.device_batch(
-                _host_layout(run, batch), eval_sharding, None))
-        batch_sums, batch_totals = jax.tree.map(lambda x: np.float64(x), (batch_sums, batch_totals))
-        sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
-        totals = batch_totals if totals is None else jax.tree.map(np.add, totals, batch_totals)
+        sums, totals = _add(_eval_sums(run, state, batch), (sums, totals))
     if totals is None or not totals.get("pairs", totals["tokens"]):
         return None
     return {k: float(v) for k, v in run.objective.report(sums, totals).items()}
+
+
+def _eval_sums(run: Run, state: dict, batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The objective's (sums, totals) of one eval batch (this process's rows of it), as float64."""
+    with activation_sharding(run.mesh):
+        out = run.eval_step(state["params"], state.get("frozen", {}),
+                            program.device_batch(_host_layout(run, batch), run.eval_sharding, None))
+    return jax.tree.map(np.float64, out)
+
+
+def _add(part: tuple, total: tuple) -> tuple:
+    """``part + total`` leaf by leaf; ``part`` while ``total`` is still (None, None)."""
+    return part if total[1] is None else jax.tree.map(np.add, part, total)
+
+
+def _evaluate_like_trainer(run: Run, state: dict) -> float | None:
+    """What transformers' Trainer.evaluate() reports (and Gradients' validator scores): each
+    eval batch's token mean, averaged over the batches weighted by their rows (Trainer repeats
+    a batch's loss per row, and accelerate's gather_for_metrics cuts the last batch's repeats to
+    its rows); batches whose mean is not finite left out (logging_nan_inf_filter). The pipeline
+    forms the batches (TrainerEval); each may take several device batches, summed before the mean."""
+    means, weights = [], []
+    for rows, batches in itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None):
+        sums, totals = None, None
+        for b in batches:
+            sums, totals = _add(_eval_sums(run, state, b), (sums, totals))
+        means.append(float(run.objective.report(sums, totals)["loss"]) if totals and totals["tokens"]
+                     else float("nan"))
+        weights.append(rows)
+    if not means:
+        return None
+    means, weights = np.asarray(means), np.asarray(weights, float)
+    finite = np.isfinite(means)
+    if finite.any():
+        means, weights = means[finite], weights[finite]
+    return float(np.sum(means * weights) / np.sum(weights))
 
 
 class _Progress:

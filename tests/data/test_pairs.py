@@ -42,11 +42,8 @@ def _build(sources, tokenizer=None, **kw):
 
 def _units(sources, tokenizer=None, **kw):
     """The packing units a source becomes (its train split, in row order)."""
-    cfg = pipeline._with_defaults({**dict(sources=sources, template="chatml", seq_len=SEQ), **kw})
-    tok = tokenizer or common.word_tokenizer()
-    src = cfg["sources"][0]
-    template = pipeline._source_template(src, cfg, tok, {})
-    train, _, report = pipeline.load_source(src, 0, cfg, tok, template)
+    cfg = {**dict(sources=sources, template="chatml", seq_len=SEQ), **kw}
+    train, _, report = common.source_samples(cfg, tokenizer or common.word_tokenizer())
     return train, report
 
 
@@ -156,9 +153,11 @@ def test_overlength_truncates_the_prompt_from_the_left_or_drops_the_pair():
     assert len(units) == 1 and dict(report.skipped) == {"overlength_dropped": 1}
 
 
-def test_split_and_mixtures_are_refused():
+def test_split_trainer_eval_and_mixtures_are_refused():
     with pytest.raises(UserError, match="'split' cannot keep a preference pair"):
         _build([dict(dataset=[_pair_row(0)], format="dpo")], overlength="split")
+    with pytest.raises(UserError, match="eval_mode='trainer' is the SFT loss"):
+        _build([dict(dataset=[_pair_row(0)], format="dpo")], eval_mode="trainer")
     with pytest.raises(UserError, match="mixes preference pairs"):
         _build([dict(dataset=[_pair_row(0)], format="dpo"), dict(dataset=[common.chat_row(0)])])
 

@@ -16,6 +16,7 @@ from covenant_jax.model.llama import ModelOptions
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
 from covenant_jax.train import precompute, preference, program, state as state_lib, step as step_lib
 from tests import helpers
+from tests.data import common as data_common
 from tests.train import common
 
 SEQ = 48
@@ -33,10 +34,7 @@ def setup(tmp_path_factory):
 
 
 def _units(cfg, n):
-    data_cfg = pipeline._with_defaults(cfg.data)
-    tok = load_tokenizer(cfg.model.path)
-    src = data_cfg["sources"][0]
-    train, _, _ = pipeline.load_source(src, 0, data_cfg, tok, pipeline._source_template(src, data_cfg, tok, {}))
+    train, _, _ = data_common.source_samples(cfg.data, load_tokenizer(cfg.model.path))
     return train[:n]
 
 
