@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -210,41 +211,46 @@ def gqa_cfg(tiny_recipe, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def unrolled(gqa_cfg, compiler):
-    """The estimate's compiles of the GQA step with 1, 2 and (to check against) 3 layers."""
+def gqa_plan(gqa_cfg, compiler):
+    """The plan with its estimate: the step compiled, then with 1 and 2 layers unrolled."""
+    return plan_lib.plan(gqa_cfg, TOPOLOGY, search=False, step_time=True, compiler=compiler)
+
+
+@pytest.fixture(scope="module")
+def unrolled(gqa_plan, gqa_cfg, compiler):
+    """The estimate's two compiles (1 and 2 layers), gqa_plan's (the same compiler)."""
     topo = plan_lib.resolve_topology(TOPOLOGY)
     model_cfg = plan_lib.model_config(gqa_cfg)
     sizes = plan_lib.mesh_shape(gqa_cfg, topo.num_devices)
-    return [step_time.unrolled_step(gqa_cfg, model_cfg, n, topo, sizes, compiler) for n in (1, 2, 3)]
+    return [step_time.unrolled_step(gqa_cfg, model_cfg, n, topo, sizes, compiler) for n in (1, 2)]
 
 
 def test_the_cost_model_counts_every_unrolled_loop(unrolled, gqa_cfg):
     """The FLOPs one layer adds are its matmuls x 8 per token (forward, remat's recompute, two
     backward): all 2 micro-batches, and the recompute kept apart from the forward (merged, it
     would be x 6; one micro-batch counted, x 4). Outside the layers, the lm head's x 8 (forward,
-    the chunked loss's recompute, two backward) over both loss chunks (one counted: x 4), plus
-    the optimizer's and the softmax's elementwise work."""
+    the chunked loss's recompute, two backward; measured x 6.2 before the loss's recompute was
+    kept apart from its forward) over both loss chunks (one counted: x 4), plus the optimizer's
+    and the softmax's elementwise work (measured: 2% more)."""
     d, f, v = GQA["hidden_size"], GQA["intermediate_size"], GQA["vocab_size"]
     n, k, h = GQA["num_attention_heads"], GQA["num_key_value_heads"], GQA["head_dim"]
     tokens = gqa_cfg.data.batch_size * gqa_cfg.data.seq_len / 4  # per device of 4
-    one, two = (s.cost["flops"] for s in unrolled[:2])
+    one, two = (s.cost["flops"] for s in unrolled)
     assert two - one == pytest.approx(8 * (2 * d * n * h + 2 * d * k * h + 3 * d * f) * tokens, rel=0.02)
-    assert one - (two - one) == pytest.approx(8 * d * v * tokens, rel=0.1)
+    assert one - (two - one) == pytest.approx(8 * d * v * tokens, rel=0.05)
 
 
-def test_layers_extrapolate_to_a_direct_compile(unrolled):
-    """t(3) = t(1) + 2 x (t(2) - t(1)) against the 3-layer step compiled itself (measured: the
-    cost model's seconds within 2%, its FLOPs within 0.1%)."""
-    one, two, three = unrolled
-    seconds = [step_time.compiled_seconds(s) for s in unrolled]
-    assert min(seconds) > 0
-    assert step_time.extrapolate(seconds[:2], 3) == pytest.approx(seconds[2], rel=0.05)
-    flops = [s.cost["flops"] for s in (one, two)]
-    assert step_time.extrapolate(flops, 3) == pytest.approx(three.cost["flops"], rel=0.005)
+def test_the_estimate_grows_with_layers(unrolled):
+    """The cost model's seconds, with its -1 s per uncosted call added back, are positive and a
+    layer adds time (measured here: 0.50 ms, 0.84 ms; 3 layers compiled directly 1.17 ms, and
+    extrapolated 1.18 ms)."""
+    one, two = (step_time.compiled_seconds(s) for s in unrolled)
+    assert 0 < one < two
+    assert step_time.extrapolate([one, two], 3) == pytest.approx(2 * two - one)
 
 
-def test_plan_reports_the_estimate_as_an_estimate(gqa_cfg, unrolled, compiler):
-    p = plan_lib.plan(gqa_cfg, TOPOLOGY, search=False, step_time=True, compiler=compiler)
+def test_plan_reports_the_estimate_as_an_estimate(gqa_plan, gqa_cfg, unrolled):
+    p = gqa_plan
     e = p.step_time
     one, two = e.compiled_seconds
     assert one == step_time.compiled_seconds(unrolled[0]) and two == step_time.compiled_seconds(unrolled[1])
@@ -256,13 +262,31 @@ def test_plan_reports_the_estimate_as_an_estimate(gqa_cfg, unrolled, compiler):
     assert 0 < e.mfu < 1
     text = plan_lib.report(p)
     assert "ESTIMATE from the TPU compiler's cost model (not a measurement)" in text
+    assert "not counted:" in text
     assert f"{e.mfu:.0%} MFU" in text
     assert "not a measurement" in json.loads(plan_lib.to_json(p))["step_time_estimate"]["source"]
 
 
 def test_no_estimate_for_gpus(tiny_cfg):
     p = plan_lib.plan(tiny_cfg, "h100:4", step_time=True)
-    assert p.step_time is None and any("no step time estimate for a GPU" in w for w in p.warnings)
+    assert p.step_time is None and "GPU target" in p.step_time_unavailable
+    assert "step time, ESTIMATE from the TPU compiler's cost model: n/a (a GPU target" in plan_lib.report(p)
+
+
+def test_a_compiler_crash_is_a_reason_not_a_number(tiny_plan, tiny_cfg, compiler, monkeypatch):
+    """The estimate's compiles run in a child process: one that dies (libtpu segfaulted once on
+    an unrolled v5e step) is reported as n/a with the signal, and plan goes on."""
+    with pytest.raises(plan_compile.CompileFailed, match="killed by SIGABRT"):
+        plan_compile.in_child(os.abort)
+
+    def crashed(*_args):
+        raise plan_compile.CompileFailed("the compiling process died (killed by SIGSEGV)")
+
+    monkeypatch.setattr(plan_compile, "compile_in_child", crashed)
+    p = plan_lib.plan(tiny_cfg, TOPOLOGY, search=False, step_time=True, compiler=compiler)  # tiny_plan's
+    assert p.fits and p.step_time is None
+    assert "n/a (1-layer unrolled compile failed: the compiling process died (killed by SIGSEGV))" in plan_lib.report(p)
+    assert json.loads(plan_lib.to_json(p))["step_time_estimate"] is None
 
 
 def test_uncosted_calls_are_read_from_the_entry_computation():

@@ -12,10 +12,10 @@ for v5e:2x2) ends the child, not ``plan``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import multiprocessing
 import re
+import signal
 import time
 
 import jax
@@ -85,39 +85,6 @@ class StepCompiler:
         return self._done[key]
 
 
-class CompileFailed(Exception):
-    """A compile in a child process that returned no program: the process died or raised."""
-
-
-def compile_in_child(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
-                     options: ModelOptions | None = None, unroll: bool = False) -> CompiledStep:
-    """``compile_step`` in a fresh process; ``CompileFailed`` with the reason when the compiler
-    crashes or raises there."""
-    return in_child(_compile_here, cfg, model_cfg, topo.name, topo.spec, sizes, options, unroll)
-
-
-def in_child(fn, *args):
-    """``fn(*args)`` in a spawned process (forking one that runs JAX's threads is unsafe)."""
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        future = pool.submit(fn, *args)
-        try:
-            return future.result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise CompileFailed("the compiling process died (a crash in libtpu)") from None
-
-
-def _compile_here(cfg, model_cfg: ModelConfig, name: str, spec: str, sizes: dict[str, int],
-                  options: ModelOptions | None, unroll: bool) -> CompiledStep:
-    """The child's side: the topology's devices again (they do not cross processes), the compile,
-    and any error as one picklable line."""
-    try:
-        topo = dataclasses.replace(resolve_topology(spec), name=name)
-        return compile_step(cfg, model_cfg, topo, sizes, options, unroll)
-    except Exception as e:  # reported by the parent; a JaxRuntimeError may not pickle
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CompileFailed(f"{type(e).__name__}: {first}") from None
-
-
 def compile_step(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
                  options: ModelOptions | None = None, unroll: bool = False) -> CompiledStep:
     """Lowers and compiles the train step for ``topo``'s devices."""
@@ -138,6 +105,60 @@ def compile_step(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, i
         return CompiledStep(_refused_memory(abstract.state, batch, found), {}, time.time() - started)
     seconds = time.time() - started
     return CompiledStep(_memory(compiled, abstract.state), _cost(compiled), seconds)
+
+
+class CompileFailed(Exception):
+    """A compile in a child process that returned no program: the process died or raised."""
+
+
+def compile_in_child(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
+                     options: ModelOptions | None = None, unroll: bool = False) -> CompiledStep:
+    """``compile_step`` in a fresh process; ``CompileFailed`` with the reason when the compiler
+    crashes or raises there."""
+    return in_child(_compile_here, cfg, model_cfg, topo.name, topo.spec, sizes, options, unroll)
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a spawned process (forking one that runs JAX's threads is unsafe);
+    ``CompileFailed`` naming the error it raised or the signal that ended it."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_run_and_send, args=(send, fn, args), daemon=True)
+    child.start()
+    send.close()  # the child holds the only writer: its death ends recv() with EOFError
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise CompileFailed(f"the compiling process died ({_exit_reason(child.exitcode)})") from None
+    finally:
+        receive.close()
+    child.join()
+    if not ok:
+        raise CompileFailed(value)
+    return value
+
+
+def _run_and_send(send, fn, args) -> None:
+    try:
+        result = (True, fn(*args))
+    except Exception as e:  # sent as one line: a JaxRuntimeError may not pickle
+        first = str(e).splitlines()[0] if str(e) else ""
+        result = (False, f"{type(e).__name__}: {first}")
+    send.send(result)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _compile_here(cfg, model_cfg: ModelConfig, name: str, spec: str, sizes: dict[str, int],
+                  options: ModelOptions | None, unroll: bool) -> CompiledStep:
+    """The child's side: the topology's devices again (devices do not cross processes)."""
+    topo = dataclasses.replace(resolve_topology(spec), name=name)
+    return compile_step(cfg, model_cfg, topo, sizes, options, unroll)
 
 
 def device_bytes(tree) -> int:

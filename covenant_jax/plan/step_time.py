@@ -5,8 +5,10 @@ step on one device. Compiled as the loop runs it, the step is not what the model
 body is counted once whatever its trip count (a whole scanned 72B step came out at 1/64 of its
 FLOPs, and a negative time), and nothing inside a Pallas kernel is counted. So the estimate
 compiles the step twice more, with 1 and 2 layers, with every loop unrolled (layers,
-micro-batches, loss chunks: ``ModelOptions.scan_unroll``, ``make_steps(unroll=True)``) and the
-attention core replaced by an elementwise stand-in (``attention.cost_model_stand_in``); then
+micro-batches, loss chunks: ``ModelOptions.scan_unroll``, ``make_steps(unroll=True)``; at most
+``MAX_LOSS_CHUNKS`` loss chunks) and the attention core replaced by an elementwise stand-in
+(``attention.cost_model_stand_in``), each in a child process (a libtpu crash is a reason, not the
+end of ``plan``); then
 
     t(L) = t(1) + (L - 1) x (t(2) - t(1)) + attention core
 
@@ -23,10 +25,12 @@ import dataclasses
 from covenant_jax.config import ModelConfig
 from covenant_jax.model.attention import COST_MODEL_STAND_IN
 from covenant_jax.plan.compile import CompiledStep, CompileFailed, StepCompiler
+from covenant_jax.plan.search import with_changes
 from covenant_jax.plan.topology import Topology
 from covenant_jax.train.metrics import attention_flops_per_token
 from covenant_jax.train.program import model_options
 
+MAX_LOSS_CHUNKS = 8  # per micro-batch, in the estimate's unrolled compiles (``few_loss_chunks``)
 SOURCE = ("libtpu's cost model (cost_analysis optimal_seconds) of the step with 1 and 2 layers, every "
           "loop unrolled, extrapolated to all layers, plus the attention core at 100% of peak: an "
           "ESTIMATE, not a measurement")
@@ -77,14 +81,24 @@ def unrolled_step(cfg, model_cfg: ModelConfig, layers: int, topo: Topology, size
     compiled in a child process, so that a compiler crash is a reason, not the end of plan."""
     options = dataclasses.replace(model_options(cfg), scan_unroll=True, attention=COST_MODEL_STAND_IN)
     try:
-        step = compiler.compile(cfg, dataclasses.replace(model_cfg, num_hidden_layers=layers), topo, sizes,
-                                options, unroll=True, isolated=True)
+        step = compiler.compile(few_loss_chunks(cfg), dataclasses.replace(model_cfg, num_hidden_layers=layers),
+                                topo, sizes, options, unroll=True, isolated=True)
     except CompileFailed as e:
         raise EstimateUnavailable(f"{layers}-layer unrolled compile failed: {e}") from None
     if step.refused or "optimal_seconds" not in step.cost:
         raise EstimateUnavailable(f"{layers}-layer unrolled compile: "
                                   f"{step.memory.note or 'the compiler reported no optimal_seconds'}")
     return step
+
+
+def few_loss_chunks(cfg):
+    """The recipe with at most ``MAX_LOSS_CHUNKS`` loss chunks per micro-batch: the same FLOPs in
+    fewer, larger matmuls, so that the unrolled program stays small (the 72B SFT recipe's 1024-token
+    chunks are 512 per micro-batch). The estimate's compiles hold 1 or 2 layers, so the larger
+    logits fit where the recipe's layers do."""
+    tokens = cfg.data.batch_size // cfg.train.micro_batches * cfg.data.seq_len
+    chunk = max(cfg.train.loss_chunk_size, -(-tokens // MAX_LOSS_CHUNKS))
+    return cfg if chunk == cfg.train.loss_chunk_size else with_changes(cfg, {"train.loss_chunk_size": chunk})
 
 
 def compiled_seconds(step: CompiledStep) -> float:
