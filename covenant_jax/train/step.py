@@ -27,20 +27,23 @@ from covenant_jax.train.loss import cross_entropy_sum
 Batch = dict[str, jax.Array]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Callable:
-    """loss(params, batch[b, T]) -> (summed token loss, trained token count)."""
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int,
+                 unroll: bool = False) -> Callable:
+    """loss(params, batch[b, T]) -> (summed token loss, trained token count). ``unroll``: the loss
+    chunks as an unrolled loop (for the compiler's cost model, which counts a loop body once)."""
 
     def loss_fn(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
         model = nnx.merge(graphdef, params, rest)
         hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
         return cross_entropy_sum(hidden_BTD, model.output_kernel(), batch["targets"],
-                                 batch["loss_mask"], chunk_size=chunk_size)
+                                 batch["loss_mask"], chunk_size=chunk_size, unroll=unroll)
 
     return loss_fn
 
 
-def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch):
-    """Summed loss, token count and float32 gradients of the summed loss over micro-batches."""
+def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch, unroll: bool = False):
+    """Summed loss, token count and float32 gradients of the summed loss over micro-batches
+    (``unroll``: as an unrolled loop)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(carry, micro_batch):
@@ -50,7 +53,8 @@ def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch):
         return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch_A)
+    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch_A,
+                                               unroll=unroll)
     return grads, loss_sum, count
 
 
@@ -60,10 +64,11 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    unroll: bool = False):
     def train_step(state: dict[str, Any], batch_A: Batch):
         params = state["params"]
-        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A)
+        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A, unroll)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
