@@ -192,13 +192,14 @@ def pair_totals(batch: Batch, pairs_per_row: int) -> Sums:
 Reference = Callable[[dict, dict, Batch], jnp.ndarray]
 
 
-def frozen_model_reference(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Reference:
+def frozen_model_reference(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int,
+                           unroll: bool = False) -> Reference:
     """The frozen copy in ``state["frozen"]["ref_params"]``, run in the step on the same mesh."""
 
     def reference(params, frozen, batch):
         del params
         model = nnx.merge(graphdef, jax.lax.stop_gradient(frozen["ref_params"]), rest)
-        return -policy_token_nll(model, batch, chunk_size)
+        return -policy_token_nll(model, batch, chunk_size, unroll)
 
     return reference
 
@@ -209,9 +210,9 @@ def precomputed_reference(params, frozen, batch) -> jnp.ndarray:
     return batch["ref_logp"]
 
 
-def policy_token_nll(model, batch: Batch, chunk_size: int) -> jnp.ndarray:
+def policy_token_nll(model, batch: Batch, chunk_size: int, unroll: bool = False) -> jnp.ndarray:
     hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return token_nll(hidden_BTD, model.output_kernel(), batch["targets"], chunk_size=chunk_size)
+    return token_nll(hidden_BTD, model.output_kernel(), batch["targets"], chunk_size=chunk_size, unroll=unroll)
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def loss_weights(section) -> dict[str, float]:
 
 
 def dpo_objective(graphdef: nnx.GraphDef, rest: nnx.State, section, *, chunk_size: int,
-                  pairs_per_row: int, reference: Reference) -> Objective:
+                  pairs_per_row: int, reference: Reference, unroll: bool = False) -> Objective:
     """DPO on packed pairs: ``section`` is the recipe's ``dpo`` section (checked)."""
     weights = loss_weights(section)
     beta, eps = float(section.beta), float(section.label_smoothing)
@@ -234,7 +235,7 @@ def dpo_objective(graphdef: nnx.GraphDef, rest: nnx.State, section, *, chunk_siz
 
     def loss(params, frozen, batch, totals):
         model = nnx.merge(graphdef, params, rest)
-        nll_BT = policy_token_nll(model, batch, chunk_size)
+        nll_BT = policy_token_nll(model, batch, chunk_size, unroll)
         ref_BT = jax.lax.stop_gradient(reference(params, frozen, batch))
         logps_c, logps_r = sequence_sums(-nll_BT, batch, pairs_per_row)
         ref_c, ref_r = sequence_sums(ref_BT, batch, pairs_per_row)

@@ -138,9 +138,11 @@ class AbstractState:
     shardings: dict
 
 
-def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh) -> AbstractState:
-    """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``."""
-    model = abstract_model(model_cfg, model_options(cfg))
+def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh,
+                   options: ModelOptions | None = None) -> AbstractState:
+    """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``
+    (``options``: how the model runs, the recipe's by default)."""
+    model = abstract_model(model_cfg, options or model_options(cfg))
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     param_shardings = nnx.to_pure_dict(state_shardings(params_state, mesh))
     params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
@@ -168,25 +170,29 @@ class Steps:
     fields: dict  # the batch's fields and dtypes
 
 
-def make_objective(cfg, graphdef, rest) -> step_lib.Objective:
-    """The recipe's ``train.objective``, with DPO's reference strategy."""
+def make_objective(cfg, graphdef, rest, unroll: bool = False) -> step_lib.Objective:
+    """The recipe's ``train.objective``, with DPO's reference strategy (``unroll``: the loss
+    chunks' loops unrolled)."""
     chunk = cfg.train.loss_chunk_size
     if not is_dpo(cfg):
-        return step_lib.sft_objective(step_lib.make_loss_fn(graphdef, rest, chunk))
-    reference = (preference.frozen_model_reference(graphdef, rest, chunk) if in_step_reference(cfg)
+        return step_lib.sft_objective(step_lib.make_loss_fn(graphdef, rest, chunk, unroll))
+    reference = (preference.frozen_model_reference(graphdef, rest, chunk, unroll) if in_step_reference(cfg)
                  else preference.precomputed_reference)
-    return preference.dpo_objective(graphdef, rest, cfg.dpo, chunk_size=chunk,
-                                    pairs_per_row=pairs_per_row(cfg), reference=reference)
+    return preference.dpo_objective(graphdef, rest, cfg.dpo, chunk_size=chunk, pairs_per_row=pairs_per_row(cfg),
+                                    reference=reference, unroll=unroll)
 
 
-def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh) -> Steps:
+def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh,
+               unroll: bool = False) -> Steps:
     """The jitted steps with explicit shardings and donation (the frozen reference, when there
-    is one, passes through the donated state unchanged: its buffers are aliased, not copied)."""
-    objective = make_objective(cfg, graphdef, rest)
+    is one, passes through the donated state unchanged: its buffers are aliased, not copied).
+    ``unroll``: the micro-batch and loss-chunk loops unrolled (``plan``'s step time estimate; the
+    compiler's cost model counts a loop body once)."""
+    objective = make_objective(cfg, graphdef, rest, unroll)
     rows, seq_len = cfg.data.batch_size // cfg.train.micro_batches, cfg.data.seq_len
     train_sharding = batch_sharding(mesh, rows, seq_len, micro_batched=True)
     eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
-    train_step = jax.jit(step_lib.make_train_step(objective, tx, schedule),
+    train_step = jax.jit(step_lib.make_train_step(objective, tx, schedule, unroll),
                          in_shardings=(shardings, train_sharding),
                          out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
     eval_step = jax.jit(step_lib.make_eval_step(objective),

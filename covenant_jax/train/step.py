@@ -62,14 +62,16 @@ class Objective:
     report: Callable[[Sums, Sums], dict]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Callable:
-    """loss(params, batch[b, T]) -> (summed token loss, trained token count)."""
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int,
+                 unroll: bool = False) -> Callable:
+    """loss(params, batch[b, T]) -> (summed token loss, trained token count). ``unroll``: the loss
+    chunks as an unrolled loop (for the compiler's cost model, which counts a loop body once)."""
 
     def loss_fn(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
         model = nnx.merge(graphdef, params, rest)
         hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
         return cross_entropy_sum(hidden_BTD, model.output_kernel(), batch["targets"],
-                                 batch["loss_mask"], chunk_size=chunk_size)
+                                 batch["loss_mask"], chunk_size=chunk_size, unroll=unroll)
 
     return loss_fn
 
@@ -97,8 +99,9 @@ def as_objective(objective: Objective | Callable) -> Objective:
 
 
 def accumulate_gradients(objective: Objective, params: dict, frozen: dict, batch_A: Batch,
-                         totals: Sums) -> tuple[Any, Sums]:
-    """float32 gradients of the loss and its sums, added over the A micro-batches."""
+                         totals: Sums, unroll: bool = False) -> tuple[Any, Sums]:
+    """float32 gradients of the loss and its sums, added over the A micro-batches (``unroll``: as
+    an unrolled loop)."""
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
 
     def body(carry, micro_batch):
@@ -111,7 +114,7 @@ def accumulate_gradients(objective: Objective, params: dict, frozen: dict, batch
     sums_shape = jax.eval_shape(lambda: objective.loss(params, frozen, first, totals)[1])
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
-    (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), batch_A)
+    (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), batch_A, unroll=unroll)
     return grads, sums
 
 
@@ -122,15 +125,15 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(objective: Objective | Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule, unroll: bool = False):
     """``train_step(state, batch[A, b, T]) -> (state, metrics)``; ``objective`` may be a plain
-    SFT ``loss_fn``."""
+    SFT ``loss_fn``; ``unroll``: the micro-batch loop unrolled (plan's cost model)."""
     objective = as_objective(objective)
 
     def train_step(state: dict[str, Any], batch_A: Batch):
         params, frozen = state["params"], state.get("frozen", {})
         totals = objective.totals(batch_A)
-        grads, sums = accumulate_gradients(objective, params, frozen, batch_A, totals)
+        grads, sums = accumulate_gradients(objective, params, frozen, batch_A, totals, unroll)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         metrics = dict(objective.report(sums, totals))
