@@ -3,6 +3,10 @@
 The state is a plain pytree ``{"step", "params", "opt_state"}`` so Orbax saves and restores
 it directly; ``params`` is the model's pure param dict and the model's graph definition stays
 outside, static. Optimizer moments get their parameter's sharding via ``optax.tree_map_params``.
+
+An optional ``"frozen"`` subtree holds arrays the step reads but never changes (DPO's reference
+params, sharded like ``params``). They come from the model folder on every start, so they are
+not checkpointed (:func:`saved_part`) and :func:`attach_frozen` puts them back after a restore.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ def split_model(model: Llama) -> tuple[nnx.GraphDef, dict, nnx.State]:
     return graphdef, nnx.to_pure_dict(params), rest
 
 
-def state_shardings(params: dict, tx: optax.GradientTransformation, mesh: Mesh) -> dict:
+def state_shardings(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
+                    frozen: dict | None = None) -> dict:
     replicated = NamedSharding(mesh, P())
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     abstract_opt = jax.eval_shape(tx.init, params)
@@ -32,15 +37,39 @@ def state_shardings(params: dict, tx: optax.GradientTransformation, mesh: Mesh) 
         tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
         transform_non_params=lambda _: replicated,
     )
-    return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    if frozen is not None:
+        shardings["frozen"] = jax.tree.map(lambda x: x.sharding, frozen)
+    return shardings
 
 
-def create_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[dict, dict]:
-    """(state, its shardings); the optimizer state is initialised on its shardings."""
-    shardings = state_shardings(params, tx, mesh)
+def create_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
+                 frozen: dict | None = None) -> tuple[dict, dict]:
+    """(state, its shardings); the optimizer state is initialised on its shardings. ``frozen``
+    must not share buffers with ``params`` (the step donates both)."""
+    shardings = state_shardings(params, tx, mesh, frozen)
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    return {"step": step, "params": params, "opt_state": opt_state}, shardings
+    state = {"step": step, "params": params, "opt_state": opt_state}
+    if frozen is not None:
+        state["frozen"] = frozen
+    return state, shardings
+
+
+def saved_part(tree: dict) -> dict:
+    """What a checkpoint holds (and its digests cover): the state without ``frozen``."""
+    return {k: v for k, v in tree.items() if k != "frozen"}
+
+
+def attach_frozen(restored: dict, state: dict) -> dict:
+    """A restored state with ``state``'s frozen arrays (loaded from the model folder) put back."""
+    return {**restored, "frozen": state["frozen"]} if "frozen" in state else restored
+
+
+def copy_tree(tree: Any) -> Any:
+    """A copy of every array on its own sharding: a frozen copy the donated step cannot alias to
+    the params it was copied from."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:
