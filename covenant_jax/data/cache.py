@@ -29,6 +29,7 @@ was stopped resumes at the first missing shard.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import io
 import json
@@ -203,10 +204,13 @@ def _write_array_record(path: storage.Path, records: Iterable[bytes]) -> None:
     folder = tempfile.mkdtemp(prefix="covenant-shard-") if remote else os.fspath(path.parent)
     tmp = os.path.join(folder, f".{path.name}.tmp")
     try:
-        writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
-        for record in records:
-            writer.write(record)
-        writer.close()
+        try:
+            writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
+            for record in records:
+                writer.write(record)
+            writer.close()
+        except RuntimeError as e:
+            raise _as_os_error(e, tmp) from e
         _fsync(tmp)
         if remote:
             storage.copy_file(storage.Path(tmp), path)
@@ -217,6 +221,16 @@ def _write_array_record(path: storage.Path, records: Iterable[bytes]) -> None:
             os.unlink(tmp)
         if remote:
             os.rmdir(folder)
+
+
+def _as_os_error(error: RuntimeError, path: str) -> Exception:
+    """ArrayRecord's writer reports a failed write() as a RuntimeError quoting strerror ("File too
+    large", "No space left on device"); as an OSError with its errno, the CLI names a full disk in
+    one line like any other."""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+        if os.strerror(code) in str(error):
+            return OSError(code, os.strerror(code), path)
+    return error
 
 
 def _fsync(path: str) -> None:

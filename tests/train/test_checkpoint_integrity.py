@@ -203,28 +203,53 @@ def get_config():
 """
 
 
-def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(trained, tmp_path):
-    """Resume from step 3 with files capped at 100 kB (the kernel refuses larger writes: EFBIG)."""
-    _, model_dir, data, checkpoints = trained
-    run_checkpoints = tmp_path / "run" / "checkpoints"
-    shutil.copytree(checkpoints, run_checkpoints)
-    shutil.rmtree(run_checkpoints / "6")
-    recipe = tmp_path / "recipe.py"
-    recipe.write_text(textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data))))
+def _cap_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    def cap_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    proc = subprocess.run([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
-                          env={**os.environ, "PYTHONPATH": os.getcwd()}, preexec_fn=cap_file_size,
+def _train_capped(recipe):
+    """`covenant-jax train` with files capped at 100 kB (the kernel refuses larger writes: EFBIG)."""
+    return subprocess.run([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
+                          env={**os.environ, "PYTHONPATH": os.getcwd()}, preexec_fn=_cap_file_size,
                           capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "rror" in line]
     assert errors == [line for line in proc.stderr.splitlines() if line.startswith("covenant-jax: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert errors[0].startswith(f"covenant-jax: error: could not write checkpoint step 6 to {run_checkpoints}: "
+    return errors[0]
+
+
+def test_full_disk_while_preparing_data_is_one_line_and_leaves_no_shard(trained, tmp_path):
+    """The data cache's ArrayRecord writer reports a failed write as a RuntimeError naming strerror."""
+    _, model_dir, data, _ = trained
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data))))
+    cache = tmp_path / "run" / "data_cache"
+    big = data.parent / "big.jsonl"  # Enough rows for a shard over the cap.
+    big.write_text(data.read_text() * 40)
+    recipe.write_text(recipe.read_text().replace(repr(str(data)), repr(str(big))))
+    error = _one_error_line(_train_capped(recipe))
+    assert error.startswith("covenant-jax: error: storage: file too large for the file system or a size limit ("
+                            f"{cache}"), error
+    assert not [p for p in cache.rglob("*") if "shard" in p.name], list(cache.rglob("*"))
+
+
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(trained, tmp_path):
+    """Resume from step 3 (its data cache prepared) with files capped at 100 kB: step 6 cannot be written."""
+    _, model_dir, data, checkpoints = trained
+    run_checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(checkpoints, run_checkpoints)
+    shutil.rmtree(run_checkpoints / "6")
+    shutil.copytree(checkpoints.parent / "data_cache", tmp_path / "run" / "data_cache")
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data))))
+    error = _one_error_line(_train_capped(recipe))
+    assert error.startswith(f"covenant-jax: error: could not write checkpoint step 6 to {run_checkpoints}: "
                                 "File too large; the last complete checkpoint, step 3, is intact")
     assert sorted(p.name for p in run_checkpoints.iterdir()) == ["3"]  # no partial step left
     _assert_same_state(RunCheckpointer(run_checkpoints).read_state(3), RunCheckpointer(checkpoints).read_state(3))
