@@ -169,24 +169,28 @@ def _peft_tensors(path: tuple[str, ...]) -> tuple[str, str]:
     return path[-2].removesuffix("_lora"), path[-1][-1].upper()
 
 
-def load_weights(adapter: Adapter, abstract: dict) -> dict:
-    """The adapter's weights as our arrays, each created on its sharding: ``abstract`` is the
-    model's adapter state as a pure dict of sharded ShapeDtypeStructs."""
-    flat = traverse_util.flatten_dict(abstract)
-    for path, spec in flat.items():
+def check_shapes(adapter: Adapter, abstract: dict) -> None:
+    """Every tensor has the shape the model's adapters need: ``abstract`` is the model's adapter
+    state as a pure dict of arrays or ShapeDtypeStructs (A [L, in, r], B [L, r, out])."""
+    for path, spec in traverse_util.flatten_dict(abstract).items():
         target, which = _peft_tensors(path)
         expected = tuple(spec.shape[1:][::-1])
-        key = peft_key(0, target, which)
-        if key not in adapter.weights.keys():
-            raise _config_error(adapter.folder, f"no {key!r}")
+        if peft_key(0, target, which) not in adapter.weights.keys():
+            raise _config_error(adapter.folder, f"no {peft_key(0, target, which)!r}")
         for layer in range(adapter.num_layers):
             got = adapter.weights.shape(peft_key(layer, target, which))
             if got != expected:
                 raise _config_error(adapter.folder, f"tensor {peft_key(layer, target, which)!r} has shape "
                                                     f"{list(got)} but this model's needs {list(expected)}: "
                                                     "the adapter was trained on another base model")
-    arrays = {path: _place(adapter, path, spec) for path, spec in flat.items()}
-    return traverse_util.unflatten_dict(arrays)
+
+
+def load_weights(adapter: Adapter, abstract: dict) -> dict:
+    """The adapter's weights as our arrays, each created on its sharding: ``abstract`` is the
+    model's adapter state as a pure dict of sharded ShapeDtypeStructs."""
+    check_shapes(adapter, abstract)
+    flat = traverse_util.flatten_dict(abstract)
+    return traverse_util.unflatten_dict({path: _place(adapter, path, spec) for path, spec in flat.items()})
 
 
 def _place(adapter: Adapter, path: tuple[str, ...], spec: jax.ShapeDtypeStruct) -> jax.Array:

@@ -42,8 +42,10 @@ _BY_NAME = {**{t: t for t in TARGETS}, **{p: t for t, p in PEFT_NAMES.items()}}
 
 
 def normalize_targets(names: str | Iterable[str], what: str = "model.lora.targets") -> tuple[str, ...]:
-    """Our names or PEFT's (``q_proj`` ...), or ``all-linear``, -> our names in a fixed order."""
+    """Our names or PEFT's (``q_proj`` ...), or ``all-linear``, -> our names in a fixed order; a
+    name may list several, comma-separated (``--config.model.lora.targets=q,v``)."""
     names = [names] if isinstance(names, str) else list(names)
+    names = [part.strip() for name in names for part in str(name).split(",") if part.strip()]
     if ALL_LINEAR in names:
         return TARGETS
     unknown = [n for n in names if n not in _BY_NAME]

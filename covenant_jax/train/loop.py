@@ -21,14 +21,17 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 
 from covenant_jax import storage
-from covenant_jax.convert.api import export_model, load_model
+from covenant_jax.config import ModelConfig
+from covenant_jax.convert import peft_adapter
+from covenant_jax.convert.api import export_adapter, export_merged, export_model, load_lora_model, load_model
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import NonFiniteLoss, UserError
-from covenant_jax.model.llama import Llama, with_rope
+from covenant_jax.model.llama import Llama, abstract_model, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
 from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, program, recipe, resume
 from covenant_jax.train import state as state_lib
@@ -77,10 +80,29 @@ class Run:
     writer: metrics_lib.MetricsWriter
     start_step: int
     flops_per_token: float
+    adapter: peft_adapter.Adapter | None = None  # the PEFT adapter the run continues
 
 
-def _load(cfg, mesh) -> Llama:
-    model = load_model(cfg.model.path, program.model_options(cfg), mesh)
+def _adapter(cfg) -> peft_adapter.Adapter | None:
+    """The PEFT adapter folder ``model.lora.adapter``, checked against the recipe and the model's
+    shapes (from config.json alone) before any weight is read."""
+    lora = recipe.lora_config(cfg)
+    if lora is None or not cfg.model.lora.adapter:
+        return None
+    model_cfg = ModelConfig.from_json_file(storage.path(cfg.model.path) / "config.json")
+    adapter = peft_adapter.read_adapter(cfg.model.lora.adapter, model_cfg.num_hidden_layers, lora.dropout)
+    peft_adapter.check_matches(adapter, lora)
+    peft_adapter.check_shapes(adapter, nnx.to_pure_dict(nnx.state(
+        abstract_model(model_cfg, program.model_options(cfg)), nnx.LoRAParam)))
+    return adapter
+
+
+def _load(cfg, mesh, adapter: peft_adapter.Adapter | None) -> Llama:
+    opts = program.model_options(cfg)
+    if opts.lora is None:
+        model = load_model(cfg.model.path, opts, mesh)
+    else:
+        model = load_lora_model(cfg.model.path, opts, mesh, seed=cfg.train.seed, adapter=adapter)
     target = recipe.rope_override(model.config, cfg.model)  # the recipe's RoPE, if it sets one
     return with_rope(model, target.rope, target.max_position_embeddings)
 
@@ -99,6 +121,8 @@ def check_outputs(cfg: ml_collections.ConfigDict) -> storage.Path:
     storage.check_writable(run_dir)
     if cfg.train.export:
         storage.check_separate(cfg.model.path, export_dir(cfg), "the export folder")
+        if cfg.model.lora.enabled and cfg.model.lora.export_merged:
+            storage.check_separate(cfg.model.path, merged_dir(cfg), "the merged export folder")
     return run_dir
 
 
@@ -124,16 +148,22 @@ def _restore(cfg, ckpt: checkpoint.RunCheckpointer, state: dict, shardings: dict
     """(start step, state): the newest intact checkpoint's, or step 0 and the fresh state."""
     if not cfg.train.resume:
         return 0, state
-    step, restored = ckpt.restore_newest_intact(state_lib.abstract_like(state, shardings), train_iter,
-                                                log=_print0)
+    target = state_lib.abstract_like(state_lib.saved_part(state), state_lib.saved_part(shardings))
+    step, restored = ckpt.restore_newest_intact(target, train_iter, log=_print0)
     if step is None:
         return 0, state
     _print0(f"resumed from {ckpt.directory} at step {step}")
-    return step, restored
+    return step, state_lib.attach_frozen(restored, state)
 
 
 def export_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
+    """The HF folder, or with LoRA the PEFT adapter folder."""
     return storage.path(cfg.train.run_dir) / "export"
+
+
+def merged_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
+    """With LoRA and ``model.lora.export_merged``: the base with the adapters merged, as an HF folder."""
+    return storage.path(cfg.train.run_dir) / "export_merged"
 
 
 def setup(cfg: ml_collections.ConfigDict) -> Run:
@@ -141,8 +171,9 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.bound_samples_per_row(cfg)
     run_dir = check_outputs(cfg)
     _check_resume(cfg)
+    adapter = _adapter(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
-    model = _load(cfg, mesh)
+    model = _load(cfg, mesh, adapter)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
     tokenizer = load_tokenizer(cfg.model.path)
     _check_vocab(tokenizer, model)
@@ -150,8 +181,8 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     if jax.process_index() == 0:
         print(data.report)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, params, rest = state_lib.split_model(model)
-    state, shardings = state_lib.create_state(params, tx, mesh)
+    graphdef, params, frozen, rest = state_lib.split_trained(model)
+    state, shardings = state_lib.create_state(params, tx, mesh, frozen)
     steps = program.make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
     storage.makedirs(run_dir)
@@ -164,7 +195,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
-               batch_sharding, steps.eval_sharding, ckpt, writer, start, flops)
+               batch_sharding, steps.eval_sharding, ckpt, writer, start, flops, adapter)
 
 
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -176,7 +207,7 @@ def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return batch
 
 
-def evaluate(run: Run, params: dict) -> float | None:
+def evaluate(run: Run, state: dict) -> float | None:
     if run.data.eval is None:
         return None
     eval_sharding = run.eval_sharding
@@ -196,7 +227,8 @@ def evaluate(run: Run, params: dict) -> float | None:
         elif batch is None:
             break
         with activation_sharding(run.mesh):
-            loss_sum, n = run.eval_step(params, program.device_batch(_host_layout(run, batch), eval_sharding, None))
+            loss_sum, n = run.eval_step(state["params"], state.get("frozen"),
+                                        program.device_batch(_host_layout(run, batch), eval_sharding, None))
         total, count = total + float(loss_sum), count + float(n)
     return total / count if count else None
 
@@ -292,11 +324,11 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
         last_train = float(m["loss"])
         eval_loss = None
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):  # state is this step's
-            eval_loss = last_eval = evaluate(run, state["params"])
+            eval_loss = last_eval = evaluate(run, state)
         _log(run, step, m, seconds, progress, eval_loss)
 
     if t.eval_every and run.start_step == 0:  # the baseline the eval losses fall from
-        last_eval = evaluate(run, state["params"])
+        last_eval = evaluate(run, state)
         if last_eval is not None:
             run.writer.write(0, {"eval_loss": last_eval})
             if jax.process_index() == 0:
@@ -318,7 +350,7 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
                 finish(pending)
                 pending = None
             if is_checkpoint:
-                run.checkpointer.save(step, state, run.train_iter, cfg.to_dict())
+                run.checkpointer.save(step, state_lib.saved_part(state), run.train_iter, cfg.to_dict())
                 run.writer.flush()  # metrics through this step, durable with it (object stores)
             if stopping:
                 stopped_at = step
@@ -342,9 +374,15 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
 
 
 def _export(run: Run, state: dict) -> Path:
-    from flax import nnx
-
-    graphdef, _, rest = state_lib.split_model(run.model)
-    model = nnx.merge(graphdef, state["params"], rest)
-    return export_model(model, export_dir(run.cfg), dtype=run.cfg.train.export_dtype or None,
-                        aux_dir=run.cfg.model.path, overwrite=True)
+    """The HF export; with LoRA, the PEFT adapter (and, if asked, the merged weights)."""
+    cfg = run.cfg
+    graphdef, _, _, rest = state_lib.split_trained(run.model)
+    model = state_lib.merge_trained(graphdef, state["params"], state.get("frozen"), rest)
+    if model.options.lora is None:
+        return export_model(model, export_dir(cfg), dtype=cfg.train.export_dtype or None,
+                            aux_dir=cfg.model.path, overwrite=True)
+    if cfg.model.lora.export_merged:
+        export_merged(model, merged_dir(cfg), dtype=cfg.train.export_dtype or None, aux_dir=cfg.model.path,
+                      overwrite=True)
+    return export_adapter(model, export_dir(cfg), base=str(cfg.model.path), aux_dir=cfg.model.path,
+                          source_config=run.adapter.raw_config if run.adapter else None, overwrite=True)

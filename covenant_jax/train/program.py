@@ -19,13 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from covenant_jax.config import ModelConfig
 from covenant_jax.model.llama import ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import logical_to_spec, state_shardings
-from covenant_jax.train import optimizer, state as state_lib, step as step_lib
+from covenant_jax.train import optimizer, recipe, state as state_lib, step as step_lib
 
 BATCH_FIELDS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
                 "segment_ids": np.int32, "positions": np.int32}
@@ -35,7 +35,7 @@ def model_options(cfg) -> ModelOptions:
     """How the recipe runs the model (``model.*`` and the packed-row bound)."""
     return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                         remat=cfg.model.remat, attention=cfg.model.attention,
-                        max_samples_per_row=cfg.data.max_samples_per_row)
+                        max_samples_per_row=cfg.data.max_samples_per_row, lora=recipe.lora_config(cfg))
 
 
 # ---- the batch ----------------------------------------------------------------------------------
@@ -87,17 +87,28 @@ class AbstractState:
 
 
 def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh) -> AbstractState:
-    """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``."""
+    """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``,
+    and with LoRA the frozen base (``state["frozen"]``: no optimizer state)."""
     model = abstract_model(model_cfg, model_options(cfg))
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings = nnx.to_pure_dict(state_shardings(params_state, mesh))
-    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                          nnx.to_pure_dict(params_state), param_shardings)
+    graphdef, params, frozen, rest = state_lib.split_trained(model)
+    params, frozen = _placed(model, params, mesh), _placed(model, frozen, mesh)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_lib.state_shardings(params, tx, mesh)
+    shardings = state_lib.state_shardings(params, tx, mesh, frozen)
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
              "opt_state": jax.eval_shape(tx.init, params)}
+    if frozen is not None:
+        state["frozen"] = frozen
     return AbstractState(graphdef, rest, tx, schedule, state_lib.abstract_like(state, shardings), shardings)
+
+
+def _placed(model, tree: dict | None, mesh: Mesh) -> dict | None:
+    """The abstract ``tree`` (a pure dict of some of ``model``'s params) with each leaf's sharding."""
+    if tree is None:
+        return None
+    shardings = traverse_util.flatten_dict(nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh)))
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shardings[path])
+                                         for path, p in flat.items()})
 
 
 # ---- the steps ----------------------------------------------------------------------------------
@@ -106,7 +117,7 @@ def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh) -> AbstractState:
 @dataclasses.dataclass
 class Steps:
     train_step: Any  # jitted (state, batch[A, b, T]) -> (state, metrics)
-    eval_step: Any  # jitted (params, batch[B, T]) -> (loss sum, token count)
+    eval_step: Any  # jitted (params, frozen, batch[B, T]) -> (loss sum, token count)
     batch_sharding: NamedSharding  # of a [A, b, T] train batch
     eval_sharding: NamedSharding  # of a [B, T] eval batch
 
@@ -117,8 +128,11 @@ def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh) -
     rows, seq_len = cfg.data.batch_size // cfg.train.micro_batches, cfg.data.seq_len
     train_sharding = batch_sharding(mesh, rows, seq_len, micro_batched=True)
     eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
-    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule),
+    lora = recipe.lora_config(cfg)
+    dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
+    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, dropout_seed),
                          in_shardings=(shardings, train_sharding),
                          out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(loss_fn), in_shardings=(shardings["params"], eval_sharding))
+    eval_step = jax.jit(step_lib.make_eval_step(loss_fn),
+                        in_shardings=(shardings["params"], shardings.get("frozen"), eval_sharding))
     return Steps(train_step, eval_step, train_sharding, eval_sharding)

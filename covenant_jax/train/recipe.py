@@ -5,6 +5,7 @@ covenant_jax.data.pipeline), ``optim`` (covenant_jax.train.optimizer), ``train``
 layout, logging, checkpoints, export). The model's shape is never here: it comes from the
 checkpoint's config.json. ``model.rope`` optionally replaces the checkpoint's RoPE scaling (the
 long-context recipes; every knob transformers reads) together with ``model.max_position_embeddings``.
+``model.lora`` trains LoRA adapters on a frozen base instead of every weight (model/lora.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from covenant_jax.config import REQUIRED_ROPE_KNOBS, ROPE_KNOBS, ROPE_TYPES, Mod
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.errors import RecipeError, UserError
 from covenant_jax.model import attention, gpu_attention, llama
+from covenant_jax.model import lora as lora_lib
 from covenant_jax.parallel.sharding import MESH_AXES
 from covenant_jax.train import optimizer
 
@@ -47,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
         path="", param_dtype="float32", dtype="float32", remat="none", attention="naive",
         rope=rope_section(),
         max_position_embeddings=0,
+        lora=lora_section(),
     ))
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
     cfg.data = data_pipeline.default_config()
@@ -59,6 +62,28 @@ def default_config() -> ml_collections.ConfigDict:
         allow_recipe_change=False,  # resume a run_dir whose checkpoint has another recipe (train/resume.py)
     ))
     return cfg
+
+
+def lora_section() -> ml_collections.ConfigDict:
+    """``model.lora``: off unless ``enabled``. Targets take our names or PEFT's (q_proj, ...,
+    "all-linear"); ``base_dtype`` "" keeps model.param_dtype for the frozen base (the adapters are
+    always in model.param_dtype); ``adapter`` continues a PEFT adapter folder; the run exports the
+    adapter to RUN_DIR/export, and with ``export_merged`` also the merged weights to
+    RUN_DIR/export_merged."""
+    return ml_collections.ConfigDict(dict(
+        enabled=False, rank=8, alpha=16.0, dropout=0.0, targets=lora_lib.TARGETS, rslora=False,
+        base_dtype="", adapter="", export_merged=False,
+    ))
+
+
+def lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+    """The recipe's adapters (checked: rank >= 1, known targets, ...), or None without LoRA."""
+    section = cfg.model.lora
+    if not section.enabled:
+        return None
+    return lora_lib.LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                               targets=tuple(section.targets), rslora=section.rslora,
+                               base_dtype=section.base_dtype)
 
 
 def check_variant(variant: str, *known: str) -> str:
@@ -103,6 +128,7 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
         raise RecipeError("model.path is empty: point it at an HF folder or a converted checkpoint")
     for section, rules in RULES.items():
         fields.check(section, cfg[section], rules)
+    lora_config(cfg)
 
 
 def bound_samples_per_row(cfg: ml_collections.ConfigDict) -> None:

@@ -10,6 +10,11 @@ moment): ``state_finite`` checks the updated params and optimizer state, and the
 saves a state whose step failed either check. (Selecting the old state on device instead would
 keep two copies of the state alive at once: +2/3 of its size in temporaries, measured.)
 
+``state["frozen"]`` (a LoRA model's base, state.py) is read by the loss and passed through the
+donated step unchanged: no gradient, no optimizer state. With LoRA dropout, the step's key is
+``fold_in(key(seed), step)`` and each micro-batch's ``fold_in`` of that with its index, so a
+resumed run draws the masks the uninterrupted one drew.
+
 Axes: A micro-batches, B/b rows, T sequence.
 """
 
@@ -22,35 +27,43 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from covenant_jax.train import state as state_lib
 from covenant_jax.train.loss import cross_entropy_sum
 
 Batch = dict[str, jax.Array]
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Callable:
-    """loss(params, batch[b, T]) -> (summed token loss, trained token count)."""
+    """loss(params, batch[b, T], frozen, dropout key) -> (summed token loss, trained token count)."""
 
-    def loss_fn(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, params, rest)
-        hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    def loss_fn(params: dict, batch: Batch, frozen: dict | None = None,
+                dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        model = state_lib.merge_trained(graphdef, params, frozen, rest)
+        hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                         dropout_key=dropout_key)
         return cross_entropy_sum(hidden_BTD, model.output_kernel(), batch["targets"],
                                  batch["loss_mask"], chunk_size=chunk_size)
 
     return loss_fn
 
 
-def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch):
-    """Summed loss, token count and float32 gradients of the summed loss over micro-batches."""
+def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch, frozen: dict | None = None,
+                         dropout_key: jax.Array | None = None):
+    """Summed loss, token count and float32 gradients (of ``params`` only) of the summed loss
+    over micro-batches."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def body(carry, micro_batch):
+    def body(carry, xs):
+        micro_batch, index = xs
         grads_acc, loss_acc, count_acc = carry
-        (loss_sum, count), grads = grad_fn(params, micro_batch)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        (loss_sum, count), grads = grad_fn(params, micro_batch, frozen, key)
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
         return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch_A)
+    indices = jnp.arange(jax.tree.leaves(batch_A)[0].shape[0])
+    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), (batch_A, indices))
     return grads, loss_sum, count
 
 
@@ -60,10 +73,14 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    dropout_seed: int | None = None):
+    """``dropout_seed`` None: no dropout (the model has none, or its rate is 0)."""
+
     def train_step(state: dict[str, Any], batch_A: Batch):
         params = state["params"]
-        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A)
+        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A, state.get("frozen"), key)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -74,7 +91,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
             "lr": schedule(state["step"]),
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         }
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+        new_state = {**state, "step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
         metrics["state_finite"] = all_finite((new_state["params"], opt_state))
         return new_state, metrics
@@ -83,7 +100,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
 
 def make_eval_step(loss_fn: Callable):
-    def eval_step(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        return loss_fn(params, batch)
+    """``eval_step(params, frozen, batch[B, T]) -> (loss sum, token count)``, no dropout."""
+
+    def eval_step(params: dict, frozen: dict | None, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        return loss_fn(params, batch, frozen)
 
     return eval_step
