@@ -18,7 +18,7 @@ from covenant_jax.convert import hf_to_jax as hf_to_jax_lib
 from covenant_jax.convert import keymap, params_checkpoint, peft_adapter
 from covenant_jax.convert.jax_to_hf import DEFAULT_MAX_SHARD_BYTES, checkpoint_reader, export_hf, live_reader
 from covenant_jax.io import atomic_output_dir, check_output_dir, copy_aux_files
-from covenant_jax.model.llama import Llama, ModelOptions, add_adapters, base_options, merge_adapters
+from covenant_jax.model.llama import Llama, ModelOptions, abstract_model, add_adapters, base_options, merge_adapters
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 
@@ -92,8 +92,6 @@ def weight_bytes(cfg: ModelConfig, dtype: str) -> int:
 def export_adapter(model: Llama, out_dir: str | Path, *, base: str, aux_dir: str | Path | None = None,
                    source_config: dict | None = None, overwrite: bool = False) -> Path:
     """A LoRA model's adapters -> a PEFT adapter folder (``base``: its base model's name or path)."""
-    from flax import nnx
-
     adapters = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
     with atomic_output_dir(out_dir, overwrite) as tmp:
         peft_adapter.save_adapter(adapters, model.options.lora, tmp, base, aux_dir, source_config)
@@ -112,17 +110,26 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     base_dir = storage.path(base_dir)
     out_dir = check_output_dir(out_dir, overwrite, inputs=(base_dir, storage.path(adapter_dir)))
     storage.check_complete(base_dir)
-    cfg, stored_dtype = _folder_config(base_dir)
+    cfg, stored_dtype = folder_config(base_dir)
     adapter = peft_adapter.read_adapter(adapter_dir, cfg.num_hidden_layers)
-    storage.check_free_space(out_dir.parent, weight_bytes(cfg, dtype or stored_dtype))
     opts = ModelOptions(param_dtype="float32", dtype="float32",
                         lora=dataclasses.replace(adapter.lora, base_dtype=stored_dtype))
+    check_adapter_shapes(adapter, cfg, opts)
+    storage.check_free_space(out_dir.parent, weight_bytes(cfg, dtype or stored_dtype))
     model = load_lora_model(base_dir, opts, mesh or make_mesh(), adapter=adapter)
     return export_merged(model, out_dir, dtype=dtype, aux_dir=base_dir, overwrite=overwrite)
 
 
-def _folder_config(folder: Path) -> tuple[ModelConfig, str]:
+def check_adapter_shapes(adapter: peft_adapter.Adapter, cfg: ModelConfig, opts: ModelOptions) -> None:
+    """The adapter fits the model ``cfg`` with ``opts.lora`` (from the configs alone: before any
+    weight is read)."""
+    abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg, opts), nnx.LoRAParam))
+    peft_adapter.check_shapes(adapter, abstract)
+
+
+def folder_config(folder: str | Path) -> tuple[ModelConfig, str]:
     """(config, stored weight dtype) of a converted or an HF folder."""
+    folder = storage.path(folder)
     if params_checkpoint.is_params_checkpoint(folder):
         return params_checkpoint.read_meta(folder)
     cfg, source = hf_to_jax_lib.open_checked(folder)

@@ -21,17 +21,16 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
 from covenant_jax import storage
-from covenant_jax.config import ModelConfig
 from covenant_jax.convert import peft_adapter
-from covenant_jax.convert.api import export_adapter, export_merged, export_model, load_lora_model, load_model
+from covenant_jax.convert.api import (check_adapter_shapes, export_adapter, export_merged, export_model, folder_config,
+                                     load_lora_model, load_model)
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import NonFiniteLoss, UserError
-from covenant_jax.model.llama import Llama, abstract_model, with_rope
+from covenant_jax.model.llama import Llama, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
 from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, program, recipe, resume
 from covenant_jax.train import state as state_lib
@@ -85,15 +84,14 @@ class Run:
 
 def _adapter(cfg) -> peft_adapter.Adapter | None:
     """The PEFT adapter folder ``model.lora.adapter``, checked against the recipe and the model's
-    shapes (from config.json alone) before any weight is read."""
+    shapes (from the configs alone) before any weight is read."""
     lora = recipe.lora_config(cfg)
     if lora is None or not cfg.model.lora.adapter:
         return None
-    model_cfg = ModelConfig.from_json_file(storage.path(cfg.model.path) / "config.json")
+    model_cfg, _ = folder_config(cfg.model.path)
     adapter = peft_adapter.read_adapter(cfg.model.lora.adapter, model_cfg.num_hidden_layers, lora.dropout)
     peft_adapter.check_matches(adapter, lora)
-    peft_adapter.check_shapes(adapter, nnx.to_pure_dict(nnx.state(
-        abstract_model(model_cfg, program.model_options(cfg)), nnx.LoRAParam)))
+    check_adapter_shapes(adapter, model_cfg, program.model_options(cfg))
     return adapter
 
 
