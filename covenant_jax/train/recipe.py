@@ -11,6 +11,8 @@ long-context recipes; every knob transformers reads) together with ``model.max_p
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 from ml_collections import config_dict
@@ -84,6 +86,15 @@ def lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
     return lora_lib.LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
                                targets=tuple(section.targets), rslora=section.rslora,
                                base_dtype=section.base_dtype)
+
+
+def from_file(path: str | Path, variant: str = "") -> ml_collections.ConfigDict:
+    """The config of the recipe file at ``path`` (a recipe built on another one: recipe files are
+    loaded by path, not imported as a package)."""
+    spec = importlib.util.spec_from_file_location(f"_covenant_recipe_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*([variant] if variant else []))
 
 
 def check_variant(variant: str, *known: str) -> str:
