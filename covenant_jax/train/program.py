@@ -91,7 +91,7 @@ def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh) -> AbstractState:
     and with LoRA the frozen base (``state["frozen"]``: no optimizer state)."""
     model = abstract_model(model_cfg, model_options(cfg))
     graphdef, params, frozen, rest = state_lib.split_trained(model)
-    params, frozen = _placed(model, params, mesh), _placed(model, frozen, mesh)
+    params, frozen = _placed(model, params, frozen, mesh)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
     shardings = state_lib.state_shardings(params, tx, mesh, frozen)
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
@@ -101,14 +101,16 @@ def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh) -> AbstractState:
     return AbstractState(graphdef, rest, tx, schedule, state_lib.abstract_like(state, shardings), shardings)
 
 
-def _placed(model, tree: dict | None, mesh: Mesh) -> dict | None:
-    """The abstract ``tree`` (a pure dict of some of ``model``'s params) with each leaf's sharding."""
-    if tree is None:
-        return None
+def _placed(model, params: dict, frozen: dict | None, mesh: Mesh) -> tuple[dict, dict | None]:
+    """(params, frozen) of :func:`state.split_trained` on an abstract ``model`` as
+    ShapeDtypeStructs with each weight's sharding."""
     shardings = traverse_util.flatten_dict(nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh)))
-    flat = traverse_util.flatten_dict(tree)
-    return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shardings[path])
-                                         for path, p in flat.items()})
+
+    def placed(tree):
+        return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shardings[path])
+                                             for path, p in traverse_util.flatten_dict(tree).items()})
+
+    return placed(params), None if frozen is None else {k: placed(v) for k, v in frozen.items()}
 
 
 # ---- the steps ----------------------------------------------------------------------------------
