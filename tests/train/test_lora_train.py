@@ -133,6 +133,23 @@ def test_resumed_equals_uninterrupted_and_exports_are_the_trained_model(tmp_path
     for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(a["params"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
+    # the run's adapter folder loads in PEFT on the HF base and gives our logits
+    import dataclasses
+
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    ours = load_lora_model(model_dir, ModelOptions(lora=dataclasses.replace(adapter.lora, dropout=0.0)),
+                           helpers.one_device_mesh(), adapter=adapter)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens = helpers.random_tokens(hf.config.vocab_size)
+    base_logits = helpers.reference_logits(hf, tokens)
+    peft = PeftModel.from_pretrained(hf, summary.export_dir).eval()
+    our_logits = np.asarray(ours(jax.numpy.asarray(tokens)))
+    np.testing.assert_allclose(our_logits, helpers.reference_logits(peft, tokens), atol=1e-4, rtol=0)
+    assert np.abs(our_logits - base_logits).max() > 1e-2  # the adapters moved the logits
+
     # continuing from the exported adapter starts where the run ended: its step-0 eval loss is
     # the last eval loss of the first run (no dropout in evaluation)
     cont = _lora_recipe(tmp_path / "cont", model_dir, data, steps=1, eval_every=1)
