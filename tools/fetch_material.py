@@ -6,7 +6,7 @@
 
 Idempotent (skips what is already there) and atomic (temp sibling, then rename). A step whose
 package is unavailable (e.g. no network) prints why and the others still run; the exit code is
-non-zero only when every requested step failed. See tools/material.py and /work/shared/MATERIAL.md.
+non-zero only when every requested step failed. See tools/material.py for what each item is and where it comes from.
 """
 
 from __future__ import annotations

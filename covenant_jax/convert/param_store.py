@@ -48,7 +48,7 @@ from covenant_jax import storage
 # purpose: TensorStore commits the (two) writes in flight together, one OCDBT data file a commit;
 # ext4 writes a file over 16 MB back as several bios whose unwritten-extent conversions grow its
 # extent tree past the inode and shrink it again, freeing a block. Under ``-o discard`` each freed
-# block is a discard, which stalled the development VM's disk queue for up to 2 s. 1B fp32, 4 pairs:
+# block is a discard, which stalled a GCE persistent disk's queue for up to 2 s. 1B fp32, 4 pairs:
 # 64 MB units ~80 discards, 24.3-25.1 s; 8 MB units 2 discards, 22.0-23.0 s (4 MB: slower).
 UNIT_BYTES = 8 << 20
 
@@ -114,7 +114,7 @@ def _manifest_in_memory(spec: dict, on_disk: dict[str, dict]) -> None:
 
     Every unit write is an OCDBT commit, and each commit replaces ``manifest.ocdbt`` (a new file
     renamed over the old one). On ext4 mounted with ``discard`` (GCE's advice for persistent
-    disks; the development machine too) each replaced file frees a block, and a discard can hold
+    disks) each replaced file frees a block, and a discard can hold
     the disk's whole queue for a second or two. In memory, the manifest reaches disk once, at the
     end; data files and B-tree nodes are written as before."""
     kvstore = _zarr(spec)["kvstore"]
