@@ -11,8 +11,8 @@ saves a state whose step failed either check. (Selecting the old state on device
 keep two copies of the state alive at once: +2/3 of its size in temporaries, measured.)
 
 ``state["frozen"]`` (a LoRA model's base, state.py) is read by the loss and passed through the
-donated step unchanged: no gradient, no optimizer state. With LoRA dropout, the step's key is
-``fold_in(key(seed), step)`` and each micro-batch's ``fold_in`` of that with its index, so a
+donated step unchanged: no gradient, no optimizer state. With LoRA dropout, the step splits
+``fold_in(key(seed), step)`` into one key per micro-batch and scans them with the batch, so a
 resumed run draws the masks the uninterrupted one drew.
 
 Axes: A micro-batches, B/b rows, T sequence.
@@ -31,39 +31,45 @@ from covenant_jax.train import state as state_lib
 from covenant_jax.train.loss import cross_entropy_sum
 
 Batch = dict[str, jax.Array]
+DROPOUT_KEY = "dropout_key"  # a train batch's per-micro-batch dropout keys (LoRA dropout)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Callable:
-    """loss(params, batch[b, T], frozen, dropout key) -> (summed token loss, trained token count)."""
+    """loss(params, batch[b, T], frozen) -> (summed token loss, trained token count); a batch
+    field ``dropout_key`` (:func:`with_dropout_keys`) turns adapter dropout on."""
 
-    def loss_fn(params: dict, batch: Batch, frozen: dict | None = None,
-                dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def loss_fn(params: dict, batch: Batch, frozen: dict | None = None) -> tuple[jax.Array, jax.Array]:
         model = state_lib.merge_trained(graphdef, params, frozen, rest)
         hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                         dropout_key=dropout_key)
+                                         dropout_key=batch.get(DROPOUT_KEY))
         return cross_entropy_sum(hidden_BTD, model.output_kernel(), batch["targets"],
                                  batch["loss_mask"], chunk_size=chunk_size)
 
     return loss_fn
 
 
-def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch, frozen: dict | None = None,
-                         dropout_key: jax.Array | None = None):
-    """Summed loss, token count and float32 gradients (of ``params`` only) of the summed loss
-    over micro-batches."""
+def with_dropout_keys(batch_A: Batch, seed: int | None, step: jax.Array) -> Batch:
+    """``batch_A`` with one dropout key per micro-batch, split from ``fold_in(key(seed), step)``
+    (a resumed run draws the masks the uninterrupted one drew); unchanged for ``seed`` None."""
+    if seed is None:
+        return batch_A
+    micro_batches = jax.tree.leaves(batch_A)[0].shape[0]
+    return {**batch_A, DROPOUT_KEY: jax.random.split(jax.random.fold_in(jax.random.key(seed), step), micro_batches)}
+
+
+def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch, frozen: dict | None = None):
+    """Summed loss, token count and float32 gradients (of ``params`` only: ``frozen`` is read)
+    of the summed loss over micro-batches."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def body(carry, xs):
-        micro_batch, index = xs
+    def body(carry, micro_batch):
         grads_acc, loss_acc, count_acc = carry
-        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        (loss_sum, count), grads = grad_fn(params, micro_batch, frozen, key)
+        (loss_sum, count), grads = grad_fn(params, micro_batch, frozen)
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
         return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    indices = jnp.arange(jax.tree.leaves(batch_A)[0].shape[0])
-    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), (batch_A, indices))
+    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch_A)
     return grads, loss_sum, count
 
 
@@ -79,8 +85,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
     def train_step(state: dict[str, Any], batch_A: Batch):
         params = state["params"]
-        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
-        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A, state.get("frozen"), key)
+        batch_A = with_dropout_keys(batch_A, dropout_seed, state["step"])
+        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A, state.get("frozen"))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
