@@ -202,6 +202,22 @@ def cmd_train(args) -> int:
     return EXIT_PREEMPTED if summary.preempted else 0
 
 
+def cmd_data_prepare(args) -> int:
+    from covenant_jax.data import pipeline
+    from covenant_jax.data.tokenizer import load_tokenizer
+    from covenant_jax.train import loop, recipe
+
+    cfg = load_recipe(args.config, args.overrides)
+    recipe.check_fields(cfg)
+    data = pipeline.build_pipeline(cfg.data, load_tokenizer(cfg.model.path),
+                                   cache_dir=loop.data_cache_dir(cfg))
+    if pipeline.this_process()[0] == 0:
+        print(data.report)
+        for report, where in zip(data.report.sources, data.cache_locations):
+            print(f"{report.name}: {'cached in ' + where if where else 'in memory (not a file)'}")
+    return 0
+
+
 def _eval_model(args):
     """(model, tokenizer); the tokenizer first: a missing one is found before loading weights."""
     from covenant_jax.data.tokenizer import load_tokenizer
@@ -384,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/x.py:runlocal)")
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
     tr.set_defaults(fn=cmd_train)
+
+    data = verbs.add_parser("data", help="prepare a recipe's data ahead of a job")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    prep = data_verbs.add_parser(
+        "prepare", help="render and tokenise a recipe's data into its cache; print the report",
+        description="Render, tokenise and cache every file source of the recipe (in parallel "
+                    "processes, data.workers; with --num-processes each process prepares its "
+                    "share) where training will look for it: data.cache_dir, else "
+                    "RUN_DIR/data_cache. Training then starts from the cache.")
+    prep.add_argument("config", help="recipe file, optionally FILE:ARG")
+    prep.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
+    prep.set_defaults(fn=cmd_data_prepare)
 
     pl = verbs.add_parser(
         "plan", help="will a recipe fit a TPU pod? compile the train step ahead of time",

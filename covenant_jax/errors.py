@@ -100,6 +100,10 @@ class EvalInputError(UserError):
     """An evaluation input (text file, lengths, depths) is missing or unusable."""
 
 
+class CacheError(UserError):
+    """A data cache entry cannot be completed or read (e.g. a cache folder hosts do not share)."""
+
+
 # ---- optional packages --------------------------------------------------------------------------
 
 # Optional packages -> the covenant_jax extra that installs them.

@@ -115,6 +115,12 @@ CASES = {
     "passkey: batch 0": (["eval", "passkey", "{model}", "--lengths", "64", "--batch-size", "0"], "argument --batch-size"),
     "passkey: depth 2": (["eval", "passkey", "{model}", "--lengths", "64", "--depths", "0,2"],
                          "argument --depths: '0,2' is not a comma-separated list of numbers in [0, 1]"),
+    "data prepare: eval_mode": (["data", "prepare", "{recipe}", "--config.data.eval_mode=platform"],
+                                "data.eval_mode='platform': must be one of"),
+    "data prepare: workers -1": (["data", "prepare", "{recipe}", "--config.data.workers=-1"],
+                                 "data.workers=-1: must be >= 0"),
+    "data prepare: shard_rows 0": (["data", "prepare", "{recipe}", "--config.data.shard_rows=0"],
+                                   "data.shard_rows=0: must be >= 1"),
     "plan: max candidates 0": (["plan", "{recipe}", "--topology", "v5e:2x2", "--max-candidates", "0"],
                                "argument --max-candidates"),
 }

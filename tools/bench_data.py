@@ -1,131 +1,308 @@
 #!/usr/bin/env python
-"""Data pipeline speed on the real material: is the host pipeline faster than a training step?
+"""Data pipeline speed on the real material, side by side with the code path before preparation
+in processes and the cache (commit BASELINE): setup, steady state, and a 1M-row mixture's warm
+start and host memory.
 
-    python tools/bench_data.py                      # the three cases below, ~1-2 min on 2 cores
-    python tools/bench_data.py --rows 1000 --batches 20 --json bench_data.json
+    python tools/bench_data.py                   # side by side: ~4 min on 2 cores
+    python tools/bench_data.py --million         # and the 1M-row mixture (built and prepared
+                                                 # once, under material/bench: ~1 h on 2 cores)
+    python tools/bench_data.py --rows 1000 --json out.json
 
-Cases (material/ as fetched by tools/fetch_material.py; tokenizer of smollm2-135m-instruct):
-  sharegpt  seq 2048 and 8192, batch 8: material/sharegpt.jsonl, format sharegpt, the
-            tokenizer's chat template, role_map chatgpt/bing/bard -> assistant, user -> user;
-            the first --rows rows
-  long_text seq 32768 and 8192, batch 8: material/long_text.jsonl, format text, overlength
-            "split" (its longest documents are ~25k tokens: only the 8192 case splits some)
+Material (tools/fetch_material.py): SmolLM2-135M-Instruct's tokenizer and chat template,
+material/sharegpt.jsonl (format sharegpt, role_map chatgpt/bing/bard -> assistant), and
+material/long_text.jsonl (format text, overlength "split").
 
-For each: setup = `build_pipeline` (read + validate + render + tokenise + split eval: all the
-eager work, once per run), of which `read` is `sources.read_rows` alone; then one first batch
-(the packer filling its bins) and steady state = the next --batches batches, in batches/s and
-tokens/s. Setup also shows its CPU seconds (all threads; on a busy machine the wall time is
-worse). Tokens/s counts every slot of the [batch, seq_len] arrays (what a step consumes);
-`fill` is the share of slots holding a real token (the rest is packing padding).
+Side by side, per case, in this process: `baseline` is BASELINE's `build_pipeline` (loaded from
+git; one process renders and tokenises every row); `cold` is today's with an empty cache
+(data.workers processes prepare and write the cache); `warm` reads that cache. Setup = the
+build_pipeline call; rows/s = rows / setup; CPU s = this process and its preparation processes
+(rows / CPU s is the rate per core). Their first 20 batches are checked bit for bit equal; steady
+state = the next --batches batches, in tokens/s (every slot of the [batch, seq_len] arrays).
 
-The verdict compares steady-state tokens/s with what one accelerator's training step consumes
-(MATERIAL.md, one H100, Llama-3.2-1B shapes: 46-57k tokens/s at 4 x 2048, 22-26k at 1 x 32768).
-One host process feeds all of its host's accelerators, so the margin must cover their number.
+--million builds a mixture of real rows repeated (see `million_rows`), prepares it cold (this is
+the long part), then, each in a fresh process (what a restarted job does), starts from the warm
+cache: time to the first batch (imports, tokenizer, build_pipeline, first batch), steady state,
+and the process's RSS after 200 batches, for the whole mixture and for a 10x smaller one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from covenant_jax.data import pipeline, sources  # noqa: E402
-
+BASELINE = "2d7c008"  # The last commit before preparation in processes and the cache.
 MATERIAL = REPO / "material"
 TOKENIZER = MATERIAL / "smollm2-135m-instruct"
+SHAREGPT = MATERIAL / "sharegpt.jsonl"
+LONG_TEXT = MATERIAL / "long_text.jsonl"
+BENCH = MATERIAL / "bench"
 ROLE_MAP = {"chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "user": "user"}
-# Tokens/s of one H100 training step, Llama-3.2-1B shapes (MATERIAL.md), by seq_len: the
-# fastest measured at 4 x 2048 (torch.compile), also used for 8192 (none measured; longer rows
-# are slower per token, so this overstates what a step needs), and plain JAX at 1 x 32768.
-STEP_TOKENS_PER_S = {2048: 56_805, 8192: 56_805, 32768: 26_084}
+# Rows of the 1M-row mixture: single exchanges and whole conversations.
+MILLION = {"exchanges": 900_000, "conversations": 100_000}
 
 
 def cases(rows: int) -> list[dict]:
-    sharegpt = dict(
-        path=str(MATERIAL / "sharegpt.jsonl"), format="sharegpt", role_map=ROLE_MAP,
-        max_rows=rows,
-    )  # fmt: skip
-    long_text = dict(path=str(MATERIAL / "long_text.jsonl"), format="text")
+    sharegpt = dict(path=str(SHAREGPT), format="sharegpt", role_map=ROLE_MAP, max_rows=rows)
+    long_text = dict(path=str(LONG_TEXT), format="text")
     return [
-        dict(name="sharegpt", source=sharegpt, seq_len=2048, batch_size=8),
-        dict(name="sharegpt", source=sharegpt, seq_len=8192, batch_size=8),
-        dict(name="long_text", source=long_text, seq_len=32768, batch_size=8, overlength="split"),
-        dict(name="long_text", source=long_text, seq_len=8192, batch_size=8, overlength="split"),
+        dict(name="sharegpt", sources=[sharegpt], seq_len=2048, overlength="truncate"),
+        dict(name="long_text", sources=[long_text], seq_len=32768, overlength="split"),
     ]
 
 
-def run_case(case: dict, tokenizer, batches: int) -> dict:
-    src = case["source"]
-    t0 = time.perf_counter()
-    n_read = len(sources.read_rows(src["path"], src.get("max_rows", 0)))
-    read_s = time.perf_counter() - t0
+def data_config(case: dict, **extra) -> dict:
+    return dict(sources=case["sources"], template="tokenizer", seq_len=case["seq_len"], batch_size=8,
+                overlength=case["overlength"], epochs=0, **extra)
 
-    cfg = pipeline.default_config()
-    cfg.update(
-        sources=[src], template="tokenizer", seq_len=case["seq_len"],
-        batch_size=case["batch_size"], overlength=case.get("overlength", "truncate"), epochs=0,
-    )  # fmt: skip
-    t0, c0 = time.perf_counter(), time.process_time()
-    data = pipeline.build_pipeline(cfg, tokenizer, process_index=0, process_count=1)
-    setup_s, setup_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
+def baseline_pipeline():
+    """BASELINE's pipeline.py as a module (it imports today's formats/sources/templates, which
+    this change left alone)."""
+    text = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE}:covenant_jax/data/pipeline.py"],
+                          capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "baseline_pipeline.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("baseline_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_seconds() -> float:
+    """This process and its finished children (the preparation processes, once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_build(build, cfg, tokenizer, **kw):
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    data = build(cfg, tokenizer, process_index=0, process_count=1, **kw)
+    return data, time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def steady(data, batches: int, skip: int = 20) -> dict:
     it = iter(data.train)
     t0 = time.perf_counter()
-    next(it)
-    first_s = time.perf_counter() - t0
-    real = 0
+    first = [next(it) for _ in range(skip)]
+    first_s = (time.perf_counter() - t0) / skip
     t0 = time.perf_counter()
-    for _ in range(batches):
-        real += int((next(it)["segment_ids"] > 0).sum())
-    steady_s = time.perf_counter() - t0
-    slots = batches * case["batch_size"] * case["seq_len"]
-    rep = data.report.sources[0]
-    step = STEP_TOKENS_PER_S[case["seq_len"]]
-    return dict(
-        case=case["name"], seq_len=case["seq_len"], batch=case["batch_size"],
-        overlength=cfg.overlength, rows=rep.rows, read_rows=n_read, samples=rep.train,
-        tokens=rep.tokens, skipped=sum(rep.skipped.values()), truncated=rep.truncated,
-        split=rep.split, pieces=rep.pieces, read_s=read_s, setup_s=setup_s, setup_cpu_s=setup_cpu_s,
-        rows_per_s=rep.rows / setup_s, setup_tokens_per_s=rep.tokens / setup_s,
-        first_batch_s=first_s, batches_per_s=batches / steady_s, tokens_per_s=slots / steady_s,
-        fill=real / slots, step_tokens_per_s=step, margin=slots / steady_s / step,
-        report=str(rep),
-    )  # fmt: skip
+    real = sum(int((next(it)["segment_ids"] > 0).sum()) for _ in range(batches))
+    seconds = time.perf_counter() - t0
+    b = first[0]["tokens"]
+    slots = batches * b.size
+    return dict(first=first, batch_s=first_s, tokens_per_s=slots / seconds, fill=real / slots)
+
+
+def same_batches(a: list, b: list) -> bool:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict]:
+    from covenant_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    old = baseline_pipeline()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
+        contenders = [
+            ("baseline", old.build_pipeline, data_config(case), {}),
+            ("cold", pipeline.build_pipeline, data_config(case, workers=workers), {"cache_dir": cache_dir}),
+            ("warm", pipeline.build_pipeline, data_config(case, workers=workers), {"cache_dir": cache_dir}),
+        ]
+        reference = None
+        for name, build, cfg, kw in contenders:
+            data, setup_s, cpu_s = timed_build(build, cfg, tokenizer, **kw)
+            rep = data.report.sources[0]
+            s = steady(data, batches)
+            reference = reference or s["first"]
+            rows.append(dict(case=case["name"], seq_len=case["seq_len"], path=name, rows=rep.rows,
+                             samples=rep.train, tokens=rep.tokens, setup_s=setup_s, cpu_s=cpu_s,
+                             rows_per_s=rep.rows / setup_s, rows_per_cpu_s=rep.rows / cpu_s,
+                             tokens_per_s=s["tokens_per_s"], fill=s["fill"],
+                             same_batches=same_batches(reference, s["first"])))
+            print(f"  {case['name']} {name}: setup {setup_s:.1f} s ({cpu_s:.1f} cpu s), "
+                  f"{rows[-1]['rows_per_s']:,.0f} rows/s, {s['tokens_per_s']:,.0f} tokens/s steady, "
+                  f"same batches: {rows[-1]['same_batches']}", flush=True)
+    return rows
 
 
 def table(results: list[dict]) -> str:
-    head = (
-        "| case | seq | rows | samples | tokens | read s | setup s (cpu s) | rows/s | setup tok/s "
-        "| 1st batch s | batches/s | tokens/s | fill | H100 1B step tok/s | margin |"
-    )
+    head = ("| case | path | rows | samples | setup s | CPU s | rows/s | rows / CPU s | vs baseline "
+            "| steady tokens/s | fill | same batches |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = {r["case"]: r for r in results if r["path"] == "baseline"}
     for r in results:
-        lines.append(
-            f"| {r['case']} ({r['overlength']}) | {r['seq_len']} | {r['rows']} | {r['samples']} "
-            f"| {r['tokens']:,} | {r['read_s']:.2f} | {r['setup_s']:.1f} ({r['setup_cpu_s']:.1f}) "
-            f"| {r['rows_per_s']:.0f} "
-            f"| {r['setup_tokens_per_s']:,.0f} | {r['first_batch_s']:.2f} "
-            f"| {r['batches_per_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['fill']:.2f} "
-            f"| {r['step_tokens_per_s']:,} | {r['margin']:.0f}x |"
-        )
+        speedup = r["rows_per_s"] / base[r["case"]]["rows_per_s"]
+        lines.append(f"| {r['case']} ({r['seq_len']}) | {r['path']} | {r['rows']:,} | {r['samples']:,} "
+                     f"| {r['setup_s']:.2f} | {r['cpu_s']:.1f} | {r['rows_per_s']:,.0f} "
+                     f"| {r['rows_per_cpu_s']:,.0f} | {speedup:,.1f}x | {r['tokens_per_s']:,.0f} "
+                     f"| {r['fill']:.2f} | {r['same_batches']} |")
     return "\n".join(lines)
+
+
+# --- the 1M-row mixture ------------------------------------------------------------------------
+
+
+def million_rows(out: Path) -> dict[str, Path]:
+    """Real ShareGPT rows repeated: `exchanges` = the first exchange (a user turn and the reply)
+    of each conversation, `conversations` = whole conversations; both cycle through the 17,545
+    conversations, copy k's first user turn prefixed with "[k] " so that no two rows are equal."""
+    files = {name: out / f"{name}.jsonl" for name in MILLION}
+    if all(f.exists() for f in files.values()):
+        return files
+    out.mkdir(parents=True, exist_ok=True)
+    convs = [json.loads(line)["conversations"] for line in open(SHAREGPT)]
+    exchanges = [c[:2] for c in convs if len(c) >= 2 and c[0]["from"] in ("human", "user")
+                 and ROLE_MAP.get(c[1]["from"], c[1]["from"]) in ("gpt", "assistant")]
+    for name, pool in (("exchanges", exchanges), ("conversations", convs)):
+        tmp = files[name].with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for i in range(MILLION[name]):
+                turns = [dict(t) for t in pool[i % len(pool)]]
+                turns[0]["value"] = f"[{i // len(pool)}] {turns[0]['value']}"
+                f.write(json.dumps({"conversations": turns}) + "\n")
+        tmp.rename(files[name])
+    return files
+
+
+def million_config(files: dict[str, Path], scale: float, workers: int) -> dict:
+    sources = [dict(path=str(files[n]), format="sharegpt", role_map=ROLE_MAP, weight=MILLION[n],
+                    max_rows=int(MILLION[n] * scale)) for n in MILLION]
+    return dict(sources=sources, template="tokenizer", seq_len=2048, batch_size=8, eval_count=500,
+                workers=workers, cache_dir=str(BENCH / "cache"))
+
+
+def measure_warm(cfg: dict, batches: int) -> dict:
+    """In a fresh process: from interpreter start to the first batch, then RSS after batches."""
+    started = time.perf_counter()
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    from covenant_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    imports = time.perf_counter()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
+    loaded = time.perf_counter()
+    data = pipeline.build_pipeline(cfg, tokenizer, process_index=0, process_count=1)
+    built = time.perf_counter()
+    it = iter(data.train)
+    next(it)
+    first = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    steady_s = time.perf_counter() - first
+    # Resident memory now (VmRSS: RssAnon, the process's own, + RssFile, mapped files) and peak.
+    status = {k: v.strip() for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+              if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+    return dict(rows=sum(s.rows for s in data.report.sources),
+                samples=sum(s.train + s.eval for s in data.report.sources),
+                imports_s=imports - started, tokenizer_s=loaded - imports, build_s=built - loaded,
+                first_batch_s=first - built, to_first_batch_s=first - started,
+                tokens_per_s=batches * 8 * 2048 / steady_s, **status)
+
+
+FIRST_STEP_RECIPE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from configs.smollm2_sft_cpu import get_config as smollm2
+
+
+def get_config():
+    cfg = smollm2()
+    cfg.data.update(json.loads({data!r}))
+    cfg.data.batch_size = 4
+    cfg.train.update(steps=1, eval_every=0, export=False, run_dir={run_dir!r})
+    return cfg
+"""
+
+
+def first_step(data_cfg: dict, timeout: float = 900) -> dict:
+    """`covenant-jax train` (SmolLM2-135M, 4 x 2048 tokens, CPU) on the data from its warm cache:
+    seconds from the command's start to its progress bar (setup done: model loaded, data ready,
+    state created) and to step 1 done (compiled and run). The run is then stopped."""
+    import shutil  # pylint: disable=g-import-not-at-top
+
+    run_dir = BENCH / "first_step_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    recipe = BENCH / "first_step_recipe.py"
+    recipe.write_text(FIRST_STEP_RECIPE.format(repo=str(REPO), data=json.dumps(data_cfg), run_dir=str(run_dir)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, marks = b"", {}
+    try:
+        while "step" not in marks and time.perf_counter() - started < timeout:
+            chunk = proc.stderr.read1(4096)
+            if not chunk:
+                break
+            seen += chunk
+            if "setup" not in marks and b"0/1 [" in seen:
+                marks["setup"] = time.perf_counter() - started
+            if b"1/1 [" in seen:
+                marks["step"] = time.perf_counter() - started
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if "step" not in marks:
+        raise RuntimeError(f"train did not reach step 1:\n{seen.decode(errors='replace')[-3000:]}")
+    return {"setup_s": marks.get("setup"), "first_step_s": marks["step"]}
+
+
+def million(workers: int, batches: int) -> dict:
+    files = million_rows(BENCH)
+    out = {}
+    for label, scale in (("1M", 1.0), ("100k", 0.1)):
+        cfg = million_config(files, scale, workers)
+        from covenant_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+        import transformers  # pylint: disable=g-import-not-at-top
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
+        data, setup_s, cpu_s = timed_build(pipeline.build_pipeline, cfg, tokenizer)  # cold, or warm if done
+        rows = sum(s.rows for s in data.report.sources)
+        out[f"{label} prepare"] = dict(rows=rows, setup_s=setup_s, cpu_s=cpu_s, rows_per_cpu_s=rows / cpu_s,
+                                       report=str(data.report))
+        print(f"  {label}: build {setup_s:.0f} s ({cpu_s:.0f} cpu s)\n{data.report}", flush=True)
+        del data
+        proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cfg), "--batches", str(batches)],
+                              capture_output=True, text=True, check=True, cwd=REPO)
+        out[f"{label} warm"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {label} warm start: {out[f'{label} warm']}", flush=True)
+    out["1M train"] = first_step({k: v for k, v in million_config(files, 1.0, workers).items()
+                                  if k not in ("batch_size",)})
+    print(f"  1M covenant-jax train: {out['1M train']}", flush=True)
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=3000, help="ShareGPT rows (max_rows)")
-    ap.add_argument("--batches", type=int, default=30, help="steady-state batches per case")
-    ap.add_argument("--only", choices=["sharegpt", "long_text"], help="run one material only")
+    ap.add_argument("--batches", type=int, default=200, help="steady-state batches per case")
+    ap.add_argument("--workers", type=int, default=0, help="data.workers (0: one per core)")
+    ap.add_argument("--only", choices=["sharegpt", "long_text", "none"],
+                    help="side by side on one material only (none: skip it)")
+    ap.add_argument("--million", action="store_true", help="also the 1M-row mixture")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)  # a warm start, in a fresh process
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    missing = [p for p in (TOKENIZER, MATERIAL / "sharegpt.jsonl", MATERIAL / "long_text.jsonl")
-               if not p.exists()]  # fmt: skip
+    if args.measure:
+        print(json.dumps(measure_warm(json.loads(args.measure), args.batches)))
+        return 0
+    missing = [p for p in (TOKENIZER, SHAREGPT, LONG_TEXT) if not p.exists()]
     if missing:
         print(f"missing material {[str(p) for p in missing]}: run tools/fetch_material.py")
         return 1
@@ -134,21 +311,16 @@ def main(argv=None) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
     results = []
     for case in cases(args.rows):
-        if args.only and case["name"] != args.only:
-            continue
-        r = run_case(case, tokenizer, args.batches)
-        print(f"  {r['report']}\n  seq {r['seq_len']}: setup {r['setup_s']:.1f} s, "
-              f"{r['tokens_per_s']:,.0f} tokens/s steady", flush=True)  # fmt: skip
-        results.append(r)
+        if not args.only or case["name"] == args.only:
+            results += side_by_side(case, tokenizer, args.batches, args.workers)
     print(f"\ncpu cores: {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}\n")
-    print(table(results))
-    slowest = min(r["margin"] for r in results)
-    print(
-        f"\nsteady state is {slowest:.0f}x (or more) what one H100 step on a 1B model consumes; "
-        "one host process feeds all of its host's accelerators."
-    )
+    if results:
+        print(table(results))
+    out = {"side_by_side": results}
+    if args.million:
+        out["million"] = million(args.workers, args.batches)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     return 0
 
 

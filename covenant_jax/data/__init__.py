@@ -1,38 +1,36 @@
 """Data for SFT and long-document training: row formats -> messages (formats), chat templates
-and loss masks (templates), file readers (sources), and the Grain pipeline (pipeline)."""
+and loss masks (templates), file readers (sources), preparation in parallel processes and its
+on-disk cache (prepare, cache), and the Grain pipeline (pipeline).
 
-from covenant_jax.data.formats import SKIP_REASONS, InvalidRow, RowFormat
-from covenant_jax.data.pipeline import (
-    DataPipeline,
-    DataReport,
-    SourceReport,
-    build_pipeline,
-    default_config,
-)
-from covenant_jax.data.sources import read_rows
-from covenant_jax.data.templates import (
-    NAMED_TEMPLATES,
-    ChatTemplate,
-    encode_chat,
-    encode_chats,
-    encode_text,
-    encode_texts,
-)
+Names are imported on first use, so the preparation processes (prepare.py) load what turns rows
+into tokens and not the Grain/JAX side.
+"""
 
-__all__ = [
-    "SKIP_REASONS",
-    "InvalidRow",
-    "RowFormat",
-    "DataPipeline",
-    "DataReport",
-    "SourceReport",
-    "build_pipeline",
-    "default_config",
-    "read_rows",
-    "NAMED_TEMPLATES",
-    "ChatTemplate",
-    "encode_chat",
-    "encode_chats",
-    "encode_text",
-    "encode_texts",
-]
+import importlib
+
+_EXPORTS = {
+    "SKIP_REASONS": "formats",
+    "InvalidRow": "formats",
+    "RowFormat": "formats",
+    "DataPipeline": "pipeline",
+    "DataReport": "pipeline",
+    "SourceReport": "pipeline",
+    "build_pipeline": "pipeline",
+    "default_config": "pipeline",
+    "read_rows": "sources",
+    "iter_rows": "sources",
+    "NAMED_TEMPLATES": "templates",
+    "ChatTemplate": "templates",
+    "encode_chat": "templates",
+    "encode_chats": "templates",
+    "encode_text": "templates",
+    "encode_texts": "templates",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

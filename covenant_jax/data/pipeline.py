@@ -40,14 +40,24 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
                  backend attends a fixed number per row: the recipe sets this for it
                  (train.recipe.bound_samples_per_row) and the kernel reads the same number
   pad_id         -1 = tokenizer.pad_token_id (or 0 when it has none)
+  cache_dir      where file sources' prepared samples are cached ("": nowhere, in memory;
+                 training uses RUN_DIR/data_cache unless set; local or gs://)
+  workers        processes that render and tokenise (0: one per core, at most 32; 1: this one)
+  shard_rows     rows per cache shard: the unit the hosts of a job divide (part of the key)
+  eval_mode      "token_mean" (default): eval loss = summed token loss / trained tokens over
+                 all eval rows | "trainer": what transformers' Trainer.evaluate() reports (the
+                 platform's validator): eval rows over seq_len left out, each batch of
+                 `eval_batch_size` rows (in row order) scored by its token mean, and those
+                 means averaged weighted by the batches' rows
+  eval_batch_size  rows per eval batch in eval_mode "trainer" (per_device_eval_batch_size)
 
-Why eager: each row is validated and tokenised once, up front, so the skip report is complete
-before step 0, the eval split is exact, and the Grain graph holds only index-addressable
-arrays (its iterator state is a few integers). Every host does the same work and so gets the
-same report and split; tokens are kept as int32 in host memory. Tokenising goes through the
-fast tokenizer's batch API (parallel in Rust), and a long raw document is cut at places where
-its tokens cannot change, so the work stays linear in its length (templates.encode_texts).
-`tools/bench_data.py` measures setup and steady-state speed on real data.
+Every row is validated and tokenised before step 0 (prepare.py: in parallel processes), so the
+skip report is complete, the eval split exact, and the Grain graph holds only index-addressable
+samples (its iterator state is a few integers). With a cache folder the samples are prepared
+once per source and settings (cache.py: ArrayRecord read by index, shards divided among the
+hosts of a job) and a host holds only per-sample index arrays, not tokens. A long raw document
+is tokenised in pieces cut where its tokens cannot change (templates.encode_texts).
+`tools/bench_data.py` measures preparation, warm starts and steady-state speed on real data.
 
 Batches (numpy, each [batch_size // process_count, seq_len]): `tokens` int32, `targets`
 int32 (tokens[t+1] in the same sample, else pad), `loss_mask` float32 (1 where targets[t] is
@@ -62,19 +72,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+import itertools
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
 from covenant_jax import fields
-from covenant_jax.data import formats, sources, templates
+from covenant_jax.data import formats, prepare, templates
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
 
 OVERLENGTH = ("truncate", "drop", "split")
-SHOW_SKIPPED = 3  # Skipped rows located in the report, per reason.
+EVAL_MODES = ("token_mean", "trainer")
 _SOURCE_KEYS = {
     "path", "dataset", "format", "weight", "fields", "role_map", "name", "max_rows", "template",
     "prompt_format",
@@ -84,7 +95,9 @@ RULES = {
     "overlength": fields.one_of(OVERLENGTH), "loss_on": fields.one_of(templates.LOSS_ON),
     "eval_fraction": fields.within(0, 1, high_open=True), "eval_count": fields.at_least(0),
     "epochs": fields.at_least(0), "packing_bins": fields.at_least(0),
-    "max_samples_per_row": fields.at_least(0),
+    "max_samples_per_row": fields.at_least(0), "workers": fields.at_least(0),
+    "shard_rows": fields.at_least(1), "eval_mode": fields.one_of(EVAL_MODES),
+    "eval_batch_size": fields.at_least(1),
     "roles_to_train": (
         lambda v: isinstance(v, (list, tuple)) and bool(v) and set(v) <= set(formats.ROLES),
         f"must be a non-empty list of {list(formats.ROLES)}",
@@ -92,6 +105,8 @@ RULES = {
     "train_on_eos": fields.one_of(templates.TRAIN_ON_EOS),
     "role_order": fields.one_of(formats.ROLE_ORDERS),
 }
+# How long a process waits for the others to prepare their shards of a cache entry.
+PREPARE_TIMEOUT_S = 48 * 3600
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -114,6 +129,11 @@ def default_config() -> ml_collections.ConfigDict:
             packing_bins=0,
             max_samples_per_row=0,
             pad_id=-1,
+            cache_dir="",
+            workers=0,
+            shard_rows=16384,
+            eval_mode="token_mean",
+            eval_batch_size=8,
         )
     )
 
@@ -134,14 +154,13 @@ class SourceReport:
     trained_tokens: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     located: dict = dataclasses.field(default_factory=dict)  # reason -> first "file:line: ..."
+    eval_dropped: int = 0  # Eval rows over seq_len left out (eval_mode="trainer").
 
-    def skip(self, error: formats.InvalidRow, where: str) -> None:
-        """Counts a skipped row; the first few per reason keep where they are and why."""
-        self.skipped[error.reason] += 1
-        first = self.located.setdefault(error.reason, [])
-        if len(first) < SHOW_SKIPPED:
-            detail = f" ({error.detail})" if error.detail else ""
-            first.append(f"{where}: {error.reason}{detail}")
+    @classmethod
+    def of(cls, name: str, tally: prepare.Tally) -> SourceReport:
+        counts = ("rows", "truncated", "split", "pieces", "pieces_dropped", "tokens", "trained_tokens")
+        return cls(name, **{k: getattr(tally, k) for k in counts},
+                   skipped=collections.Counter(tally.skipped), located=dict(tally.located))
 
     def __str__(self) -> str:
         skipped = (
@@ -153,11 +172,12 @@ class SourceReport:
             if self.split
             else ""
         )
+        dropped = f" ({self.eval_dropped} over seq_len left out)" if self.eval_dropped else ""
         where = [w for r in formats.SKIP_REASONS for w in self.located.get(r, [])]
         return "\n    ".join([
-            f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval samples; "
-            f"skipped {sum(self.skipped.values())} ({skipped}); truncated {self.truncated}; "
-            f"{split}{self.tokens} tokens, {self.trained_tokens} trained"
+            f"{self.name}: {self.rows} rows -> {self.train} train + {self.eval} eval samples"
+            f"{dropped}; skipped {sum(self.skipped.values())} ({skipped}); truncated "
+            f"{self.truncated}; {split}{self.tokens} tokens, {self.trained_tokens} trained"
         ] + where)  # fmt: skip
 
 
@@ -177,14 +197,17 @@ class DataReport:
 
 @dataclasses.dataclass
 class DataPipeline:
-    """`train` yields batches forever (or for `epochs`); `eval` one pass (None if no split)."""
+    """`train` yields batches forever (or for `epochs`); `eval` one pass (None if no split):
+    Grain batches (eval_mode "token_mean"), or a `TrainerEval` ("trainer")."""
 
     train: grain.IterDataset
-    eval: grain.IterDataset | None
+    eval: Any
     report: DataReport
     rows_per_process: int
     seq_len: int
     pad_id: int
+    eval_mode: str = "token_mean"
+    cache_locations: list = dataclasses.field(default_factory=list)  # Per source; None: memory.
 
 
 def build_pipeline(
@@ -193,42 +216,73 @@ def build_pipeline(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    cache_dir: str | None = None,
+    local_cache_dir: str | None = None,
 ) -> DataPipeline:
     """The whole pipeline from the `data` config section. `tokenizer`: a fast HF tokenizer or
-    a local path to one. Shards by jax.process_index() / process_count() unless both given."""
+    a local path to one. Shards by jax.process_index() / process_count() unless both given.
+    `cache_dir` (default: data.cache_dir; empty: none) holds the prepared samples of file
+    sources (prepare.py, cache.py); `local_cache_dir` where a remote cache is copied to."""
     cfg = _with_defaults(cfg)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     if process_index is None or process_count is None:
-        import jax  # pylint: disable=g-import-not-at-top
-
-        process_index, process_count = jax.process_index(), jax.process_count()
+        process_index, process_count = this_process()
     if cfg["batch_size"] % process_count:
         raise UserError(
             f"data.batch_size={cfg['batch_size']} is not divisible by process_count={process_count}"
         )
     rows = cfg["batch_size"] // process_count
     pad_id = cfg["pad_id"] if cfg["pad_id"] >= 0 else (tokenizer.pad_token_id or 0)
-    made: dict[str, templates.ChatTemplate] = {}
-    loaded = [
-        load_source(s, i, cfg, tokenizer, _source_template(s, cfg, tokenizer, made))
-        for i, s in enumerate(cfg["sources"])
-    ]
-    train_sets, eval_sets, reports = zip(*loaded, strict=True)
+    worker = prepare.Worker.create(tokenizer, cfg["sources"], cfg)
+    prepared = prepare.prepare_sources(
+        cfg["sources"], cfg, worker,
+        cache_dir=cfg["cache_dir"] if cache_dir is None else cache_dir,
+        process_index=process_index, process_count=process_count, barrier=_barrier,
+        local_root=local_cache_dir,
+    )  # fmt: skip
+    splits = [split_source(p, i, cfg) for i, p in enumerate(prepared)]
     pack = functools.partial(
         pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
         bins=cfg["packing_bins"] or rows, seed=cfg["seed"],
         max_samples_per_row=cfg["max_samples_per_row"],
     )  # fmt: skip
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
+    train_sets = [SampleView([(p.samples, s.train)]) for p, s in zip(prepared, splits)]
     train = mix_sources(train_sets, weights, epochs=cfg["epochs"], seed=cfg["seed"])
     train = pack(_shard(train, process_index, process_count), shuffle_bins=True)
-    eval_examples = [e for es in eval_sets for e in es]
+    evals = SampleView([(p.samples, s.eval) for p, s in zip(prepared, splits) if len(s.eval)])
     eval_ds = None
-    if eval_examples:
-        eval_ds = _shard(grain.MapDataset.source(eval_examples), process_index, process_count)
-        eval_ds = pack(eval_ds, shuffle_bins=False)
-    return DataPipeline(train, eval_ds, DataReport(list(reports)), rows, cfg["seq_len"], pad_id)
+    if len(evals) and cfg["eval_mode"] == "trainer":
+        eval_ds = TrainerEval(evals, cfg["eval_batch_size"], cfg["batch_size"], cfg["seq_len"],
+                              pad_id, cfg["max_samples_per_row"], process_index, process_count)
+    elif len(evals):
+        eval_ds = pack(_shard(grain.MapDataset.source(evals), process_index, process_count),
+                       shuffle_bins=False)  # fmt: skip
+    report = DataReport([s.report for s in splits])
+    return DataPipeline(train, eval_ds, report, rows, cfg["seq_len"], pad_id, cfg["eval_mode"],
+                        [p.location for p in prepared])  # fmt: skip
+
+
+def this_process() -> tuple[int, int]:
+    """(index, count) of this process in a joined JAX job; (0, 1) alone, without starting JAX."""
+    from covenant_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+
+    if not distributed.is_multiprocess():
+        return 0, 1
+    import jax  # pylint: disable=g-import-not-at-top
+
+    return jax.process_index(), jax.process_count()
+
+
+_BARRIERS = itertools.count()  # Unique barrier names: every process builds the same pipelines.
+
+
+def _barrier(name: str) -> None:
+    from covenant_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+
+    if distributed.is_multiprocess():
+        distributed.barrier(f"covenant-data-{next(_BARRIERS)}: {name}", PREPARE_TIMEOUT_S)
 
 
 def _shard(ds: grain.MapDataset, index: int, count: int) -> grain.IterDataset:
@@ -254,6 +308,8 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"data.sources[{i}]: unknown key(s) {sorted(set(src) - _SOURCE_KEYS)}; "
                 f"known: {sorted(_SOURCE_KEYS)}"
             )
+        if src.get("path", src.get("dataset")) is None:
+            raise UserError(f"data.sources[{i}] needs `path` or `dataset`")
     fields.check("data", out, RULES)
     return out
 
@@ -262,78 +318,35 @@ def _plain(x: Any) -> Any:
     return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
 
-def _src_format(src: Mapping[str, Any]) -> str:
-    return src.get("format", "messages")
+@dataclasses.dataclass
+class _Split:
+    train: np.ndarray  # Sample ids of the training rows.
+    eval: np.ndarray  # Sample ids of the held-out rows.
+    report: SourceReport
 
 
-def _source_template(src, cfg, tokenizer, made: dict) -> templates.ChatTemplate | None:
-    """The source's chat template (one object per distinct template, so layouts are shared);
-    None for formats that use none, or template "none"."""
-    name = src.get("template") or cfg["template"]
-    if _src_format(src) in formats.PLAIN_FORMATS or name == templates.NO_TEMPLATE:
-        return None
-    if name not in made:
-        made[name] = templates.ChatTemplate(tokenizer, name)
-    return made[name]
-
-
-def load_source(
-    src: Mapping[str, Any],
-    index: int,
-    cfg: Mapping[str, Any],
-    tokenizer,
-    template: templates.ChatTemplate | None,
-):
-    """Reads, validates, splits and tokenises one source -> (train, eval, SourceReport).
-
-    Raises (naming the source) when a configured field is absent from every row or when no
-    valid training row remains."""
-    data = src.get("path", src.get("dataset"))
-    if data is None:
-        raise UserError(f"data.sources[{index}] needs `path` or `dataset`")
-    name = src.get("name") or (str(data) if "path" in src else f"sources[{index}]")
-    fmt = formats.RowFormat.create(
-        _src_format(src), src.get("fields"), src.get("role_map"),
-        prompt_format=src.get("prompt_format"), chat=template is not None,
-        role_order=cfg["role_order"],
-    )  # fmt: skip
-    rows = sources.read_rows(data, src.get("max_rows") or 0)  # max_rows: a quick run
-    fmt.check_columns(rows, name)
-    report = SourceReport(name, rows=len(rows))
-    examples, origin = _parse_rows(rows, fmt, report)
-    if not examples:
+def split_source(p: prepare.PreparedSource, index: int, cfg: Mapping[str, Any]) -> _Split:
+    """The source's samples split by row into train and eval (split_eval over its valid rows);
+    in eval_mode "trainer" eval rows over seq_len are left out, as the platform's validator does.
+    Raises (naming the source) when no valid or no trainable row remains."""
+    name = prepare.source_name(cfg["sources"][index], index)
+    report = SourceReport.of(name, p.tally)
+    if not p.tally.valid:
         _raise_empty(name, report, "valid")
-    train_idx, eval_idx = split_eval(
-        len(examples), cfg["eval_fraction"], cfg["eval_count"], seed=(cfg["seed"], index)
+    _, eval_rows = split_eval(
+        p.tally.valid, cfg["eval_fraction"], cfg["eval_count"], seed=(cfg["seed"], index)
     )
-    encoded = templates.encode_examples(
-        tokenizer, template, examples, cfg["loss_on"],
-        roles_to_train=cfg["roles_to_train"], train_on_eos=cfg["train_on_eos"],
-    )  # fmt: skip
-    del examples
-    fit = functools.partial(_fit, cfg=cfg, report=report)
-    train = [x for i in train_idx for x in fit(encoded[i], rows.where(origin[i]))]
-    evals = [x for i in eval_idx for x in fit(encoded[i], rows.where(origin[i]))]
+    held_out = np.zeros(p.tally.valid, bool)
+    held_out[eval_rows] = True
+    in_eval = held_out[p.valid_ordinal]
+    train, evals = np.flatnonzero(~in_eval), np.flatnonzero(in_eval)
+    if cfg["eval_mode"] == "trainer":
+        report.eval_dropped = len(np.unique(p.valid_ordinal[evals[p.overlong[evals]]]))
+        evals = evals[~p.overlong[evals]]
     report.train, report.eval = len(train), len(evals)
-    if not train:
+    if not len(train):
         _raise_empty(name, report, "trainable")
-    return train, evals, report
-
-
-def _parse_rows(
-    rows: sources.Rows, fmt: formats.RowFormat, report: SourceReport
-) -> tuple[list, list[int]]:
-    """The valid rows' examples and, for each, its row's index (to locate later skips)."""
-    examples, origin = [], []
-    for i, row in enumerate(rows):
-        try:
-            if isinstance(row, sources.BadRow):
-                raise formats.InvalidRow(row.reason, row.detail)
-            examples.append(fmt.to_example(row))
-            origin.append(i)
-        except formats.InvalidRow as e:
-            report.skip(e, rows.where(i))
-    return examples, origin
+    return _Split(train, evals, report)
 
 
 def _raise_empty(name: str, report: SourceReport, what: str):
@@ -353,46 +366,59 @@ def split_eval(n: int, fraction: float, count: int, seed) -> tuple[np.ndarray, n
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def _fit(encoded, where: str, *, cfg, report: SourceReport) -> list[dict]:
-    """One tokenised example (or its InvalidRow) -> its samples {"tokens", "weights"} under the
-    overlength policy; none when skipped (the reason counted in report)."""
-    try:
-        if isinstance(encoded, formats.InvalidRow):
-            raise encoded
-        ids, trained = encoded
-        pieces = _fit_length(ids, trained, cfg["seq_len"], cfg["overlength"])
-        kept = [(i, t) for i, t in pieces if t[1:].any()]  # Token 0 is never a target.
-        if len(pieces) > 1:
-            report.split += 1
-            report.pieces += len(kept)
-            report.pieces_dropped += len(pieces) - len(kept)
-        if not kept:
-            raise formats.InvalidRow("no_trained_tokens")
-    except formats.InvalidRow as e:
-        report.skip(e, where)
-        return []
-    report.truncated += int(cfg["overlength"] == "truncate" and len(ids) > cfg["seq_len"])
-    for i, t in kept:
-        report.tokens += len(i)
-        report.trained_tokens += int(t[1:].sum())
-    return [{"tokens": i, "weights": t} for i, t in kept]
+class SampleView:
+    """Samples picked by id from prepared sources, in order: a sequence Grain reads by index."""
+
+    def __init__(self, parts: Sequence[tuple[Sequence, np.ndarray]]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(ids) for _, ids in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        samples, ids = self.parts[k]
+        return samples[int(ids[i - self.starts[k]])]
 
 
-def _fit_length(ids, trained, seq_len: int, policy: str) -> list[tuple]:
-    """[(ids, trained)] pieces of one sample; split pieces are views of the whole (kept in
-    full anyway), a truncated sample a copy (so the long original can be freed)."""
-    if len(ids) <= seq_len:
-        return [(ids, trained)]
-    if policy == "drop":
-        raise formats.InvalidRow("overlength_dropped", f"{len(ids)} > {seq_len}")
-    if policy == "split":
-        starts = range(0, len(ids), seq_len)
-        return [(ids[s : s + seq_len], trained[s : s + seq_len]) for s in starts]
-    return [(ids[:seq_len].copy(), trained[:seq_len].copy())]
+@dataclasses.dataclass
+class TrainerEval:
+    """Eval batches as transformers' `Trainer.evaluate()` forms them, so the loss can be averaged
+    as it does (the mean of per-batch token means): the eval samples in order, `batch_size` at a
+    time. A Trainer batch's samples are packed into rows (packing changes no token's loss) and
+    cut into device batches of `rows` global rows; every process packs the same rows and feeds
+    its slice. Iterating yields, per Trainer batch, (its samples, this process's batches)."""
+
+    samples: Sequence
+    batch_size: int  # Samples per Trainer batch (per_device_eval_batch_size).
+    rows: int  # Global rows per device batch.
+    seq_len: int
+    pad_id: int
+    max_samples_per_row: int
+    process_index: int
+    process_count: int
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
+        local = self.rows // self.process_count
+        mine = slice(self.process_index * local, (self.process_index + 1) * local)
+        for start in range(0, len(self.samples), self.batch_size):
+            group = [self.samples[i] for i in range(start, min(start + self.batch_size, len(self.samples)))]
+            ds = grain.MapDataset.source(group).to_iter_dataset(
+                grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+            )
+            batches = pack_and_batch(
+                ds, seq_len=self.seq_len, rows=self.rows, pad_id=self.pad_id, bins=self.rows, seed=0,
+                shuffle_bins=False, max_samples_per_row=self.max_samples_per_row,
+            )  # fmt: skip
+            yield len(group), [{k: v[mine] for k, v in b.items()} for b in batches]
 
 
 def mix_sources(
-    datasets: Sequence[list], weights: Sequence[float], *, epochs: int, seed: int
+    datasets: Sequence[Sequence], weights: Sequence[float], *, epochs: int, seed: int
 ) -> grain.MapDataset:
     """Each source shuffled (reshuffled every pass) and repeated, mixed by weight with Grain;
     cut to epochs * (total rows) when epochs > 0."""

@@ -9,17 +9,21 @@ more cells than the header) does not abort the read: it becomes a `BadRow` carry
 reason, so it is counted like any other invalid row. A file that cannot be read at all raises,
 naming the file. Each row knows where it came from (`Rows.where`: ``file:line`` for JSONL and
 CSV, ``file:row N`` otherwise), so the skip report can point at it. A UTF-8 byte-order mark
-(Windows tools write one) is dropped; a UTF-16 file is refused with that name.
+(Windows tools write one) is dropped; a UTF-16 file is refused with that name. `iter_rows`
+yields the same rows one at a time with where they are, streaming a JSONL file (the parallel
+preparation of a large file never holds it whole).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
+import itertools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from covenant_jax import storage
 from covenant_jax.errors import UserError
@@ -75,8 +79,7 @@ def read_rows(source: Any, max_rows: int = 0) -> Rows:
 
 
 def _read_path(path: str, limit: int | None = None) -> Rows:
-    if not storage.path(path).exists():
-        raise FileNotFoundError(f"Data file not found: {path}")
+    _check_exists(path)
     if storage.path(path).is_dir():
         return _read_hf_dir(path)
     ext = path.lower().rsplit(".", 1)[-1]
@@ -85,8 +88,7 @@ def _read_path(path: str, limit: int | None = None) -> Rows:
         raise UserError(f"{path}: unknown data file extension {ext!r} (use {known})")
     if ext == "parquet":
         return _read_parquet(path)
-    with storage.path(path).open("rb") as f:
-        _check_not_utf16(f.read(2), path)
+    _check_not_utf16(path)
     if ext == "jsonl":
         return _read_jsonl(path, limit)
     if ext == "csv":
@@ -94,33 +96,48 @@ def _read_path(path: str, limit: int | None = None) -> Rows:
     return _read_json(path)
 
 
-def _check_not_utf16(head: bytes, path: str) -> None:
-    if head in _UTF16_BOMS:
-        raise UserError(f"{path}: the file is UTF-16 (byte-order mark); save it as UTF-8")
+def _check_exists(path: str) -> None:
+    if not storage.path(path).exists():
+        raise FileNotFoundError(f"Data file not found: {path}")
+
+
+def _check_not_utf16(path: str) -> None:
+    with storage.path(path).open("rb") as f:
+        if f.read(2) in _UTF16_BOMS:
+            raise UserError(f"{path}: the file is UTF-16 (byte-order mark); save it as UTF-8")
 
 
 def _read_jsonl(path: str, limit: int | None = None) -> Rows:
     rows, lines = [], []
-    with storage.path(path).open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if lineno == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM) :]
-            row = _parse_jsonl_line(raw)
-            if row is not None:
-                rows.append(row)
-                lines.append(lineno)
+    for lineno, raw in itertools.islice(_jsonl_lines(path), limit):
+        rows.append(_parse_jsonl_line(raw))
+        lines.append(lineno)
     return Rows(rows, path, lines)
 
 
-def _parse_jsonl_line(raw: bytes) -> dict | BadRow | None:
+def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line holding a row (blank lines do not), streamed; the
+    first line's byte-order mark dropped."""
+    with storage.path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
+            if _holds_row(raw):
+                yield lineno, raw
+
+
+def _holds_row(raw: bytes) -> bool:
+    try:
+        return bool(raw.decode("utf-8").strip())
+    except UnicodeDecodeError:
+        return True  # A row, skipped as non_utf8.
+
+
+def _parse_jsonl_line(raw: bytes) -> dict | BadRow:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return BadRow("non_utf8", str(e))
-    if not line.strip():
-        return None
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -219,3 +236,33 @@ def _read_hf_dir(path: str) -> Rows:
     rows = read_rows(datasets.load_from_disk(path))
     rows.name = path
     return rows
+
+
+def iter_rows(
+    source: Any, max_rows: int = 0, select: Callable[[int], bool] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """`read_rows` one row at a time, as (`Rows.where` location, row). A JSONL file is streamed,
+    never held whole; other sources are read whole. Rows i with `select(i)` false are counted
+    but not decoded (their row is None): a host skips the JSON of other hosts' shards."""
+    limit = max_rows if max_rows > 0 else None
+    if _is_jsonl_file(source):
+        path = os.fspath(source)
+        _check_exists(path)
+        _check_not_utf16(path)
+        located = (
+            (f"{path}:{lineno}", functools.partial(_parse_jsonl_line, raw))
+            for lineno, raw in _jsonl_lines(path)
+        )
+    else:
+        rows = read_rows(source, max_rows)
+        located = ((rows.where(i), functools.partial(_same, row)) for i, row in enumerate(rows))
+    for i, (where, decode) in enumerate(itertools.islice(located, limit)):
+        yield where, decode() if select is None or select(i) else None
+
+
+def _is_jsonl_file(source: Any) -> bool:
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).lower().endswith(".jsonl")
+
+
+def _same(row: Any) -> Any:
+    return row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,6 +165,11 @@ def merged_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
     return storage.path(cfg.train.run_dir) / "export_merged"
 
 
+def data_cache_dir(cfg: ml_collections.ConfigDict) -> str:
+    """Where prepared samples are cached: data.cache_dir, else beside the run (RUN_DIR/data_cache)."""
+    return cfg.data.cache_dir or os.fspath(storage.path(cfg.train.run_dir) / "data_cache")
+
+
 def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.check_fields(cfg)
     recipe.bound_samples_per_row(cfg)
@@ -175,7 +181,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
     tokenizer = load_tokenizer(cfg.model.path)
     _check_vocab(tokenizer, model)
-    data = data_pipeline.build_pipeline(cfg.data, tokenizer)
+    data = data_pipeline.build_pipeline(cfg.data, tokenizer, cache_dir=data_cache_dir(cfg))
     if jax.process_index() == 0:
         print(data.report)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
@@ -206,9 +212,12 @@ def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def evaluate(run: Run, state: dict) -> float | None:
+    """The eval loss: the token mean over the eval rows (data.eval_mode "token_mean"), or the
+    number transformers' Trainer.evaluate() reports ("trainer", see _evaluate_like_trainer)."""
     if run.data.eval is None:
         return None
-    eval_sharding = run.eval_sharding
+    if run.data.eval_mode == "trainer":
+        return _evaluate_like_trainer(run, state)
     batches = itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None)
     total, count = 0.0, 0.0
     while True:
@@ -224,11 +233,37 @@ def evaluate(run: Run, state: dict) -> float | None:
             batch = program.padding_batch(run.data.rows_per_process, run.data.seq_len, run.data.pad_id) if batch is None else batch
         elif batch is None:
             break
-        with activation_sharding(run.mesh):
-            loss_sum, n = run.eval_step(state["params"], state.get("frozen"),
-                                        program.device_batch(_host_layout(run, batch), eval_sharding, None))
-        total, count = total + float(loss_sum), count + float(n)
+        loss_sum, n = _eval_sums(run, state, batch)
+        total, count = total + loss_sum, count + n
     return total / count if count else None
+
+
+def _eval_sums(run: Run, state: dict, batch: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(summed token loss, trained tokens) of one eval batch (this process's rows of it)."""
+    with activation_sharding(run.mesh):
+        loss_sum, n = run.eval_step(state["params"], state.get("frozen"),
+                                    program.device_batch(_host_layout(run, batch), run.eval_sharding, None))
+    return float(loss_sum), float(n)
+
+
+def _evaluate_like_trainer(run: Run, state: dict) -> float | None:
+    """What transformers' Trainer.evaluate() reports (and Gradients' validator scores): each
+    eval batch's token mean, averaged over the batches weighted by their rows (Trainer repeats
+    a batch's loss per row, and accelerate's gather_for_metrics cuts the last batch's repeats to
+    its rows); batches whose mean is not finite left out (logging_nan_inf_filter). The pipeline
+    forms the batches (TrainerEval); each may take several device batches, summed before the mean."""
+    means, weights = [], []
+    for rows, batches in itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None):
+        total, count = np.sum([_eval_sums(run, state, b) for b in batches], axis=0)
+        means.append(total / count if count else float("nan"))
+        weights.append(rows)
+    if not means:
+        return None
+    means, weights = np.asarray(means), np.asarray(weights, float)
+    finite = np.isfinite(means)
+    if finite.any():
+        means, weights = means[finite], weights[finite]
+    return float(np.sum(means * weights) / np.sum(weights))
 
 
 class _Progress:

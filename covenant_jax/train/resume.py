@@ -24,6 +24,7 @@ MAY_CHANGE = (
     "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpoint", "train.loss_chunk_size", "train.export",
     "train.export_dtype", "train.peak_tflops_per_device", "train.progress",
+    "data.cache_dir", "data.workers", "data.shard_rows",  # Where / how samples are prepared.
 )
 
 

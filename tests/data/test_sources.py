@@ -7,6 +7,7 @@ import pytest
 
 from covenant_jax import storage
 from covenant_jax.data import pipeline, sources
+from covenant_jax.errors import UserError
 from tests.data import common
 from tests.test_storage import gcs  # noqa: F401  (the GCS emulator fixture)
 
@@ -124,3 +125,28 @@ def test_csv_json_and_jsonl_from_gcs_equal_local(tmp_path, gcs):  # noqa: F811
         remote = sources.read_rows(f"gs://bucket/data/{name}")
         assert remote == local and len(local) in (2, 3)
         assert remote.where(0) == f"gs://bucket/data/{name}:{first}"
+
+
+def test_iter_rows_streams_what_read_rows_reads(tmp_path):
+    """The streaming reader (parallel preparation) yields read_rows' rows with their
+    `Rows.where` locations: a BOM dropped, blank lines not rows, bad lines BadRows in place;
+    rows it is told not to decode are None; a UTF-16 file is refused the same way."""
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(BOM + _jsonl(ROWS[:2]) + b"\n  \n{bad\n[1]\nbad \xff\n" + _jsonl(ROWS[2:]))
+    rows = sources.read_rows(path)
+    streamed = list(sources.iter_rows(path))
+    assert streamed == [(rows.where(i), r) for i, r in enumerate(rows)]
+    assert [w for w, _ in streamed] == [f"{path}:{n}" for n in (1, 2, 5, 6, 7, 8)]
+    assert [r.reason for _, r in streamed[2:5]] == ["invalid_json", "invalid_json", "non_utf8"]
+    assert list(sources.iter_rows(path, max_rows=3, select=lambda i: i != 1)) == [
+        streamed[0], (streamed[1][0], None), streamed[2]]
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_bytes(b"instruction,output\nhello,world\n\nbye,now\n")
+    assert list(sources.iter_rows(csv_path)) == [
+        (f"{csv_path}:2", {"instruction": "hello", "output": "world"}),
+        (f"{csv_path}:4", {"instruction": "bye", "output": "now"})]
+    assert list(sources.iter_rows(ROWS[:1])) == [("row 1", ROWS[0])]
+    utf16 = tmp_path / "u.jsonl"
+    utf16.write_bytes(_jsonl(ROWS).decode().encode("utf-16"))
+    with pytest.raises(UserError, match="UTF-16"):
+        list(sources.iter_rows(utf16))

@@ -10,4 +10,5 @@ from tests.train import common
 def recipe(root: Path, model: Path, data: Path, **train):
     cfg = common.tiny_recipe(Path(root), Path(model), Path(data), **{"steps": 6, "eval_every": 3, **train})
     cfg.optim.schedule = "constant"  # the train step's program does not depend on train.steps
+    cfg.data.shard_rows = 16  # 64 rows: 4 cache shards, so each process prepares half of them
     return cfg

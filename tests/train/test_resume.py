@@ -55,6 +55,13 @@ def test_what_may_change_is_not_refused():
         'data.sources [{"path": "x"}] -> [{"path": "y"}]', 'model.dtype "float32" -> "bfloat16"']
 
 
+def test_where_and_how_data_is_prepared_may_change():
+    """The cache folder, the preparation processes and the shard size change no sample."""
+    saved = {"data": {"cache_dir": "", "workers": 0, "shard_rows": 16384, "seq_len": 8}}
+    current = {"data": {"cache_dir": "gs://b/c", "workers": 4, "shard_rows": 64, "seq_len": 8}}
+    assert resume.recipe_changes(saved, current) == []
+
+
 def test_steps_below_the_latest_checkpoint_are_refused(tmp_path, trained):
     cfg = _recipe(tmp_path, trained)
     cfg.train.steps = 2
