@@ -60,8 +60,8 @@ def read_run(name: str, run_dir: Path) -> dict:
             "steps": step, "eval_loss_before": evals[0], "eval_loss_after": evals[-1]}
 
 
-def step_times(model_dir: str, rows: int, seq_len: int, rounds: int) -> dict[str, float]:
-    """Median seconds of one jitted AdamW step, full fine-tuning vs LoRA (rank 8 on every
+def step_times(model_dir: str, rows: int, seq_len: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """(median seconds, XLA's flop count) of one jitted AdamW step, full fine-tuning vs LoRA (rank 8 on every
     projection), on ``model_dir``'s shapes (random weights: the time does not depend on them),
     alternating the two round by round so both see the same load on a shared machine."""
     import jax
@@ -79,7 +79,7 @@ def step_times(model_dir: str, rows: int, seq_len: int, rounds: int) -> dict[str
 
     model_cfg, _ = folder_config(model_dir)
     batch = random_batch(model_cfg.vocab_size, rows, seq_len)
-    runs = {}
+    runs, flops = {}, {}
     for name, lora in (("full", None), ("lora", LoraConfig(rank=8, alpha=16.0))):
         model = Llama(model_cfg, ModelOptions(lora=lora), rngs=nnx.Rngs(0))
         graphdef, params, frozen, rest = state_lib.split_trained(model)
@@ -87,7 +87,9 @@ def step_times(model_dir: str, rows: int, seq_len: int, rounds: int) -> dict[str
         state, _ = state_lib.create_state(params, tx, make_mesh(devices=jax.devices()[:1]), frozen)
         loss_fn = step_lib.make_loss_fn(graphdef, rest, chunk_size=seq_len)
         step = jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(1e-4)), donate_argnums=0)
-        state, metrics = step(state, batch)  # compiles
+        cost = step.lower(state, batch).compile().cost_analysis()
+        flops[name] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+        state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         runs[name] = [step, state, []]
     for _ in range(rounds):
@@ -96,7 +98,7 @@ def step_times(model_dir: str, rows: int, seq_len: int, rounds: int) -> dict[str
             run[1], metrics = run[0](run[1], batch)
             jax.block_until_ready(metrics)
             run[2].append(time.perf_counter() - started)
-    return {name: statistics.median(run[2]) for name, run in runs.items()}
+    return {name: (statistics.median(run[2]), flops[name]) for name, run in runs.items()}
 
 
 def main(argv=None) -> int:
@@ -128,8 +130,9 @@ def main(argv=None) -> int:
     if args.step_rounds:
         times = step_times(RECIPE_MODEL, 4, 256, args.step_rounds)
         for r in rows:
-            r["bare_step_s"] = times[r["run"]]
-        print("bare step (median of alternating rounds): " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
+            r["bare_step_s"], r["step_flops"] = times[r["run"]]
+        print("bare step (median of alternating rounds; XLA's flops): "
+              + ", ".join(f"{k} {t:.2f}s ({f / 1e12:.2f} TFLOP)" for k, (t, f) in times.items()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
