@@ -289,6 +289,9 @@ def _plan_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--max-candidates", type=positive_int, default=None if not defaults else 6,
                    help="compiles the search may spend (default 6)")
     p.add_argument("--hbm-gib", type=positive_float, help="memory per device to plan against (default: the chip's HBM)")
+    p.add_argument("--step-time", action="store_true", default=None if not defaults else False,
+                   help="also estimate the step time from the TPU compiler's cost model (two more "
+                        "compiles, of 1 and 2 layers with every loop unrolled); an estimate, not a measurement")
 
 
 def cmd_plan(args) -> int:
@@ -307,6 +310,7 @@ def cmd_plan(args) -> int:
     result = plan_lib.plan(
         cfg, args.topology, search=not args.no_search, max_candidates=args.max_candidates,
         hbm_bytes=int(args.hbm_gib * plan_lib.GiB) if args.hbm_gib else None, recipe_name=args.config,
+        step_time=args.step_time,
         log=None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True)),
     )
     print(plan_lib.to_json(result) if args.json else plan_lib.report(result))
@@ -418,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile the recipe's train step for a TPU topology from abstract shapes (no "
                     "weights, no TPU; needs libtpu: pip install -e '.[tpu]') and report memory per "
                     "device, whether it fits HBM, and FLOPs; when it does not fit, try remat / "
-                    "micro-batches / mesh / loss-chunk changes and report the first that fits. "
+                    "micro-batches / mesh / loss-chunk changes and report the first that fits; "
+                    "with --step-time, the compiler's cost-model estimate of the step time. "
                     "GPU targets (h100:8) get an analytic estimate. Exit 1 when it does not fit.")
     pl.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/covenant72b_sft.py:8k)")
     _plan_options(pl, defaults=True)

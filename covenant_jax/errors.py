@@ -26,6 +26,10 @@ class MeshError(UserError):
     """A mesh that does not fit the devices or names an unknown axis."""
 
 
+class PlanError(UserError):
+    """``plan``: an unknown topology, a mesh that does not fit the chips or the model, a missing config.json."""
+
+
 class AttentionBackendError(UserError):
     """An attention backend chosen for a platform or mesh it cannot run on."""
 

@@ -41,8 +41,26 @@ def naive_attention(
     return out_BTKGH.reshape(b, t, n, h)
 
 
+def cost_model_stand_in(
+    q_BTNH: jnp.ndarray, k_BSKH: jnp.ndarray, v_BSKH: jnp.ndarray, segment_ids_BT: jnp.ndarray
+) -> jnp.ndarray:
+    """Not attention: q * k + v per head (elementwise), for the compiler's cost model only.
+
+    ``plan``'s step time estimate compiles the layers around the attention core as they are,
+    but the cost model cannot see inside the fused kernels (splash is a Pallas custom call,
+    blockwise's loops have data-dependent bounds), so the core's FLOPs are added analytically
+    there. This stand-in reads q, k and v and writes the output, so the projections, RoPE and
+    their gradients stay in the program, each gradient different from the others (a sum would
+    give q, k and v one gradient, and the compiler would merge their weight gradients into one
+    matmul). It is never a training backend.
+    """
+    g = q_BTNH.shape[2] // k_BSKH.shape[2]
+    return q_BTNH * jnp.repeat(k_BSKH, g, axis=2) + jnp.repeat(v_BSKH, g, axis=2)
+
+
 AttentionFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 _BACKENDS: dict[str, AttentionFn] = {"naive": naive_attention}
+COST_MODEL_STAND_IN = "cost_model_stand_in"  # a name get_backend resolves; not a recipe choice
 
 
 def register_backend(name: str, fn: AttentionFn) -> None:
@@ -60,6 +78,8 @@ _ROW_BOUNDED: dict[str, Callable[[int], AttentionFn]] = {}
 def get_backend(name: str, *, max_samples_per_row: int = 0) -> AttentionFn:
     """The backend; one with a per-row sample table sized to ``max_samples_per_row`` (0: its own
     default) when it has one."""
+    if name == COST_MODEL_STAND_IN:
+        return cost_model_stand_in
     if name not in _BACKENDS:
         raise RecipeError(f"attention backend {name!r} is not available; choose one of {backend_names()}")
     if max_samples_per_row and name in _ROW_BOUNDED:

@@ -42,6 +42,9 @@ class ModelOptions:
     """How to run a model (not what it is): dtypes, remat and attention backend.
     ``max_samples_per_row``: the packer's bound (data.max_samples_per_row), which sizes the
     per-row sample table of a backend that has one (cudnn); 0 = the backend's default.
+    ``scan_unroll``: run the layers as an unrolled loop (same result, one copy of the layer per
+    layer in the program): the compiler's cost model counts a loop body once, so ``plan``'s step
+    time estimate compiles this way.
     ``lora``: adapters on the projections (model/lora.py); the trained adapters are then in
     ``param_dtype`` and the frozen base weights in ``base_dtype``."""
 
@@ -50,6 +53,7 @@ class ModelOptions:
     remat: str = "none"
     attention: str = "naive"
     max_samples_per_row: int = 0
+    scan_unroll: bool = False
     lora: lora_lib.LoraConfig | None = None
 
     @property
@@ -232,8 +236,10 @@ class Llama(nnx.Module):
             return layer(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, lora_lib.AdapterCall(adapters, key)), None
 
         if self.options.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (layer_state, layer_keys))
+            # inside a rolled scan the recompute cannot be merged with the forward; unrolled it can
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat],
+                                  prevent_cse=self.options.scan_unroll)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (layer_state, layer_keys), unroll=self.options.scan_unroll)
         return rms_norm(x_BTD, self.final_norm[...].astype(dtype), self.config.rms_norm_eps)
 
     def output_kernel(self) -> jnp.ndarray:

@@ -53,6 +53,14 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over all devices; ``shape`` gives some axes' sizes, -1 (or omitted fsdp) takes the rest."""
     devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_sizes(shape, len(devices))
+    grid = np.asarray(devices).reshape([sizes[n] for n in MESH_AXES])
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_sizes(shape: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+    """Every mesh axis's size over ``num_devices`` (:func:`make_mesh`'s sizing, which ``plan``
+    applies to a topology it has no Mesh of yet)."""
     sizes = {name: 1 for name in MESH_AXES}
     sizes["fsdp"] = -1
     for name, size in (shape or {}).items():
@@ -66,15 +74,12 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
         raise MeshError(f"at most one mesh axis may be -1, got {free}")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
-        if len(devices) % fixed:
-            raise MeshError(f"mesh {sizes} does not divide {len(devices)} devices")
-        sizes[free[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
-        raise MeshError(
-            f"mesh {sizes} has {math.prod(sizes.values())} devices but {len(devices)} are present"
-        )
-    grid = np.asarray(devices).reshape([sizes[n] for n in MESH_AXES])
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        if num_devices % fixed:
+            raise MeshError(f"mesh {sizes} does not divide {num_devices} devices")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are present")
+    return sizes
 
 
 def logical_to_spec(

@@ -11,29 +11,29 @@ from typing import Any
 
 import jax
 
-from covenant_jax import storage
+from covenant_jax import hardware, storage
 from covenant_jax.config import ModelConfig
-
-# Dense bf16 peak FLOP/s per chip, for the MFU estimate (None: unknown, MFU not shown).
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
 
 
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+    """Dense bf16 peak FLOP/s of this process's devices, from the one hardware table (None:
+    unknown, MFU not shown); ``train.peak_tflops_per_device`` overrides it."""
     if override_tflops:
         return override_tflops * 1e12
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+    chip = hardware.chip_of_device_kind(jax.devices()[0].device_kind)
+    return chip.peak_flops if chip else None
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6·N (matmul params, lm_head included, embedding lookup not) + 12·L·N_heads·H·T (attention)."""
     matmul_params = cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 6 * matmul_params + attention
+    return 6 * matmul_params + attention_flops_per_token(cfg, seq_len)
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The attention core's share of :func:`train_flops_per_token`: q·k and p·v over the whole row
+    (2 + 2 FLOPs per head dim and key, causal masking not discounted), forward and backward (x3)."""
+    return 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
 
 
 METRICS_FILE = "metrics.jsonl"

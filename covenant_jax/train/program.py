@@ -86,10 +86,12 @@ class AbstractState:
     shardings: dict
 
 
-def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh) -> AbstractState:
-    """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``,
-    and with LoRA the frozen base (``state["frozen"]``: no optimizer state)."""
-    model = abstract_model(model_cfg, model_options(cfg))
+def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh,
+                   options: ModelOptions | None = None) -> AbstractState:
+    """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``
+    (``options``: how the model runs, the recipe's by default), and with LoRA the frozen base
+    (``state["frozen"]``: no optimizer state)."""
+    model = abstract_model(model_cfg, options or model_options(cfg))
     graphdef, params, frozen, rest = state_lib.split_trained(model)
     params, frozen = _placed(model, params, frozen, mesh)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
@@ -124,15 +126,18 @@ class Steps:
     eval_sharding: NamedSharding  # of a [B, T] eval batch
 
 
-def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh) -> Steps:
-    """The jitted steps with explicit shardings and donation."""
-    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size)
+def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh,
+               unroll: bool = False) -> Steps:
+    """The jitted steps with explicit shardings and donation. ``unroll``: the micro-batch and
+    loss-chunk loops unrolled (``plan``'s step time estimate; the compiler's cost model counts a
+    loop body once)."""
+    loss_fn = step_lib.make_loss_fn(graphdef, rest, cfg.train.loss_chunk_size, unroll)
     rows, seq_len = cfg.data.batch_size // cfg.train.micro_batches, cfg.data.seq_len
     train_sharding = batch_sharding(mesh, rows, seq_len, micro_batched=True)
     eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
     lora = recipe.lora_config(cfg)
     dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
-    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, dropout_seed),
+    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, dropout_seed, unroll),
                          in_shardings=(shardings, train_sharding),
                          out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
     eval_step = jax.jit(step_lib.make_eval_step(loss_fn),

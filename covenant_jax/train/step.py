@@ -34,16 +34,18 @@ Batch = dict[str, jax.Array]
 DROPOUT_KEY = "dropout_key"  # a train batch's per-micro-batch dropout keys (LoRA dropout)
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int,
+                 unroll: bool = False) -> Callable:
     """loss(params, batch[b, T], frozen) -> (summed token loss, trained token count); a batch
-    field ``dropout_key`` (:func:`with_dropout_keys`) turns adapter dropout on."""
+    field ``dropout_key`` (:func:`with_dropout_keys`) turns adapter dropout on. ``unroll``: the
+    loss chunks as an unrolled loop (for the compiler's cost model, which counts a loop body once)."""
 
     def loss_fn(params: dict, batch: Batch, frozen: dict | None = None) -> tuple[jax.Array, jax.Array]:
         model = state_lib.merge_trained(graphdef, params, frozen, rest)
         hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
                                          dropout_key=batch.get(DROPOUT_KEY))
         return cross_entropy_sum(hidden_BTD, model.output_kernel(), batch["targets"],
-                                 batch["loss_mask"], chunk_size=chunk_size)
+                                 batch["loss_mask"], chunk_size=chunk_size, unroll=unroll)
 
     return loss_fn
 
@@ -57,9 +59,10 @@ def with_dropout_keys(batch_A: Batch, seed: int | None, step: jax.Array) -> Batc
     return {**batch_A, DROPOUT_KEY: jax.random.split(jax.random.fold_in(jax.random.key(seed), step), micro_batches)}
 
 
-def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch, frozen: dict | None = None):
+def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch, frozen: dict | None = None,
+                         unroll: bool = False):
     """Summed loss, token count and float32 gradients (of ``params`` only: ``frozen`` is read)
-    of the summed loss over micro-batches."""
+    of the summed loss over micro-batches (``unroll``: as an unrolled loop)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(carry, micro_batch):
@@ -69,7 +72,8 @@ def accumulate_gradients(loss_fn: Callable, params: dict, batch_A: Batch, frozen
         return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch_A)
+    (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch_A,
+                                               unroll=unroll)
     return grads, loss_sum, count
 
 
@@ -80,13 +84,13 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    dropout_seed: int | None = None):
+                    dropout_seed: int | None = None, unroll: bool = False):
     """``dropout_seed`` None: no dropout (the model has none, or its rate is 0)."""
 
     def train_step(state: dict[str, Any], batch_A: Batch):
         params = state["params"]
         batch_A = with_dropout_keys(batch_A, dropout_seed, state["step"])
-        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A, state.get("frozen"))
+        grads, loss_sum, count = accumulate_gradients(loss_fn, params, batch_A, state.get("frozen"), unroll)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)

@@ -72,14 +72,14 @@ def test_packed_equals_unpacked(model_dir):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-4)
 
 
-def _run_steps(model_dir, batch, micro_batches, mesh, steps=2):
-    model = load_model(model_dir, ModelOptions(), mesh)
+def _run_steps(model_dir, batch, micro_batches, mesh, steps=2, unroll=False, remat="none"):
+    model = load_model(model_dir, ModelOptions(remat=remat, scan_unroll=unroll), mesh)
     graphdef, params, rest = state_lib.split_model(model)
     tx = optax.sgd(0.5)  # update error = gradient error (Adam would amplify float noise)
     state, shardings = state_lib.create_state(params, tx, mesh)
-    loss_fn = step_lib.make_loss_fn(graphdef, rest, chunk_size=16)
+    loss_fn = step_lib.make_loss_fn(graphdef, rest, chunk_size=16, unroll=unroll)
     data_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
-    fn = jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(0.5)),
+    fn = jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(0.5), unroll=unroll),
                  in_shardings=(shardings, data_sharding), out_shardings=(shardings, None), donate_argnums=0)
     stacked = {k: jax.device_put(v.reshape(micro_batches, -1, v.shape[-1]), data_sharding) for k, v in batch.items()}
     losses = []
@@ -100,6 +100,18 @@ def test_accumulated_equals_full_batch(model_dir):
     np.testing.assert_allclose(acc_losses, full_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
         np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_unrolled_equals_scanned(model_dir):
+    """Every loop unrolled (layers, micro-batches, loss chunks: what plan's step time estimate
+    compiles) computes the same step, here under remat as the pod recipes run it."""
+    batch, _ = _sample_batch([[30], [4], [20, 8], [3]], seq_len=32)
+    mesh = helpers.one_device_mesh()
+    scanned_losses, scanned = _run_steps(model_dir, batch, 2, mesh, remat="full")
+    unrolled_losses, unrolled = _run_steps(model_dir, batch, 2, mesh, unroll=True, remat="full")
+    np.testing.assert_allclose(unrolled_losses, scanned_losses, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_sharded_equals_single_device(model_dir):
