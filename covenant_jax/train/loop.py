@@ -86,7 +86,7 @@ class Run:
 def _adapter(cfg) -> peft_adapter.Adapter | None:
     """The PEFT adapter folder ``model.lora.adapter``, checked against the recipe and the model's
     shapes (from the configs alone) before any weight is read."""
-    lora = recipe.lora_config(cfg)
+    lora = program.lora_config(cfg)
     if lora is None or not cfg.model.lora.adapter:
         return None
     model_cfg, _ = folder_config(cfg.model.path)

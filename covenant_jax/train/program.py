@@ -25,17 +25,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from covenant_jax.config import ModelConfig
 from covenant_jax.model.llama import ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import logical_to_spec, state_shardings
-from covenant_jax.train import optimizer, recipe, state as state_lib, step as step_lib
+from covenant_jax.model import lora as lora_lib
+from covenant_jax.train import optimizer, state as state_lib, step as step_lib
 
 BATCH_FIELDS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
                 "segment_ids": np.int32, "positions": np.int32}
+
+
+def lora_config(cfg) -> lora_lib.LoraConfig | None:
+    """The recipe's adapters (``model.lora``, checked: rank >= 1, known targets, ...), or None
+    without LoRA."""
+    section = cfg.model.lora
+    if not section.enabled:
+        return None
+    return lora_lib.LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                               targets=tuple(section.targets), rslora=section.rslora,
+                               base_dtype=section.base_dtype)
 
 
 def model_options(cfg) -> ModelOptions:
     """How the recipe runs the model (``model.*`` and the packed-row bound)."""
     return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                         remat=cfg.model.remat, attention=cfg.model.attention,
-                        max_samples_per_row=cfg.data.max_samples_per_row, lora=recipe.lora_config(cfg))
+                        max_samples_per_row=cfg.data.max_samples_per_row, lora=lora_config(cfg))
 
 
 # ---- the batch ----------------------------------------------------------------------------------
@@ -135,7 +147,7 @@ def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh,
     rows, seq_len = cfg.data.batch_size // cfg.train.micro_batches, cfg.data.seq_len
     train_sharding = batch_sharding(mesh, rows, seq_len, micro_batched=True)
     eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
-    lora = recipe.lora_config(cfg)
+    lora = lora_config(cfg)
     dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
     train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, dropout_seed, unroll),
                          in_shardings=(shardings, train_sharding),

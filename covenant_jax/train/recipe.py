@@ -24,7 +24,7 @@ from covenant_jax.errors import RecipeError, UserError
 from covenant_jax.model import attention, gpu_attention, llama
 from covenant_jax.model import lora as lora_lib
 from covenant_jax.parallel.sharding import MESH_AXES
-from covenant_jax.train import optimizer
+from covenant_jax.train import optimizer, program
 
 RULES = {
     "model": {
@@ -78,16 +78,6 @@ def lora_section() -> ml_collections.ConfigDict:
     ))
 
 
-def lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
-    """The recipe's adapters (checked: rank >= 1, known targets, ...), or None without LoRA."""
-    section = cfg.model.lora
-    if not section.enabled:
-        return None
-    return lora_lib.LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
-                               targets=tuple(section.targets), rslora=section.rslora,
-                               base_dtype=section.base_dtype)
-
-
 def from_file(path: str | Path, variant: str = "") -> ml_collections.ConfigDict:
     """The config of the recipe file at ``path`` (a recipe built on another one: recipe files are
     loaded by path, not imported as a package)."""
@@ -139,7 +129,7 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
         raise RecipeError("model.path is empty: point it at an HF folder or a converted checkpoint")
     for section, rules in RULES.items():
         fields.check(section, cfg[section], rules)
-    lora_config(cfg)
+    program.lora_config(cfg)
 
 
 def bound_samples_per_row(cfg: ml_collections.ConfigDict) -> None:
