@@ -84,6 +84,15 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
+def num_params(cfg, lora: LoraConfig) -> int:
+    """The adapters' parameter count on a model of config ``cfg`` (a ModelConfig): r·(in + out)
+    per targeted projection and layer."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * h, cfg.num_key_value_heads * h
+    sizes = {"q": d + q, "k": d + kv, "v": d + kv, "o": q + d, "gate": d + f, "up": d + f, "down": f + d}
+    return cfg.num_hidden_layers * lora.rank * sum(sizes[t] for t in lora.targets)
+
+
 # PEFT's default init of lora_A: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
 A_INIT = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 

@@ -197,7 +197,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     train_iter = iter(data.train)
     start, state = _restore(cfg, ckpt, state, shardings, train_iter)
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
-    flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
+    flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, program.lora_config(cfg))
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
                batch_sharding, steps.eval_sharding, ckpt, writer, start, flops, adapter)
 

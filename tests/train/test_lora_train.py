@@ -168,3 +168,23 @@ def test_resumed_equals_uninterrupted_and_exports_are_the_trained_model(tmp_path
     for key, value in merged.items():
         same = np.array_equal(value.view(np.uint16), base[key].astype("bfloat16").view(np.uint16))
         assert same != any(f".{name}." in key for name in adapted), key
+
+
+def test_lora_flops_count_the_model_adapters():
+    """The MFU's FLOPs per token with LoRA: 4·N for the frozen weights (no weight gradient),
+    6 per adapter parameter, the attention core as full fine-tuning; the adapter count is the
+    model's own."""
+    from flax import nnx
+
+    from covenant_jax.config import ModelConfig
+    from covenant_jax.model.llama import abstract_model
+    from covenant_jax.model import lora as lora_lib
+    from covenant_jax.train.metrics import attention_flops_per_token, train_flops_per_token
+
+    cfg = ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama", "vocab_size": 96})
+    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg, ModelOptions(lora=LORA)),
+                                                             nnx.LoRAParam)))
+    assert lora_lib.num_params(cfg, LORA) == adapters
+    attention = attention_flops_per_token(cfg, 32)
+    full = train_flops_per_token(cfg, 32) - attention
+    assert train_flops_per_token(cfg, 32, LORA) - attention == full / 6 * 4 + 6 * adapters
