@@ -149,7 +149,7 @@ def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh,
     eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
     lora = lora_config(cfg)
     dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
-    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, dropout_seed, unroll),
+    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, unroll, dropout_seed=dropout_seed),
                          in_shardings=(shardings, train_sharding),
                          out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
     eval_step = jax.jit(step_lib.make_eval_step(loss_fn),

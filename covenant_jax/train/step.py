@@ -84,8 +84,9 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    dropout_seed: int | None = None, unroll: bool = False):
-    """``dropout_seed`` None: no dropout (the model has none, or its rate is 0)."""
+                    unroll: bool = False, dropout_seed: int | None = None):
+    """``unroll``: the micro-batch loop unrolled (plan's cost model); ``dropout_seed`` None: no
+    dropout (the model has none, or its rate is 0)."""
 
     def train_step(state: dict[str, Any], batch_A: Batch):
         params = state["params"]
