@@ -214,7 +214,8 @@ def cmd_data_prepare(args) -> int:
     if pipeline.this_process()[0] == 0:
         print(data.report)
         for report, where in zip(data.report.sources, data.cache_locations):
-            print(f"{report.name}: {'cached in ' + where if where else 'in memory (not a file)'}")
+            kept = f"cached in {where}" if where else "in memory (not a file, or preference pairs: never cached)"
+            print(f"{report.name}: {kept}")
     return 0
 
 

@@ -23,6 +23,19 @@ def get_config():
     return common.tiny_recipe(Path({root!r}), Path({model!r}), Path({data!r}), steps=2, eval_every=0)
 """
 
+DPO_RECIPE = """
+from pathlib import Path
+from tests.train import common
+
+def get_config(variant=""):
+    cfg = common.tiny_dpo_recipe(Path({root!r}), Path({model!r}), Path({pairs!r}), steps=2, eval_every=0)
+    if variant == "renamed":  # a preference field no row has
+        cfg.data.sources[0]["fields"] = dict(chosen="good")
+    if variant == "sft":  # pairs read as SFT data would drop every rejected answer
+        cfg.train.objective = "sft"
+    return cfg
+"""
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -31,6 +44,9 @@ def files(tmp_path_factory):
     data = common.chat_jsonl(root)
     recipe = root / "recipe.py"
     recipe.write_text(RECIPE.format(root=str(root), model=str(model), data=str(data)))
+    dpo = root / "dpo.py"
+    dpo.write_text(DPO_RECIPE.format(root=str(root), model=str(model), pairs=str(common.pairs_jsonl(root))))
+    other_shape = common.tiny_model_dir(root / "other_shape", num_hidden_layers=1)
     (root / "syntax.py").write_text("def get_config(:\n    pass\n")
     texts = root / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in range(30))}) + "\n" for _ in range(2)))
@@ -44,7 +60,7 @@ def files(tmp_path_factory):
     _, dora, _ = peft_adapter_dir(root / "dora")
     _edit_config(dora, use_dora=True)
     return {"root": root, "model": model, "recipe": recipe, "texts": texts, "no_tok": no_tokenizer,
-            "narrow": narrow, "dora": dora}
+            "narrow": narrow, "dora": dora, "dpo": dpo, "other_shape": other_shape}
 
 
 # (argv with {placeholders}, text the one error line must contain)
@@ -90,6 +106,18 @@ CASES = {
     "lora-merge: adapter of another base": (["convert", "lora-merge", "{model}", "{narrow}", "{root}/out"],
                                             "the adapter was trained on another base model"),
     "lora-merge: DoRA": (["convert", "lora-merge", "{model}", "{dora}", "{root}/out"], "DoRA (use_dora)"),
+    "train: unknown objective": (["train", "{recipe}", "--config.train.objective=ppo"],
+                                 "train.objective='ppo': must be one of"),
+    "train: dpo beta 0": (["train", "{dpo}", "--config.dpo.beta=0"], "dpo.beta=0"),
+    "train: dpo unknown loss type": (["train", "{dpo}", "--config.dpo.loss_type=('sigmod',)"],
+                                     "dpo.loss_type=['sigmod']: each must be one of"),
+    "train: dpo preference field no row has": (["train", "{dpo}:renamed"],
+                                               "field 'good' (dpo `chosen`) does not exist in any row"),
+    "train: preference pairs with the sft objective": (["train", "{dpo}:sft"],
+                                                       "format 'dpo' are preference pairs: set train.objective='dpo'"),
+    "train: dpo reference of another shape": (
+        ["train", "{dpo}", "--config.dpo.ref_model_path={other_shape}"],
+        "the reference disagrees with the policy (model.path) in num_hidden_layers 1 (the policy's: 2)"),
     "hf-to-jax: bad mesh": (["convert", "hf-to-jax", "{model}", "{root}/out", "--mesh", "fsdp=0"],
                             "mesh axis fsdp=0"),
     "jax-to-hf: shard size 0": (["convert", "jax-to-hf", "{model}", "{root}/out", "--max-shard-gb", "0"],

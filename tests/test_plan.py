@@ -121,6 +121,19 @@ def test_tiny_plan_fits_and_arguments_are_the_state(tiny_plan, tiny_cfg):
     assert flops["compiled_flops_per_device"] > 0  # XLA's count: scan bodies once, so not comparable
 
 
+def test_dpo_plan_holds_the_frozen_reference_and_the_pair_fields(tiny_cfg, compiler):
+    """A DPO recipe compiles with its batch (pair_slot and chosen besides SFT's five fields) and
+    its state holds the frozen reference, sharded like the params and donated with the state."""
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.train.objective = "dpo"
+    cfg.data.sources = [dict(path="prefs.jsonl", format="dpo")]
+    m = plan_lib.plan(cfg, TOPOLOGY, search=False, compiler=compiler).attempt.memory
+    params = 4 * _params_per_device(TINY, fsdp=2, tensor=2)
+    rows, t = cfg.data.batch_size // 2, cfg.data.seq_len
+    assert m.arguments == pytest.approx(4 * params + 7 * rows * t * 4, rel=0.01)
+    assert m.aliased == pytest.approx(4 * params, rel=0.01)
+
+
 def test_not_fitting_is_detected_and_a_fix_is_suggested(tiny_plan, tiny_cfg, compiler):
     # Without remat, naive attention keeps every layer's [rows, heads, T, T] probabilities: 8
     # layers x 8 rows x 8 heads x 2048^2 x 4 bytes = 16 GiB of temporaries per chip, over the v5e's

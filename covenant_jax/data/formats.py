@@ -13,6 +13,11 @@ any of them with `fields: {logical: column}`):
   completion         text                             axolotl `type: completion`: every token
                                                       trained, the tokenizer's own BOS
   text               text                             raw documents: BOS + text + EOS, all trained
+  dpo                prompt, chosen, rejected, system, preference pairs (TRL's rows): strings, or
+                     role, content                    `prompt` a list of messages and `chosen` /
+                                                      `rejected` lists of the final assistant
+                                                      message(s) (`role` / `content`: the
+                                                      message keys); a `Pair`
 
 `role_map` (messages/sharegpt) maps the data's role values onto system/user/assistant; it is
 merged over the format's defaults. A conversation without a system message takes the row's
@@ -51,6 +56,7 @@ SKIP_REASONS = (
     "empty_conversation",
     "empty_content",
     "no_assistant",
+    "same_answers",
     "template_error",
     "template_mismatch",
     "overlength_dropped",
@@ -71,6 +77,8 @@ _DEFAULT_FIELDS = {
     "prompt_completion": {"prompt": "prompt", "completion": "completion", "system": "system"},
     "completion": {"text": "text"},
     "text": {"text": "text"},
+    "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system",
+            "role": "role", "content": "content"},
 }
 _OPTIONAL = {"system", "input"}  # Logical fields a row may lack.
 _DEFAULT_ROLE_MAP = {
@@ -82,11 +90,13 @@ _DEFAULT_ROLE_MAP = {
         "user": "user",
         "assistant": "assistant",
     },
+    "dpo": {r: r for r in ROLES},
 }
 FORMATS = tuple(_DEFAULT_FIELDS)
 CHAT_FORMATS = ("messages", "sharegpt", "prompt_completion")  # Need a chat template.
 PLAIN_FORMATS = ("completion", "text")  # Never use one.
-# `instruct` uses the chat template unless it is "none".
+PAIR_FORMATS = ("dpo",)  # Preference pairs: the DPO objective's data.
+# `instruct` and `dpo` use the chat template unless it is "none".
 
 
 class InvalidRow(Exception):
@@ -100,6 +110,16 @@ class InvalidRow(Exception):
 
     def __reduce__(self):  # Pickles (worker processes return these) with both arguments.
         return InvalidRow, (self.reason, self.detail)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A preference pair: a prompt and two answers to it, messages (rendered by the chat
+    template) or, without a template, text (tokenised as a `Completion` each)."""
+
+    prompt: list[dict[str, str]] | str
+    chosen: list[dict[str, str]] | str
+    rejected: list[dict[str, str]] | str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +256,8 @@ class RowFormat:
             return self._instruct(row)
         if self.format == "prompt_completion":
             return self._turns(row, "prompt", "completion")
+        if self.format == "dpo":
+            return self._pair(row)
         text = _text(row, self.fields["text"], required=True)
         return Completion("", text) if self.format == "completion" else text
 
@@ -252,15 +274,17 @@ class RowFormat:
                     f"{where}: field {column!r} ({self.format} `{logical}`) does not "
                     f"exist in any row; columns present: {sorted(seen)}"
                 )
-        if self.format in ("messages", "sharegpt"):
+        if self.format in ("messages", "sharegpt", "dpo"):
             self._check_message_keys(rows, where)
 
     def _check_message_keys(self, rows: list[Mapping], where: str) -> None:
         keys = set()
+        lists = ("prompt", "chosen", "rejected") if self.format == "dpo" else ("messages",)
         for r in rows:
-            msgs = r.get(self.fields["messages"])
-            if isinstance(msgs, list):
-                keys.update(k for m in msgs if isinstance(m, Mapping) for k in m)
+            for logical in lists:
+                msgs = r.get(self.fields[logical])
+                if isinstance(msgs, list):
+                    keys.update(k for m in msgs if isinstance(m, Mapping) for k in m)
         for logical in ("role", "content"):
             if keys and self.fields[logical] not in keys:
                 raise UserError(
@@ -293,6 +317,64 @@ class RowFormat:
         if system and not (out and out[0]["role"] == "system"):
             out.insert(0, {"role": "system", "content": system})
         return validate_messages(out, self.role_order)
+
+    def _pair(self, row: Mapping) -> Pair:
+        """TRL's preference rows: strings, or a prompt conversation and answer message lists
+        (an answer string is one assistant message). The row's `system` field becomes the
+        prompt's system message when it has none. Without a chat template, strings only."""
+        f = self.fields
+        if not self.chat:
+            texts = [self._pair_text(row, f[k]) for k in ("prompt", "chosen", "rejected")]
+            if texts[1] == texts[2]:
+                raise InvalidRow("same_answers", f"{f['chosen']} equals {f['rejected']}")
+            return Pair(*texts)
+        turns = self._messages(row.get(f["prompt"]), f["prompt"], "user")
+        system = _text(row, f["system"], required=False)
+        if system.strip() and not (turns and turns[0]["role"] == "system"):
+            turns.insert(0, {"role": "system", "content": system})
+        answers = []
+        for key in ("chosen", "rejected"):
+            answer = self._messages(row.get(f[key]), f[key], "assistant")
+            wrong = [m["role"] for m in answer if m["role"] != "assistant"]
+            if not answer or wrong:
+                raise InvalidRow("empty_content" if not answer else "role_order",
+                                 f"{f[key]} has no message" if not answer else
+                                 f"{f[key]} holds a {wrong[0]} message, not only assistant ones")
+            whole = validate_messages(turns + answer, self.role_order)
+            answers.append(answer)
+        if answers[0] == answers[1]:
+            raise InvalidRow("same_answers", f"{f['chosen']} equals {f['rejected']}")
+        return Pair(whole[: len(whole) - len(answers[1])], *answers)
+
+    def _pair_text(self, row: Mapping, field: str) -> str:
+        if isinstance(row.get(field), list):
+            raise InvalidRow("template_error", f"{field}: conversational pairs need a chat template "
+                             "(template is 'none')")
+        return _text(row, field, required=True)
+
+    def _messages(self, value: Any, field: str, role: str) -> list[dict[str, str]]:
+        """A string as one message of `role`; a list of messages as the normal form."""
+        if value is None:
+            raise InvalidRow("missing_field", field)
+        if isinstance(value, (str, bytes)):
+            text = _as_text(value, field)
+            if not text.strip():
+                raise InvalidRow("empty_content", field)
+            return [{"role": role, "content": text}]
+        if not isinstance(value, list):
+            raise InvalidRow("not_a_list", field)
+        out = []
+        for m in value:
+            if not isinstance(m, Mapping):
+                raise InvalidRow("not_a_list", f"{field}: message is not an object")
+            name = m.get(self.fields["role"])
+            if name is None:
+                raise InvalidRow("missing_field", f"{field}: {self.fields['role']}")
+            if not isinstance(name, str) or name not in self.role_map:
+                raise InvalidRow("unknown_role", repr(name))
+            out.append({"role": self.role_map[name],
+                        "content": _as_text(m.get(self.fields["content"]), self.fields["content"])})
+        return out
 
     def _instruct(self, row: Mapping) -> list[dict[str, str]] | Completion:
         """axolotl's user_defined rule (see PromptFormat)."""

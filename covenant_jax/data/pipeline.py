@@ -59,6 +59,13 @@ hosts of a job) and a host holds only per-sample index arrays, not tokens. A lon
 is tokenised in pieces cut where its tokens cannot change (templates.encode_texts).
 `tools/bench_data.py` measures preparation, warm starts and steady-state speed on real data.
 
+Preference pairs (sources of format "dpo", for train.objective "dpo") are one packing unit
+each and come out with pair fields (`covenant_jax.data.pairs`); a source mixture of pairs and
+other formats is refused, and so are overlength "split" and eval_mode "trainer" for pairs.
+Pairs are prepared in memory, never cached (the cache's records hold tokens and flags only).
+`build_pipeline(..., annotate=f)` lets the trainer add a per-token field to every pair before
+packing (the precomputed reference log-probs): `f(lists of units)` adds it in place.
+
 Batches (numpy, each [batch_size // process_count, seq_len]): `tokens` int32, `targets`
 int32 (tokens[t+1] in the same sample, else pad), `loss_mask` float32 (1 where targets[t] is
 a trained token of the same sample), `segment_ids` int32 (1, 2, ... per sample; 0 = padding),
@@ -80,7 +87,7 @@ import ml_collections
 import numpy as np
 
 from covenant_jax import fields
-from covenant_jax.data import formats, prepare, templates
+from covenant_jax.data import formats, pairs, prepare, templates
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import UserError
 
@@ -208,6 +215,7 @@ class DataPipeline:
     pad_id: int
     eval_mode: str = "token_mean"
     cache_locations: list = dataclasses.field(default_factory=list)  # Per source; None: memory.
+    pairs: bool = False  # preference pairs (batches carry the pair fields)
 
 
 def build_pipeline(
@@ -218,11 +226,14 @@ def build_pipeline(
     process_count: int | None = None,
     cache_dir: str | None = None,
     local_cache_dir: str | None = None,
+    annotate=None,
 ) -> DataPipeline:
     """The whole pipeline from the `data` config section. `tokenizer`: a fast HF tokenizer or
     a local path to one. Shards by jax.process_index() / process_count() unless both given.
     `cache_dir` (default: data.cache_dir; empty: none) holds the prepared samples of file
-    sources (prepare.py, cache.py); `local_cache_dir` where a remote cache is copied to."""
+    sources (prepare.py, cache.py); `local_cache_dir` where a remote cache is copied to.
+    `annotate(unit_lists)`, when given, adds a per-token field to every preference pair (train
+    and eval, in place) before packing."""
     cfg = _with_defaults(cfg)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
@@ -242,6 +253,7 @@ def build_pipeline(
         local_root=local_cache_dir,
     )  # fmt: skip
     splits = [split_source(p, i, cfg) for i, p in enumerate(prepared)]
+    is_pairs = pairs.is_pair_data(cfg["sources"])
     pack = functools.partial(
         pack_and_batch, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
         bins=cfg["packing_bins"] or rows, seed=cfg["seed"],
@@ -249,9 +261,11 @@ def build_pipeline(
     )  # fmt: skip
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
     train_sets = [SampleView([(p.samples, s.train)]) for p, s in zip(prepared, splits)]
+    evals = SampleView([(p.samples, s.eval) for p, s in zip(prepared, splits) if len(s.eval)])
+    if is_pairs:
+        train_sets, evals, pack = _pair_sets(train_sets, evals, cfg, rows, pad_id, annotate)
     train = mix_sources(train_sets, weights, epochs=cfg["epochs"], seed=cfg["seed"])
     train = pack(_shard(train, process_index, process_count), shuffle_bins=True)
-    evals = SampleView([(p.samples, s.eval) for p, s in zip(prepared, splits) if len(s.eval)])
     eval_ds = None
     if len(evals) and cfg["eval_mode"] == "trainer":
         eval_ds = TrainerEval(evals, cfg["eval_batch_size"], cfg["batch_size"], cfg["seq_len"],
@@ -261,7 +275,23 @@ def build_pipeline(
                        shuffle_bins=False)  # fmt: skip
     report = DataReport([s.report for s in splits])
     return DataPipeline(train, eval_ds, report, rows, cfg["seq_len"], pad_id, cfg["eval_mode"],
-                        [p.location for p in prepared])  # fmt: skip
+                        [p.location for p in prepared], is_pairs)  # fmt: skip
+
+
+def _pair_sets(train_sets, evals, cfg, rows: int, pad_id: int, annotate):
+    """(train sets, eval set, packer) for preference pairs: the units listed in memory (so
+    `annotate` can add its field to them) and packed whole by `pairs.pack_pairs`."""
+    train_sets = [list(s) for s in train_sets]
+    evals = list(evals)
+    if annotate is not None:
+        annotate([*train_sets, evals])
+    first = train_sets[0][0]
+    pack = functools.partial(
+        pairs.pack_pairs, seq_len=cfg["seq_len"], rows=rows, pad_id=pad_id,
+        bins=cfg["packing_bins"] or rows, seed=cfg["seed"], fields=tuple(first),
+        pairs_per_row=pairs.pairs_per_row(cfg["seq_len"], cfg["max_samples_per_row"]),
+    )  # fmt: skip
+    return train_sets, evals, pack
 
 
 def this_process() -> tuple[int, int]:
@@ -311,6 +341,13 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if src.get("path", src.get("dataset")) is None:
             raise UserError(f"data.sources[{i}] needs `path` or `dataset`")
     fields.check("data", out, RULES)
+    if pairs.is_pair_data(out["sources"]):
+        if out["overlength"] == "split":
+            raise UserError("data.overlength='split' cannot keep a preference pair's sequences together: "
+                            "use 'truncate' (the prompt, from the left) or 'drop'")
+        if out["eval_mode"] == "trainer":
+            raise UserError("data.eval_mode='trainer' is the SFT loss transformers' Trainer reports; "
+                            "preference pairs are evaluated by the DPO loss: use 'token_mean'")
     return out
 
 

@@ -16,6 +16,10 @@ row was longer than seq_len (the trainer eval mode drops such rows).
 
 Without a cache folder (tests, benchmarks, in-memory `dataset` sources) the samples are
 prepared the same way and kept in memory, concatenated (5 bytes a token).
+
+A preference pair (format "dpo") is one sample, its chosen then its rejected sequence, with the
+chosen sequence's length (`firsts`) to tell them apart (`pairs.unit` gives the packing unit).
+Pairs are always prepared in memory: the cache's records hold tokens and flags only.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from covenant_jax.data import cache, formats, sources, templates
+from covenant_jax.data import cache, formats, pairs, sources, templates
 from covenant_jax.errors import CacheError, UserError
 
 TASK_ROWS = 64  # Rows a process renders and tokenises at once.
@@ -104,12 +108,15 @@ class Samples:
     valid_ordinal: np.ndarray  # int64 [S]: its row among these rows' valid rows
     overlong: np.ndarray  # bool [S]: its row had more than seq_len tokens
     tally: Tally
+    firsts: np.ndarray | None = None  # int64 [S]: a preference pair's chosen length; None: no pairs
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         s, e = self.offsets[i], self.offsets[i + 1]
+        if self.firsts is not None:
+            return pairs.unit(self.tokens[s:e], self.weights[s:e], int(self.firsts[i]))
         return {"tokens": self.tokens[s:e], "weights": self.weights[s:e]}
 
     def records(self) -> Iterator[bytes]:
@@ -117,8 +124,10 @@ class Samples:
             yield cache.encode_record(**self[i])
 
     @classmethod
-    def of(cls, pieces: list[tuple[np.ndarray, np.ndarray, int, bool]], tally: Tally) -> Samples:
-        """From (tokens, trained, valid ordinal, overlong) per sample."""
+    def of(cls, pieces: list[tuple[np.ndarray, np.ndarray, int, bool]], tally: Tally,
+           firsts: Sequence[int] | None = None) -> Samples:
+        """From (tokens, trained, valid ordinal, overlong) per sample (and, for pairs, each
+        one's chosen length)."""
         lengths = np.asarray([len(p[0]) for p in pieces], np.int64)
         return cls(
             np.concatenate([p[0] for p in pieces] or [np.zeros(0, np.int32)]).astype(np.int32),
@@ -127,6 +136,7 @@ class Samples:
             np.asarray([p[2] for p in pieces], np.int64),
             np.asarray([p[3] for p in pieces], bool),
             tally,
+            None if firsts is None else np.asarray(firsts, np.int64),
         )
 
     @classmethod
@@ -146,6 +156,7 @@ class Samples:
             np.concatenate(ordinals or [np.zeros(0, np.int64)]),
             np.concatenate([p.overlong for p in parts] or [np.zeros(0, bool)]),
             tally,
+            np.concatenate([p.firsts for p in parts]) if parts and parts[0].firsts is not None else None,
         )
 
 
@@ -224,6 +235,8 @@ class Worker:
             except formats.InvalidRow as e:
                 tally.skip(e, where)
         tally.valid = len(examples)
+        if how.fmt.format in formats.PAIR_FORMATS:
+            return self._pair_samples(how, examples, tally)
         encoded = templates.encode_examples(
             self.tokenizer, self.templates.get(how.template), [e for _, e in examples],
             self.mask.loss_on, roles_to_train=self.mask.roles_to_train,
@@ -235,6 +248,26 @@ class Worker:
             for ids, trained, overlong in self._fit(enc, where, tally)
         ]
         return Samples.of(pieces, tally)
+
+    def _pair_samples(self, how: Reading, examples: list[tuple[str, formats.Pair]], tally: Tally) -> Samples:
+        """Preference pairs -> one sample each (`pairs.pair_unit`); skipped ones counted."""
+        encoded = pairs.encode_pairs(self.tokenizer, self.templates.get(how.template),
+                                     [e for _, e in examples], self.mask.train_on_eos)
+        pieces, firsts = [], []
+        for ordinal, ((where, _), enc) in enumerate(zip(examples, encoded, strict=True)):
+            try:
+                if isinstance(enc, formats.InvalidRow):
+                    raise enc
+                unit, truncated = pairs.pair_unit(enc, self.seq_len, self.overlength)
+            except formats.InvalidRow as e:
+                tally.skip(e, where)
+                continue
+            tally.truncated += int(truncated)
+            tally.tokens += len(unit["tokens"])
+            tally.trained_tokens += pairs.scored_tokens(unit)
+            pieces.append((unit["tokens"], unit["weights"], ordinal, truncated))
+            firsts.append(int((unit["sub"] == 1).sum()))
+        return Samples.of(pieces, tally, firsts)
 
     def _fit(self, encoded, where: str, tally: Tally) -> list[tuple]:
         """One tokenised row (or its InvalidRow) -> its (tokens, trained, overlong) samples under
@@ -405,7 +438,7 @@ def plan_source(src: Mapping, index: int, cfg: Mapping, worker: Worker, cache_di
     name = source_name(src, index)
     how = reading(src, cfg)
     entry = spec = None
-    if cache_dir and "path" in src:
+    if cache_dir and "path" in src and how.fmt.format not in formats.PAIR_FORMATS:
         spec = cache_spec(src, cfg, worker, how.template)
         entry = cache.Entry(cache_dir, cache.entry_name(src["path"], cache.key(spec)))
     return _Plan(index, name, data, int(src.get("max_rows") or 0), how, entry, spec)

@@ -192,11 +192,13 @@ class ChatTemplate:
             raise InvalidRow("template_error", str(e)) from e
 
     def trained_spans(
-        self, messages: list[dict], rule: MaskRule = MaskRule()
+        self, messages: list[dict], rule: MaskRule = MaskRule(), answer_from: int | None = None
     ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the [start, end) character spans to train: the content of
-        each trained turn and the end-of-turn markers `rule.train_on_eos` asks for. Raises
-        InvalidRow when the template rejects the row or its rendering does not fit the layout."""
+        each trained turn and the end-of-turn markers `rule.train_on_eos` asks for. With
+        `answer_from` (a preference pair's answer), the trained turns are messages
+        answer_from... whatever their role, and "all" markers means theirs. Raises InvalidRow
+        when the template rejects the row or its rendering does not fit the layout."""
         text = self.render(messages)
         roles = tuple(m["role"] for m in messages)
         contents = [m["content"] for m in messages]
@@ -208,13 +210,17 @@ class ChatTemplate:
             located = _locate(text, layout.literals, [contents[k] for k in layout.slots])
         if located is None:
             raise InvalidRow("template_mismatch", "the rendering does not fit the template")
-        return text, self._spans(text, roles, layout, located, rule)
+        return text, self._spans(text, roles, layout, located, rule, answer_from)
 
-    def _spans(self, text, roles, layout, located, rule) -> list[tuple[int, int]]:
-        turns = [k for k, r in enumerate(roles) if r in rule.roles_to_train]
-        if rule.loss_on == "last_assistant":
-            turns = turns[-1:]
-        eos = {"turn": turns, "last": turns[-1:], "none": [], "all": range(len(roles))}
+    def _spans(self, text, roles, layout, located, rule, answer_from=None) -> list[tuple[int, int]]:
+        if answer_from is None:
+            turns = [k for k, r in enumerate(roles) if r in rule.roles_to_train]
+            if rule.loss_on == "last_assistant":
+                turns = turns[-1:]
+        else:
+            turns = list(range(answer_from, len(roles)))
+        every = range(len(roles)) if answer_from is None else turns
+        eos = {"turn": turns, "last": turns[-1:], "none": [], "all": every}
         spans = []
         for k in turns:
             j = layout.slot_of(k)

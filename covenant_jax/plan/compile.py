@@ -93,7 +93,7 @@ def compile_step(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, i
     steps = program.make_steps(cfg, abstract.graphdef, abstract.rest, abstract.tx, abstract.schedule,
                                abstract.shardings, mesh, unroll=unroll)
     batch = program.abstract_batch(cfg.data.batch_size, cfg.data.seq_len, cfg.train.micro_batches,
-                                   steps.batch_sharding)
+                                   steps.batch_sharding, steps.fields)
     started = time.time()
     try:
         with activation_sharding(mesh):

@@ -7,6 +7,12 @@ step, and the last checkpoint stays good. Resuming checks the recipe against the
 (:mod:`covenant_jax.train.resume`) before anything loads, and restores the newest intact step.
 SIGTERM / SIGINT save the step all processes agree on and exit with ``EXIT_PREEMPTED``
 (:mod:`covenant_jax.train.preemption`).
+
+For ``train.objective="dpo"`` the reference model (``dpo.ref_model_path``, else a copy of the
+starting model) either rides in the state as ``frozen`` (loaded from its folder on every start,
+never checkpointed) or, with ``dpo.precompute_ref_log_probs``, scores every pair once before
+training and is dropped. Evaluation reports the objective's metrics (the DPO eval loss, rewards
+and log-probs as TRL names them) over the whole held-out split.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import NonFiniteLoss, UserError
 from covenant_jax.model.llama import Llama, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, preemption, program, recipe, resume
-from covenant_jax.train import state as state_lib
+from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, precompute, preemption, preference
+from covenant_jax.train import program, recipe, resume, state as state_lib
 
 
 @dataclasses.dataclass
@@ -76,6 +82,8 @@ class Run:
     eval_step: Any
     batch_sharding: NamedSharding
     eval_sharding: NamedSharding
+    objective: Any  # its report() turns an eval pass's sums into metrics
+    fields: dict  # the batch's fields (padding batches)
     checkpointer: checkpoint.RunCheckpointer
     writer: metrics_lib.MetricsWriter
     start_step: int
@@ -96,14 +104,31 @@ def _adapter(cfg) -> peft_adapter.Adapter | None:
     return adapter
 
 
-def _load(cfg, mesh, adapter: peft_adapter.Adapter | None) -> Llama:
+def _load(cfg, mesh, adapter: peft_adapter.Adapter | None = None, path: str | None = None) -> Llama:
+    """The recipe's model (``path``: another folder's weights, as DPO's reference), with its
+    LoRA adapters when it has them."""
     opts = program.model_options(cfg)
     if opts.lora is None:
-        model = load_model(cfg.model.path, opts, mesh)
+        model = load_model(path or cfg.model.path, opts, mesh)
     else:
         model = load_lora_model(cfg.model.path, opts, mesh, seed=cfg.train.seed, adapter=adapter)
     target = recipe.rope_override(model.config, cfg.model)  # the recipe's RoPE, if it sets one
     return with_rope(model, target.rope, target.max_position_embeddings)
+
+
+def _reference_params(cfg, mesh, params: dict) -> dict | None:
+    """DPO's reference weights on the mesh, sharded like ``params``: ``dpo.ref_model_path``'s, or
+    a copy of the starting model's (a copy: the step donates the params; None without DPO)."""
+    if not program.is_dpo(cfg):
+        return None
+    if cfg.dpo.ref_model_path:
+        return state_lib.split_model(_load(cfg, mesh, path=cfg.dpo.ref_model_path))[1]
+    return state_lib.copy_tree(params) if program.in_step_reference(cfg) else params
+
+
+def _check_reference(cfg) -> None:
+    if program.is_dpo(cfg) and cfg.dpo.ref_model_path:
+        preference.check_reference(cfg.model.path, cfg.dpo.ref_model_path)
 
 
 def _check_vocab(tokenizer, model: Llama) -> None:
@@ -176,16 +201,21 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     run_dir = check_outputs(cfg)
     _check_resume(cfg)
     adapter = _adapter(cfg)
+    _check_reference(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
     model = _load(cfg, mesh, adapter)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
     tokenizer = load_tokenizer(cfg.model.path)
     _check_vocab(tokenizer, model)
-    data = data_pipeline.build_pipeline(cfg.data, tokenizer, cache_dir=data_cache_dir(cfg))
+    graphdef, params, frozen, rest = state_lib.split_trained(model)
+    reference = _reference_params(cfg, mesh, params)
+    data = data_pipeline.build_pipeline(cfg.data, tokenizer, cache_dir=data_cache_dir(cfg),
+                                        annotate=_annotate(cfg, graphdef, rest, reference, mesh, tokenizer))
     if jax.process_index() == 0:
         print(data.report)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, params, frozen, rest = state_lib.split_trained(model)
+    if program.in_step_reference(cfg):
+        frozen = {**(frozen or {}), "ref_params": reference}
     state, shardings = state_lib.create_state(params, tx, mesh, frozen)
     steps = program.make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
@@ -199,27 +229,35 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, program.lora_config(cfg))
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
-               batch_sharding, steps.eval_sharding, ckpt, writer, start, flops, adapter)
+               batch_sharding, steps.eval_sharding, steps.objective, steps.fields, ckpt, writer, start, flops,
+               adapter)
+
+
+def _annotate(cfg, graphdef, rest, reference, mesh, tokenizer):
+    """The data pipeline's hook that stores precomputed reference log-probs, or None."""
+    if not (program.is_dpo(cfg) and cfg.dpo.precompute_ref_log_probs):
+        return None
+    pad_id = cfg.data.pad_id if cfg.data.pad_id >= 0 else (tokenizer.pad_token_id or 0)
+    return precompute.annotate_fn(cfg, graphdef, rest, reference, mesh, cfg.data.batch_size // jax.process_count(),
+                                  pad_id, log=_print0)
 
 
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Zig-zag context parallelism balances causal work by reordering T once, on the host."""
-    if run.cfg.model.attention == "context_zigzag":
-        from covenant_jax.model.context_parallel import zigzag_permute
-
-        return zigzag_permute(batch, run.mesh.shape["context"])
-    return batch
+    return program.host_layout(run.cfg, run.mesh, batch)
 
 
-def evaluate(run: Run, state: dict) -> float | None:
-    """The eval loss: the token mean over the eval rows (data.eval_mode "token_mean"), or the
-    number transformers' Trainer.evaluate() reports ("trainer", see _evaluate_like_trainer)."""
+def evaluate(run: Run, state: dict) -> dict[str, float] | None:
+    """The objective's metrics (``loss`` among them) over the eval split, or None without one:
+    sums over all eval rows (data.eval_mode "token_mean": the token mean for SFT, the DPO loss
+    over all held-out pairs), or the loss transformers' Trainer.evaluate() reports ("trainer",
+    SFT only, see _evaluate_like_trainer)."""
     if run.data.eval is None:
         return None
     if run.data.eval_mode == "trainer":
-        return _evaluate_like_trainer(run, state)
+        loss = _evaluate_like_trainer(run, state)
+        return None if loss is None else {"loss": loss}
     batches = itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None)
-    total, count = 0.0, 0.0
+    sums, totals = None, None
     while True:
         batch = next(batches, None)
         if jax.process_count() > 1:
@@ -230,20 +268,27 @@ def evaluate(run: Run, state: dict) -> float | None:
 
             if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
                 break
-            batch = program.padding_batch(run.data.rows_per_process, run.data.seq_len, run.data.pad_id) if batch is None else batch
+            batch = program.padding_batch(run.data.rows_per_process, run.data.seq_len, run.data.pad_id,
+                                          run.fields) if batch is None else batch
         elif batch is None:
             break
-        loss_sum, n = _eval_sums(run, state, batch)
-        total, count = total + loss_sum, count + n
-    return total / count if count else None
+        sums, totals = _add(_eval_sums(run, state, batch), (sums, totals))
+    if totals is None or not totals.get("pairs", totals["tokens"]):
+        return None
+    return {k: float(v) for k, v in run.objective.report(sums, totals).items()}
 
 
-def _eval_sums(run: Run, state: dict, batch: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(summed token loss, trained tokens) of one eval batch (this process's rows of it)."""
+def _eval_sums(run: Run, state: dict, batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The objective's (sums, totals) of one eval batch (this process's rows of it), as float64."""
     with activation_sharding(run.mesh):
-        loss_sum, n = run.eval_step(state["params"], state.get("frozen"),
-                                    program.device_batch(_host_layout(run, batch), run.eval_sharding, None))
-    return float(loss_sum), float(n)
+        out = run.eval_step(state["params"], state.get("frozen", {}),
+                            program.device_batch(_host_layout(run, batch), run.eval_sharding, None))
+    return jax.tree.map(np.float64, out)
+
+
+def _add(part: tuple, total: tuple) -> tuple:
+    """``part + total`` leaf by leaf; ``part`` while ``total`` is still (None, None)."""
+    return part if total[1] is None else jax.tree.map(np.add, part, total)
 
 
 def _evaluate_like_trainer(run: Run, state: dict) -> float | None:
@@ -254,8 +299,11 @@ def _evaluate_like_trainer(run: Run, state: dict) -> float | None:
     forms the batches (TrainerEval); each may take several device batches, summed before the mean."""
     means, weights = [], []
     for rows, batches in itertools.islice(iter(run.data.eval), run.cfg.train.eval_batches or None):
-        total, count = np.sum([_eval_sums(run, state, b) for b in batches], axis=0)
-        means.append(total / count if count else float("nan"))
+        sums, totals = None, None
+        for b in batches:
+            sums, totals = _add(_eval_sums(run, state, b), (sums, totals))
+        means.append(float(run.objective.report(sums, totals)["loss"]) if totals and totals["tokens"]
+                     else float("nan"))
         weights.append(rows)
     if not means:
         return None
@@ -284,17 +332,21 @@ class _Progress:
             self.bar.close()
 
 
-def _log(run: Run, step: int, m: dict, seconds: float, progress: _Progress, eval_loss) -> dict:
+_NOT_LOGGED = ("tokens", "finite", "state_finite")  # per-step bookkeeping, not scalars
+
+
+def _log(run: Run, step: int, m: dict, seconds: float, progress: _Progress, evaluated: dict | None) -> dict:
     tokens_per_s = float(m["tokens"]) / max(seconds, 1e-9)
-    scalars = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "tokens_per_s": tokens_per_s, "step_time_s": seconds}
+    scalars = {k: v for k, v in m.items() if k not in _NOT_LOGGED}
+    scalars.update(tokens_per_s=tokens_per_s, step_time_s=seconds)
+    eval_loss = None if evaluated is None else evaluated["loss"]
     peak = metrics_lib.peak_flops_per_device(run.cfg.train.peak_tflops_per_device)
     # MFU over all rows, padding included: the device computes them.
     row_tokens = run.cfg.data.batch_size * run.cfg.data.seq_len
     if peak:
         scalars["mfu"] = run.flops_per_token * row_tokens / seconds / (peak * jax.device_count())
-    if eval_loss is not None:
-        scalars["eval_loss"] = eval_loss
+    if evaluated is not None:
+        scalars.update(eval_scalars(evaluated))
     if step % run.cfg.train.log_every == 0 or eval_loss is not None:
         run.writer.write(step, scalars)
     postfix = {"loss": f"{float(m['loss']):.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
@@ -304,6 +356,11 @@ def _log(run: Run, step: int, m: dict, seconds: float, progress: _Progress, eval
         postfix["eval"] = f"{eval_loss:.4f}"
     progress.update(postfix)
     return scalars
+
+
+def eval_scalars(evaluated: dict) -> dict:
+    """Eval metrics as logged: ``eval_loss``, ``eval_rewards/accuracies``, ... (TRL's names)."""
+    return {f"eval_{k}": v for k, v in evaluated.items() if k not in ("tokens", "pairs")}
 
 
 def _non_finite(run: Run, step: int, m: dict) -> NonFiniteLoss:
@@ -355,17 +412,21 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
         seconds, last_time = now - last_time, now
         tokens += int(m["tokens"])
         last_train = float(m["loss"])
-        eval_loss = None
+        evaluated = None
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):  # state is this step's
-            eval_loss = last_eval = evaluate(run, state)
-        _log(run, step, m, seconds, progress, eval_loss)
+            evaluated = evaluate(run, state)
+            last_eval = None if evaluated is None else evaluated["loss"]
+        _log(run, step, m, seconds, progress, evaluated)
 
     if t.eval_every and run.start_step == 0:  # the baseline the eval losses fall from
-        last_eval = evaluate(run, state)
-        if last_eval is not None:
-            run.writer.write(0, {"eval_loss": last_eval})
+        evaluated = evaluate(run, state)
+        if evaluated is not None:
+            last_eval = evaluated["loss"]
+            run.writer.write(0, eval_scalars(evaluated))
             if jax.process_index() == 0:
-                print(f"eval loss before training: {last_eval:.4f}")
+                accuracy = evaluated.get("rewards/accuracies")
+                print(f"eval loss before training: {last_eval:.4f}"
+                      + ("" if accuracy is None else f" (rewards/accuracies {accuracy:.3f})"))
     try:
         for step in range(run.start_step + 1, t.steps + 1):
             batch = program.device_batch(_host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches)

@@ -1,8 +1,9 @@
 """The training recipe: defaults for every section, and the checks made before anything compiles.
 
 Sections: ``model`` (where the weights are and how to run them), ``mesh``, ``data`` (see
-covenant_jax.data.pipeline), ``optim`` (covenant_jax.train.optimizer), ``train`` (steps, batch
-layout, logging, checkpoints, export). The model's shape is never here: it comes from the
+covenant_jax.data.pipeline), ``optim`` (covenant_jax.train.optimizer), ``train`` (the objective,
+steps, batch layout, logging, checkpoints, export), ``dpo`` (covenant_jax.train.preference; read
+when ``train.objective="dpo"``). The model's shape is never here: it comes from the
 checkpoint's config.json. ``model.rope`` optionally replaces the checkpoint's RoPE scaling (the
 long-context recipes; every knob transformers reads) together with ``model.max_position_embeddings``.
 ``model.lora`` trains LoRA adapters on a frozen base instead of every weight (model/lora.py).
@@ -19,12 +20,12 @@ from ml_collections import config_dict
 
 from covenant_jax import fields
 from covenant_jax.config import REQUIRED_ROPE_KNOBS, ROPE_KNOBS, ROPE_TYPES, ModelConfig, RopeConfig
-from covenant_jax.data import pipeline as data_pipeline
+from covenant_jax.data import pairs, pipeline as data_pipeline
 from covenant_jax.errors import RecipeError, UserError
 from covenant_jax.model import attention, gpu_attention, llama
 from covenant_jax.model import lora as lora_lib
 from covenant_jax.parallel.sharding import MESH_AXES
-from covenant_jax.train import optimizer, program
+from covenant_jax.train import optimizer, preference, program
 
 RULES = {
     "model": {
@@ -36,6 +37,7 @@ RULES = {
     "data": data_pipeline.RULES,
     "optim": optimizer.RULES,
     "train": {
+        "objective": fields.one_of(program.OBJECTIVES),
         "steps": fields.at_least(1), "micro_batches": fields.at_least(1), "log_every": fields.at_least(1),
         "eval_every": fields.at_least(0), "eval_batches": fields.at_least(0),
         "checkpoint_every": fields.at_least(1), "keep_checkpoints": fields.at_least(1),
@@ -56,7 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
     cfg.data = data_pipeline.default_config()
     cfg.optim = optimizer.default_config()
+    cfg.dpo = preference.default_config()
     cfg.train = ml_collections.ConfigDict(dict(
+        objective="sft",  # "sft" (token cross-entropy) | "dpo" (preference pairs; the dpo section)
         steps=100, micro_batches=1, seed=0, run_dir="runs/default", resume=True,
         log_every=10, eval_every=50, eval_batches=0, checkpoint_every=50, keep_checkpoints=3,
         async_checkpoint=True, loss_chunk_size=4096, export=True, export_dtype="",
@@ -129,7 +133,23 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
         raise RecipeError("model.path is empty: point it at an HF folder or a converted checkpoint")
     for section, rules in RULES.items():
         fields.check(section, cfg[section], rules)
-    program.lora_config(cfg)
+    if program.lora_config(cfg) is not None and cfg.train.objective == "dpo":
+        raise RecipeError("model.lora with train.objective='dpo' is not supported yet (its reference, the "
+                          "base with the adapters off, is not wired in): train DPO without LoRA")
+    check_objective(cfg)
+
+
+def check_objective(cfg: ml_collections.ConfigDict) -> None:
+    """DPO's own fields, and data that suits the objective: pairs for ``dpo``, none for ``sft``
+    (mapping ``chosen`` to an SFT completion would silently drop the rejected answers)."""
+    dpo = cfg.train.objective == "dpo"
+    if dpo:
+        preference.check(cfg.dpo)
+    sources = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in cfg.data.sources]
+    if sources and pairs.is_pair_data(sources) != dpo:
+        raise RecipeError(
+            "train.objective='dpo' needs preference pairs: data sources of format 'dpo'" if dpo else
+            "data sources of format 'dpo' are preference pairs: set train.objective='dpo'")
 
 
 def bound_samples_per_row(cfg: ml_collections.ConfigDict) -> None:

@@ -5,7 +5,8 @@ recipe that differs in anything that shapes the numbers (data, seeds, batch layo
 model dtypes and RoPE, the model itself) would silently continue a different run, so it is
 refused with the differing keys named, unless ``train.allow_recipe_change=True``. What only
 says how long to train, how often to log / evaluate / checkpoint, where to export, or how the
-same computation is laid out (mesh, remat, attention backend, loss chunking) may change.
+same computation is laid out (mesh, remat, attention backend, loss chunking, DPO's reference
+log-probs computed in the step or before it) may change.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from covenant_jax.errors import ResumeError
 
 # Dotted keys (or section prefixes ending in ".") a resumed run may change.
 MAY_CHANGE = (
-    "mesh.", "model.remat", "model.attention", "model.lora.export_merged",
+    "mesh.", "model.remat", "model.attention", "model.lora.export_merged", "dpo.precompute_ref_log_probs",
     "train.steps", "train.run_dir", "train.resume", "train.allow_recipe_change",
     "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpoint", "train.loss_chunk_size", "train.export",

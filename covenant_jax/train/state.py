@@ -4,10 +4,11 @@ The state is a plain pytree ``{"step", "params", "opt_state"}`` so Orbax saves a
 it directly; ``params`` is the model's pure param dict and the model's graph definition stays
 outside, static. Optimizer moments get their parameter's sharding via ``optax.tree_map_params``.
 
-An optional ``"frozen"`` subtree holds arrays the step reads but never changes: a LoRA model's
-base weights (``frozen["base"]``, :func:`split_trained`). They get no gradient and no optimizer
-state and come from the model folder on every start, so they are not checkpointed
-(:func:`saved_part`) and :func:`attach_frozen` puts them back after a restore.
+An optional ``"frozen"`` subtree holds arrays the step reads but never changes: DPO's reference
+params (``frozen["ref_params"]``, sharded like ``params``) and a LoRA model's base weights
+(``frozen["base"]``, :func:`split_trained`). They get no gradient and no optimizer state and come
+from the model folder on every start, so they are not checkpointed (:func:`saved_part`) and
+:func:`attach_frozen` puts them back after a restore.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def state_shardings(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
 def create_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
                  frozen: dict | None = None) -> tuple[dict, dict]:
     """(state, its shardings); the optimizer state is initialised on its shardings, for
-    ``params`` only (``frozen`` has none)."""
+    ``params`` only (``frozen`` has none). ``frozen`` must not share buffers with ``params``
+    (the step donates both)."""
     shardings = state_shardings(params, tx, mesh, frozen)
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
@@ -88,6 +90,12 @@ def saved_part(tree: dict) -> dict:
 def attach_frozen(restored: dict, state: dict) -> dict:
     """A restored state with ``state``'s frozen arrays (loaded from the model folder) put back."""
     return {**restored, "frozen": state["frozen"]} if "frozen" in state else restored
+
+
+def copy_tree(tree: Any) -> Any:
+    """A copy of every array on its own sharding: a frozen copy the donated step cannot alias to
+    the params it was copied from."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

@@ -104,3 +104,16 @@ def chat_row(i: int, n_user: int = 3, n_asst: int = 4, tag: str = "") -> dict:
             {"role": "assistant", "content": words(i + 1, n_asst, tag)},
         ]
     }
+
+
+def source_samples(cfg: dict, tokenizer) -> tuple[list[dict], list[dict], "object"]:
+    """(train samples, eval samples, SourceReport) of the first source of a `data` config, as
+    the pipeline prepares them (in memory)."""
+    from covenant_jax.data import pipeline, prepare
+
+    cfg = pipeline._with_defaults(cfg)
+    worker = prepare.Worker.create(tokenizer, cfg["sources"], cfg)
+    prepared = prepare.prepare_sources(cfg["sources"][:1], cfg, worker, cache_dir="", process_index=0,
+                                       process_count=1)[0]
+    split = pipeline.split_source(prepared, 0, cfg)
+    return [prepared.samples[i] for i in split.train], [prepared.samples[i] for i in split.eval], split.report

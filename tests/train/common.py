@@ -42,3 +42,27 @@ def tiny_recipe(root: Path, model_dir: Path, data_path: Path, **train):
                           loss_chunk_size=16, export=False))
     cfg.train.update(train)
     return cfg
+
+
+def pair_row(i: int) -> dict:
+    """A preference row of the word tokenizer's words; the rejected answer is tagged "B"."""
+    return {"prompt": data_common.words(i, 2 + i % 3), "chosen": data_common.words(i + 1, 1 + i % 4),
+            "rejected": data_common.words(i + 5, 1 + (i * 2) % 5, "B")}
+
+
+def pairs_jsonl(root: Path, rows: int = 48) -> Path:
+    path = root / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps(pair_row(i)) + "\n")
+    return path
+
+
+def tiny_dpo_recipe(root: Path, model_dir: Path, data_path: Path, **train):
+    """tiny_recipe on preference pairs with the DPO objective (in-step reference)."""
+    cfg = tiny_recipe(root, model_dir, data_path, **train)
+    cfg.train.objective = "dpo"
+    cfg.data.sources = [dict(path=str(data_path), format="dpo")]
+    cfg.data.seq_len = 56  # rows of 2 and 3 pairs: micro-batches that weigh differently
+    cfg.dpo.beta = 0.5
+    return cfg

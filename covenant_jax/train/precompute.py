@@ -1,0 +1,130 @@
+"""DPO's reference log-probs computed in one pass before training (``dpo.precompute_ref_log_probs``),
+so the train step holds one model.
+
+Every pair (train and eval) gets a per-token field ``ref_logp``: the log-prob of each scored token
+under the reference, 0 elsewhere; the packer carries it like the tokens and the step sums it per
+sequence as it sums the policy's. The pass packs the pairs as training does (first-fit, whole
+pairs), runs the reference's forward on the mesh in eval-sized batches, and reads each pair's
+values back from its rows. With several processes each computes its share of the pairs (every
+process holds every pair: the data layer prepares them all on each host) and the shares are
+all-gathered, so every process ends with every pair's values whatever order its training draws.
+
+Axes: B rows, T sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+from flax import nnx
+
+from covenant_jax.data import pairs
+from covenant_jax.parallel.sharding import activation_sharding
+from covenant_jax.train import preference, program
+
+
+def target_logps_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Callable:
+    """(params, batch) -> [B, T] float32: the log-prob of each scored target (0 elsewhere)."""
+
+    def target_logps(params, batch):
+        model = nnx.merge(graphdef, params, rest)
+        return -preference.policy_token_nll(model, batch, chunk_size) * batch["loss_mask"]
+
+    return target_logps
+
+
+def _at_tokens(per_target_BT: np.ndarray) -> np.ndarray:
+    """Target t is token t + 1 of the same sequence: the value moves to that token."""
+    return np.pad(per_target_BT[:, :-1], ((0, 0), (1, 0)))
+
+
+def annotate_fn(cfg, graphdef, rest, params: dict, mesh, rows: int, pad_id: int,
+                log: Callable[[str], None] = print) -> Callable[[Sequence[list]], None]:
+    """``annotate(example_lists)`` for ``build_pipeline``: adds ``ref_logp`` to every pair, from
+    the reference ``params`` (on ``mesh``)."""
+    eval_sharding = program.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len, micro_batched=False)
+    fn = jax.jit(target_logps_fn(graphdef, rest, cfg.train.loss_chunk_size),
+                 in_shardings=(jax.tree.map(lambda x: x.sharding, params), eval_sharding))
+
+    def annotate(example_lists: Sequence[list]) -> None:
+        started = time.time()
+        units = [u for examples in example_lists for u in examples]
+        values = _all_processes(units, _my_values(units, fn, params, mesh, eval_sharding, cfg, rows, pad_id))
+        for unit, v in zip(units, values, strict=True):
+            unit[pairs.REF_FIELD] = v
+        log(f"reference log-probs precomputed for {len(units)} pairs in {time.time() - started:.1f}s")
+
+    return annotate
+
+
+def _my_values(units: list[dict], fn, params, mesh, sharding, cfg, rows: int, pad_id: int) -> dict[int, np.ndarray]:
+    """{index: per-token values} of this process's share of ``units`` (indices p, p + n, ...)."""
+    mine = range(jax.process_index(), len(units), jax.process_count())
+    tagged = [{**{k: units[i][k] for k in pairs.UNIT_FIELDS}, "unit": np.full(len(units[i]["tokens"]), i, np.int32)}
+              for i in mine]
+    ds = grain.MapDataset.source(tagged).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    batches = iter(pairs.pack_pairs(
+        ds, seq_len=cfg.data.seq_len, rows=rows, pad_id=pad_id, bins=rows, seed=0, shuffle_bins=False,
+        pairs_per_row=program.pairs_per_row(cfg),
+        fields=pairs.UNIT_FIELDS + ("unit",)))
+    values: dict[int, np.ndarray] = {}
+    while True:
+        batch = next(batches, None)
+        if not _any_process(batch is not None):  # all processes run the same (collective) steps
+            break
+        if batch is None:
+            batch = {**program.padding_batch(rows, cfg.data.seq_len, pad_id),
+                     "unit": np.full((rows, cfg.data.seq_len), -1, np.int32)}
+        host = program.host_layout(cfg, mesh, {k: batch[k] for k in program.BATCH_FIELDS})
+        with activation_sharding(mesh):
+            out = fn(params, program.device_batch(host, sharding, None))
+        local = _at_tokens(program.token_order(cfg, mesh, _local_rows(out, mesh, sharding)))
+        for row_units, row_values in zip(batch["unit"], local):
+            for u in np.unique(row_units[row_units >= 0]):
+                values[int(u)] = row_values[row_units == u].astype(np.float32)
+    return values
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
+def _local_rows(out: jax.Array, mesh, sharding) -> np.ndarray:
+    """This process's rows of a row-sharded global array, in the order it fed them."""
+    if jax.process_count() == 1:
+        return np.asarray(out)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, sharding.spec))
+
+
+def _all_processes(units: list[dict], mine: dict[int, np.ndarray]) -> list[np.ndarray]:
+    """Every unit's values: each process's share all-gathered (every process knows every unit's
+    length, so one flat padded array per process is enough)."""
+    if jax.process_count() == 1:
+        return [mine[i] for i in range(len(units))]
+    from jax.experimental import multihost_utils
+
+    n = jax.process_count()
+    shares = [range(p, len(units), n) for p in range(n)]
+    sizes = [sum(len(units[i]["tokens"]) for i in share) for share in shares]
+    flat = np.zeros(max(sizes), np.float32)
+    flat[: sizes[jax.process_index()]] = np.concatenate(
+        [mine[i] for i in shares[jax.process_index()]] or [np.zeros(0, np.float32)])
+    gathered = np.asarray(multihost_utils.process_allgather(flat)).reshape(n, -1)
+    out: list = [None] * len(units)
+    for p, share in enumerate(shares):
+        offset = 0
+        for i in share:
+            length = len(units[i]["tokens"])
+            out[i] = gathered[p, offset: offset + length]
+            offset += length
+    return out
