@@ -103,6 +103,8 @@ CASES = {
     "train: lora adapter with DoRA": (
         ["train", "{recipe}", "--config.model.lora.enabled=True", "--config.model.lora.adapter={dora}"],
         "DoRA (use_dora)"),
+    "train: lora with dpo": (["train", "{dpo}", "--config.model.lora.enabled=True"],
+                             "model.lora with train.objective='dpo' is not supported yet"),
     "lora-merge: adapter of another base": (["convert", "lora-merge", "{model}", "{narrow}", "{root}/out"],
                                             "the adapter was trained on another base model"),
     "lora-merge: DoRA": (["convert", "lora-merge", "{model}", "{dora}", "{root}/out"], "DoRA (use_dora)"),
