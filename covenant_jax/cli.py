@@ -90,6 +90,14 @@ def cmd_jax_to_hf(args) -> int:
     return 0
 
 
+def cmd_lora_merge(args) -> int:
+    from covenant_jax.convert.api import merge_adapter
+
+    out = merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from covenant_jax.convert.verify import verify
 
@@ -343,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     j2h.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size cap (GB)")
     j2h.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     j2h.set_defaults(fn=cmd_jax_to_hf)
+
+    merge = direction.add_parser("lora-merge", help="base folder + PEFT LoRA adapter folder -> merged HF "
+                                 "safetensors folder (W + scale · B·A, as PEFT's merge_and_unload)")
+    merge.add_argument("base_dir", help="the adapter's base model: HF or converted folder")
+    merge.add_argument("adapter_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("out_dir")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base's dtype")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    merge.set_defaults(fn=cmd_lora_merge)
 
     ver = verbs.add_parser("verify", help="logits parity vs transformers (PyTorch, CPU)")
     ver.add_argument("hf_dir")

@@ -57,6 +57,11 @@ class CheckpointError(UserError):
     """The checkpoint's files are missing, unreadable or inconsistent."""
 
 
+class AdapterError(UserError):
+    """A LoRA adapter folder is unreadable, uses a PEFT feature covenant_jax lacks, or does not fit
+    the model (another base, other shapes)."""
+
+
 class TokenizerError(UserError):
     """A model folder has no tokenizer files, or transformers cannot load them."""
 

@@ -54,8 +54,13 @@ def files(tmp_path_factory):
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((model / name).read_bytes())
-    return {"root": root, "model": model, "recipe": recipe, "texts": texts, "no_tok": no_tokenizer, "dpo": dpo,
-            "other_shape": other_shape}
+    from tests.convert.test_peft_adapter import _edit_config, peft_adapter_dir
+
+    _, narrow, _ = peft_adapter_dir(root / "narrow", hidden_size=32)  # another base's adapter
+    _, dora, _ = peft_adapter_dir(root / "dora")
+    _edit_config(dora, use_dora=True)
+    return {"root": root, "model": model, "recipe": recipe, "texts": texts, "no_tok": no_tokenizer,
+            "narrow": narrow, "dora": dora, "dpo": dpo, "other_shape": other_shape}
 
 
 # (argv with {placeholders}, text the one error line must contain)
@@ -84,6 +89,25 @@ CASES = {
     "train: seq_len 0": (["train", "{recipe}", "--config.data.seq_len=0"], "data.seq_len=0: must be >= 2"),
     "train: no tokenizer": (["train", "{recipe}", "--config.model.path={no_tok}"],
                             "no_tokenizer: no tokenizer files"),
+    "train: lora target": (["train", "{recipe}", "--config.model.lora.enabled=True", "--config.model.lora.targets=q,qq"],
+                           "model.lora.targets=('q', 'qq'): 'qq' matches no module; targets are q, k, v"),
+    "train: lora rank 0": (["train", "{recipe}", "--config.model.lora.enabled=True", "--config.model.lora.rank=0"],
+                           "model.lora.rank=0: must be an integer >= 1"),
+    "train: lora adapter of another base": (
+        ["train", "{recipe}", "--config.model.lora.enabled=True", "--config.model.lora.rank=4",
+         "--config.model.lora.alpha=8", "--config.model.lora.adapter={narrow}"],
+        "has shape [4, 32] but this model's needs [4, 64]: the adapter was trained on another base model"),
+    "train: lora adapter rank differs": (
+        ["train", "{recipe}", "--config.model.lora.enabled=True", "--config.model.lora.adapter={narrow}"],
+        "it has r=4 but the recipe's model.lora.rank is 8; set --config.model.lora.rank to match"),
+    "train: lora adapter with DoRA": (
+        ["train", "{recipe}", "--config.model.lora.enabled=True", "--config.model.lora.adapter={dora}"],
+        "DoRA (use_dora)"),
+    "train: lora with dpo": (["train", "{dpo}", "--config.model.lora.enabled=True"],
+                             "model.lora with train.objective='dpo' is not supported yet"),
+    "lora-merge: adapter of another base": (["convert", "lora-merge", "{model}", "{narrow}", "{root}/out"],
+                                            "the adapter was trained on another base model"),
+    "lora-merge: DoRA": (["convert", "lora-merge", "{model}", "{dora}", "{root}/out"], "DoRA (use_dora)"),
     "train: unknown objective": (["train", "{recipe}", "--config.train.objective=ppo"],
                                  "train.objective='ppo': must be one of"),
     "train: dpo beta 0": (["train", "{dpo}", "--config.dpo.beta=0"], "dpo.beta=0"),

@@ -43,3 +43,32 @@ def test_covenant_recipes_validate(path):
         hf = model_cfg.to_hf_dict()
         assert hf["rope_scaling"] == {"rope_type": "yarn", "type": "yarn", "factor": 16.0,
                                       "original_max_position_embeddings": 2048}
+
+
+@pytest.mark.parametrize("path", ["configs/covenant72b_lora_sft.py", "configs/covenant72b_lora_sft.py:8k"])
+def test_covenant_lora_recipe_has_a_frozen_bf16_base_and_adapter_optimizer_state(path):
+    """What plan compiles for the LoRA recipe: the base (72.7B, bf16) in ``frozen`` with no
+    optimizer state; the trained params are rank-8 adapters on all seven projections of the 80
+    layers, and AdamW's moments are theirs only."""
+    import jax
+
+    from covenant_jax.parallel.sharding import make_mesh
+    from covenant_jax.train import program
+
+    cfg = load_recipe(path, [])
+    c = recipe.rope_override(COVENANT, cfg.model)
+    recipe.validate(cfg, c, num_data_shards=cfg.mesh.data * cfg.mesh.fsdp)
+    chips = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.context * cfg.mesh.tensor
+    assert chips == 8
+    plan.check_mesh(cfg, c, plan.mesh_shape(cfg, chips))
+    state = program.abstract_state(cfg, c, make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})).state
+    base = jax.tree.leaves(state["frozen"])
+    assert {x.dtype for x in base} == {jax.numpy.dtype("bfloat16")}
+    assert sum(x.size for x in base) == c.num_params()
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    d, f = c.hidden_size, c.intermediate_size
+    per_layer = 8 * ((d + q) * 2 + (d + kv) * 2 + (d + f) * 3)  # r (in + out) per projection
+    adapters = sum(x.size for x in jax.tree.leaves(state["params"]))
+    assert adapters == c.num_hidden_layers * per_layer
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * adapters

@@ -38,6 +38,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("tensor",),
     "norm": None,
     "layers": None,
+    "lora_rank": None,  # LoRA adapters' rank axis: replicated
     # activations
     "batch": ("data", "fsdp"),
     "seq": ("context",),

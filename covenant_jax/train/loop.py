@@ -31,7 +31,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from covenant_jax import storage
-from covenant_jax.convert.api import export_model, load_model
+from covenant_jax.convert import peft_adapter
+from covenant_jax.convert.api import (check_adapter_shapes, export_adapter, export_merged, export_model, folder_config,
+                                     load_lora_model, load_model)
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import NonFiniteLoss, UserError
@@ -86,10 +88,30 @@ class Run:
     writer: metrics_lib.MetricsWriter
     start_step: int
     flops_per_token: float
+    adapter: peft_adapter.Adapter | None = None  # the PEFT adapter the run continues
 
 
-def _load(cfg, mesh, path: str | None = None) -> Llama:
-    model = load_model(path or cfg.model.path, program.model_options(cfg), mesh)
+def _adapter(cfg) -> peft_adapter.Adapter | None:
+    """The PEFT adapter folder ``model.lora.adapter``, checked against the recipe and the model's
+    shapes (from the configs alone) before any weight is read."""
+    lora = program.lora_config(cfg)
+    if lora is None or not cfg.model.lora.adapter:
+        return None
+    model_cfg, _ = folder_config(cfg.model.path)
+    adapter = peft_adapter.read_adapter(cfg.model.lora.adapter, model_cfg.num_hidden_layers, lora.dropout)
+    peft_adapter.check_matches(adapter, lora)
+    check_adapter_shapes(adapter, model_cfg, program.model_options(cfg))
+    return adapter
+
+
+def _load(cfg, mesh, adapter: peft_adapter.Adapter | None = None, path: str | None = None) -> Llama:
+    """The recipe's model (``path``: another folder's weights, as DPO's reference), with its
+    LoRA adapters when it has them."""
+    opts = program.model_options(cfg)
+    if opts.lora is None:
+        model = load_model(path or cfg.model.path, opts, mesh)
+    else:
+        model = load_lora_model(cfg.model.path, opts, mesh, seed=cfg.train.seed, adapter=adapter)
     target = recipe.rope_override(model.config, cfg.model)  # the recipe's RoPE, if it sets one
     return with_rope(model, target.rope, target.max_position_embeddings)
 
@@ -100,7 +122,7 @@ def _reference_params(cfg, mesh, params: dict) -> dict | None:
     if not program.is_dpo(cfg):
         return None
     if cfg.dpo.ref_model_path:
-        return state_lib.split_model(_load(cfg, mesh, cfg.dpo.ref_model_path))[1]
+        return state_lib.split_model(_load(cfg, mesh, path=cfg.dpo.ref_model_path))[1]
     return state_lib.copy_tree(params) if program.in_step_reference(cfg) else params
 
 
@@ -123,6 +145,8 @@ def check_outputs(cfg: ml_collections.ConfigDict) -> storage.Path:
     storage.check_writable(run_dir)
     if cfg.train.export:
         storage.check_separate(cfg.model.path, export_dir(cfg), "the export folder")
+        if cfg.model.lora.enabled and cfg.model.lora.export_merged:
+            storage.check_separate(cfg.model.path, merged_dir(cfg), "the merged export folder")
     return run_dir
 
 
@@ -157,7 +181,13 @@ def _restore(cfg, ckpt: checkpoint.RunCheckpointer, state: dict, shardings: dict
 
 
 def export_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
+    """The HF folder, or with LoRA the PEFT adapter folder."""
     return storage.path(cfg.train.run_dir) / "export"
+
+
+def merged_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
+    """With LoRA and ``model.lora.export_merged``: the base with the adapters merged, as an HF folder."""
+    return storage.path(cfg.train.run_dir) / "export_merged"
 
 
 def data_cache_dir(cfg: ml_collections.ConfigDict) -> str:
@@ -170,20 +200,22 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.bound_samples_per_row(cfg)
     run_dir = check_outputs(cfg)
     _check_resume(cfg)
+    adapter = _adapter(cfg)
     _check_reference(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
-    model = _load(cfg, mesh)
+    model = _load(cfg, mesh, adapter)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
     tokenizer = load_tokenizer(cfg.model.path)
     _check_vocab(tokenizer, model)
-    graphdef, params, rest = state_lib.split_model(model)
+    graphdef, params, frozen, rest = state_lib.split_trained(model)
     reference = _reference_params(cfg, mesh, params)
     data = data_pipeline.build_pipeline(cfg.data, tokenizer, cache_dir=data_cache_dir(cfg),
                                         annotate=_annotate(cfg, graphdef, rest, reference, mesh, tokenizer))
     if jax.process_index() == 0:
         print(data.report)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    frozen = {"ref_params": reference} if program.in_step_reference(cfg) else None
+    if program.in_step_reference(cfg):
+        frozen = {**(frozen or {}), "ref_params": reference}
     state, shardings = state_lib.create_state(params, tx, mesh, frozen)
     steps = program.make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
@@ -195,9 +227,10 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     train_iter = iter(data.train)
     start, state = _restore(cfg, ckpt, state, shardings, train_iter)
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
-    flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len)
+    flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, program.lora_config(cfg))
     return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
-               batch_sharding, steps.eval_sharding, steps.objective, steps.fields, ckpt, writer, start, flops)
+               batch_sharding, steps.eval_sharding, steps.objective, steps.fields, ckpt, writer, start, flops,
+               adapter)
 
 
 def _annotate(cfg, graphdef, rest, reference, mesh, tokenizer):
@@ -435,9 +468,15 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
 
 
 def _export(run: Run, state: dict) -> Path:
-    from flax import nnx
-
-    graphdef, _, rest = state_lib.split_model(run.model)
-    model = nnx.merge(graphdef, state["params"], rest)
-    return export_model(model, export_dir(run.cfg), dtype=run.cfg.train.export_dtype or None,
-                        aux_dir=run.cfg.model.path, overwrite=True)
+    """The HF export; with LoRA, the PEFT adapter (and, if asked, the merged weights)."""
+    cfg = run.cfg
+    graphdef, _, _, rest = state_lib.split_trained(run.model)
+    model = state_lib.merge_trained(graphdef, state["params"], state.get("frozen"), rest)
+    if model.options.lora is None:
+        return export_model(model, export_dir(cfg), dtype=cfg.train.export_dtype or None,
+                            aux_dir=cfg.model.path, overwrite=True)
+    if cfg.model.lora.export_merged:
+        export_merged(model, merged_dir(cfg), dtype=cfg.train.export_dtype or None, aux_dir=cfg.model.path,
+                      overwrite=True)
+    return export_adapter(model, export_dir(cfg), base=str(cfg.model.path), aux_dir=cfg.model.path,
+                          source_config=run.adapter.raw_config if run.adapter else None, overwrite=True)

@@ -13,6 +13,7 @@ import jax
 
 from covenant_jax import hardware, storage
 from covenant_jax.config import ModelConfig
+from covenant_jax.model import lora as lora_lib
 
 
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
@@ -24,10 +25,14 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
     return chip.peak_flops if chip else None
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6·N (matmul params, lm_head included, embedding lookup not) + 12·L·N_heads·H·T (attention)."""
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, lora: lora_lib.LoraConfig | None = None) -> float:
+    """6·N (matmul params, lm_head included, embedding lookup not) + 12·L·N_heads·H·T (attention).
+    With ``lora``: 4·N (forward and input gradients; a frozen weight has no weight gradient) +
+    6·N_adapters + attention."""
     matmul_params = cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    return 6 * matmul_params + attention_flops_per_token(cfg, seq_len)
+    if lora is None:
+        return 6 * matmul_params + attention_flops_per_token(cfg, seq_len)
+    return 4 * matmul_params + 6 * lora_lib.num_params(cfg, lora) + attention_flops_per_token(cfg, seq_len)
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

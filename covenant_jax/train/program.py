@@ -24,13 +24,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from covenant_jax.config import ModelConfig
 from covenant_jax.data import pairs
 from covenant_jax.model.llama import ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import logical_to_spec, state_shardings
+from covenant_jax.model import lora as lora_lib
 from covenant_jax.train import optimizer, preference, state as state_lib, step as step_lib
 
 OBJECTIVES = ("sft", "dpo")  # train.objective
@@ -63,11 +64,22 @@ def pairs_per_row(cfg) -> int:
     return pairs.pairs_per_row(cfg.data.seq_len, cfg.data.max_samples_per_row)
 
 
+def lora_config(cfg) -> lora_lib.LoraConfig | None:
+    """The recipe's adapters (``model.lora``, checked: rank >= 1, known targets, ...), or None
+    without LoRA."""
+    section = cfg.model.lora
+    if not section.enabled:
+        return None
+    return lora_lib.LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                               targets=tuple(section.targets), rslora=section.rslora,
+                               base_dtype=section.base_dtype)
+
+
 def model_options(cfg) -> ModelOptions:
     """How the recipe runs the model (``model.*`` and the packed-row bound)."""
     return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                         remat=cfg.model.remat, attention=cfg.model.attention,
-                        max_samples_per_row=cfg.data.max_samples_per_row)
+                        max_samples_per_row=cfg.data.max_samples_per_row, lora=lora_config(cfg))
 
 
 # ---- the batch ----------------------------------------------------------------------------------
@@ -141,20 +153,32 @@ class AbstractState:
 def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh,
                    options: ModelOptions | None = None) -> AbstractState:
     """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``
-    (``options``: how the model runs, the recipe's by default)."""
+    (``options``: how the model runs, the recipe's by default), and with LoRA the frozen base
+    (``state["frozen"]``: no optimizer state)."""
     model = abstract_model(model_cfg, options or model_options(cfg))
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings = nnx.to_pure_dict(state_shardings(params_state, mesh))
-    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                          nnx.to_pure_dict(params_state), param_shardings)
+    graphdef, params, frozen, rest = state_lib.split_trained(model)
+    params, frozen = _placed(model, params, frozen, mesh)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    frozen = {"ref_params": params} if in_step_reference(cfg) else None
+    if in_step_reference(cfg):  # DPO's reference: a frozen copy of the starting weights
+        frozen = {**(frozen or {}), "ref_params": params}
     shardings = state_lib.state_shardings(params, tx, mesh, frozen)
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
              "opt_state": jax.eval_shape(tx.init, params)}
     if frozen is not None:
         state["frozen"] = frozen
     return AbstractState(graphdef, rest, tx, schedule, state_lib.abstract_like(state, shardings), shardings)
+
+
+def _placed(model, params: dict, frozen: dict | None, mesh: Mesh) -> tuple[dict, dict | None]:
+    """(params, frozen) of :func:`state.split_trained` on an abstract ``model`` as
+    ShapeDtypeStructs with each weight's sharding."""
+    shardings = traverse_util.flatten_dict(nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh)))
+
+    def placed(tree):
+        return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shardings[path])
+                                             for path, p in traverse_util.flatten_dict(tree).items()})
+
+    return placed(params), None if frozen is None else {k: placed(v) for k, v in frozen.items()}
 
 
 # ---- the steps ----------------------------------------------------------------------------------
@@ -184,15 +208,17 @@ def make_objective(cfg, graphdef, rest, unroll: bool = False) -> step_lib.Object
 
 def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh,
                unroll: bool = False) -> Steps:
-    """The jitted steps with explicit shardings and donation (the frozen reference, when there
-    is one, passes through the donated state unchanged: its buffers are aliased, not copied).
+    """The jitted steps with explicit shardings and donation (the frozen weights, when there are
+    any, pass through the donated state unchanged: their buffers are aliased, not copied).
     ``unroll``: the micro-batch and loss-chunk loops unrolled (``plan``'s step time estimate; the
     compiler's cost model counts a loop body once)."""
     objective = make_objective(cfg, graphdef, rest, unroll)
     rows, seq_len = cfg.data.batch_size // cfg.train.micro_batches, cfg.data.seq_len
     train_sharding = batch_sharding(mesh, rows, seq_len, micro_batched=True)
     eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
-    train_step = jax.jit(step_lib.make_train_step(objective, tx, schedule, unroll),
+    lora = lora_config(cfg)
+    dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
+    train_step = jax.jit(step_lib.make_train_step(objective, tx, schedule, unroll, dropout_seed=dropout_seed),
                          in_shardings=(shardings, train_sharding),
                          out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
     eval_step = jax.jit(step_lib.make_eval_step(objective),

@@ -6,11 +6,14 @@ steps, batch layout, logging, checkpoints, export), ``dpo`` (covenant_jax.train.
 when ``train.objective="dpo"``). The model's shape is never here: it comes from the
 checkpoint's config.json. ``model.rope`` optionally replaces the checkpoint's RoPE scaling (the
 long-context recipes; every knob transformers reads) together with ``model.max_position_embeddings``.
+``model.lora`` trains LoRA adapters on a frozen base instead of every weight (model/lora.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 from ml_collections import config_dict
@@ -20,6 +23,7 @@ from covenant_jax.config import REQUIRED_ROPE_KNOBS, ROPE_KNOBS, ROPE_TYPES, Mod
 from covenant_jax.data import pairs, pipeline as data_pipeline
 from covenant_jax.errors import RecipeError, UserError
 from covenant_jax.model import attention, gpu_attention, llama
+from covenant_jax.model import lora as lora_lib
 from covenant_jax.parallel.sharding import MESH_AXES
 from covenant_jax.train import optimizer, preference, program
 
@@ -49,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
         path="", param_dtype="float32", dtype="float32", remat="none", attention="naive",
         rope=rope_section(),
         max_position_embeddings=0,
+        lora=lora_section(),
     ))
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
     cfg.data = data_pipeline.default_config()
@@ -63,6 +68,27 @@ def default_config() -> ml_collections.ConfigDict:
         allow_recipe_change=False,  # resume a run_dir whose checkpoint has another recipe (train/resume.py)
     ))
     return cfg
+
+
+def lora_section() -> ml_collections.ConfigDict:
+    """``model.lora``: off unless ``enabled``. Targets take our names or PEFT's (q_proj, ...,
+    "all-linear"); ``base_dtype`` "" keeps model.param_dtype for the frozen base (the adapters are
+    always in model.param_dtype); ``adapter`` continues a PEFT adapter folder; the run exports the
+    adapter to RUN_DIR/export, and with ``export_merged`` also the merged weights to
+    RUN_DIR/export_merged."""
+    return ml_collections.ConfigDict(dict(
+        enabled=False, rank=8, alpha=16.0, dropout=0.0, targets=lora_lib.TARGETS, rslora=False,
+        base_dtype="", adapter="", export_merged=False,
+    ))
+
+
+def from_file(path: str | Path, variant: str = "") -> ml_collections.ConfigDict:
+    """The config of the recipe file at ``path`` (a recipe built on another one: recipe files are
+    loaded by path, not imported as a package)."""
+    spec = importlib.util.spec_from_file_location(f"_covenant_recipe_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*([variant] if variant else []))
 
 
 def check_variant(variant: str, *known: str) -> str:
@@ -107,6 +133,9 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
         raise RecipeError("model.path is empty: point it at an HF folder or a converted checkpoint")
     for section, rules in RULES.items():
         fields.check(section, cfg[section], rules)
+    if program.lora_config(cfg) is not None and cfg.train.objective == "dpo":
+        raise RecipeError("model.lora with train.objective='dpo' is not supported yet (its reference, the "
+                          "base with the adapters off, is not wired in): train DPO without LoRA")
     check_objective(cfg)
 
 

@@ -20,7 +20,7 @@ from covenant_jax.errors import ResumeError
 
 # Dotted keys (or section prefixes ending in ".") a resumed run may change.
 MAY_CHANGE = (
-    "mesh.", "model.remat", "model.attention", "dpo.precompute_ref_log_probs",
+    "mesh.", "model.remat", "model.attention", "model.lora.export_merged", "dpo.precompute_ref_log_probs",
     "train.steps", "train.run_dir", "train.resume", "train.allow_recipe_change",
     "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpoint", "train.loss_chunk_size", "train.export",

@@ -15,8 +15,10 @@ instead would keep two copies of the state alive at once: +2/3 of its size in te
 measured.)
 
 The state is ``{"step", "params", "opt_state"}`` plus, for an objective that reads a frozen
-model in the step (DPO's in-step reference), ``"frozen"``: never differentiated, never in the
-optimizer, passed through the donated step unchanged.
+model in the step (DPO's in-step reference, a LoRA model's base: state.py), ``"frozen"``: never
+differentiated, never in the optimizer, passed through the donated step unchanged. With LoRA
+dropout, the step splits ``fold_in(key(seed), step)`` into one key per micro-batch, carried in
+the batch (``dropout_key``), so a resumed run draws the masks the uninterrupted one drew.
 
 Axes: A micro-batches, B/b rows, T sequence.
 """
@@ -31,9 +33,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from covenant_jax.train import state as state_lib
 from covenant_jax.train.loss import cross_entropy_sum
 
 Batch = dict[str, jax.Array]
+DROPOUT_KEY = "dropout_key"  # a train batch's per-micro-batch dropout keys (LoRA dropout)
 Sums = dict[str, jax.Array]
 
 
@@ -64,16 +68,27 @@ class Objective:
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int,
                  unroll: bool = False) -> Callable:
-    """loss(params, batch[b, T]) -> (summed token loss, trained token count). ``unroll``: the loss
-    chunks as an unrolled loop (for the compiler's cost model, which counts a loop body once)."""
+    """loss(params, batch[b, T], frozen) -> (summed token loss, trained token count); a batch
+    field ``dropout_key`` (:func:`with_dropout_keys`) turns adapter dropout on. ``unroll``: the
+    loss chunks as an unrolled loop (for the compiler's cost model, which counts a loop body once)."""
 
-    def loss_fn(params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, params, rest)
-        hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    def loss_fn(params: dict, batch: Batch, frozen: dict | None = None) -> tuple[jax.Array, jax.Array]:
+        model = state_lib.merge_trained(graphdef, params, frozen, rest)
+        hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                         dropout_key=batch.get(DROPOUT_KEY))
         return cross_entropy_sum(hidden_BTD, model.output_kernel(), batch["targets"],
                                  batch["loss_mask"], chunk_size=chunk_size, unroll=unroll)
 
     return loss_fn
+
+
+def with_dropout_keys(batch_A: Batch, seed: int | None, step: jax.Array) -> Batch:
+    """``batch_A`` with one dropout key per micro-batch, split from ``fold_in(key(seed), step)``
+    (a resumed run draws the masks the uninterrupted one drew); unchanged for ``seed`` None."""
+    if seed is None:
+        return batch_A
+    micro_batches = jax.tree.leaves(batch_A)[0].shape[0]
+    return {**batch_A, DROPOUT_KEY: jax.random.split(jax.random.fold_in(jax.random.key(seed), step), micro_batches)}
 
 
 def sft_objective(loss_fn: Callable) -> Objective:
@@ -83,8 +98,7 @@ def sft_objective(loss_fn: Callable) -> Objective:
         return {"tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
 
     def loss(params, frozen, batch, totals):
-        del frozen
-        nll_sum, _ = loss_fn(params, batch)
+        nll_sum, _ = loss_fn(params, batch, frozen)
         return mean(nll_sum, totals["tokens"]), {"nll": nll_sum}
 
     def report(sums, totals):
@@ -100,8 +114,8 @@ def as_objective(objective: Objective | Callable) -> Objective:
 
 def accumulate_gradients(objective: Objective, params: dict, frozen: dict, batch_A: Batch,
                          totals: Sums, unroll: bool = False) -> tuple[Any, Sums]:
-    """float32 gradients of the loss and its sums, added over the A micro-batches (``unroll``: as
-    an unrolled loop)."""
+    """float32 gradients (of ``params`` only: ``frozen`` is read) of the loss and its sums,
+    added over the A micro-batches (``unroll``: as an unrolled loop)."""
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
 
     def body(carry, micro_batch):
@@ -125,14 +139,16 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(objective: Objective | Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, unroll: bool = False):
+                    schedule: optax.Schedule, unroll: bool = False, dropout_seed: int | None = None):
     """``train_step(state, batch[A, b, T]) -> (state, metrics)``; ``objective`` may be a plain
-    SFT ``loss_fn``; ``unroll``: the micro-batch loop unrolled (plan's cost model)."""
+    SFT ``loss_fn``; ``unroll``: the micro-batch loop unrolled (plan's cost model);
+    ``dropout_seed`` None: no dropout (the model has none, or its rate is 0)."""
     objective = as_objective(objective)
 
     def train_step(state: dict[str, Any], batch_A: Batch):
         params, frozen = state["params"], state.get("frozen", {})
         totals = objective.totals(batch_A)
+        batch_A = with_dropout_keys(batch_A, dropout_seed, state["step"])
         grads, sums = accumulate_gradients(objective, params, frozen, batch_A, totals, unroll)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
