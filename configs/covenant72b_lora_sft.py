@@ -20,8 +20,9 @@ from covenant_jax.train.recipe import check_variant, from_file
 def get_config(variant: str = ""):
     variant = check_variant(variant, "8k")
     cfg = from_file(Path(__file__).with_name("covenant72b_sft.py"), variant)
-    cfg.model.lora.update(dict(enabled=True, rank=8, alpha=16.0, dropout=0.05, base_dtype="bfloat16",
-                               export_merged=True))
+    cfg.model.lora.update(
+        dict(enabled=True, rank=8, alpha=16.0, dropout=0.05, base_dtype="bfloat16", export_merged=True)
+    )
     # 8 chips: weights and rows over fsdp (the bf16 base is all-gathered a layer at a time);
     # micro-batches keep the activations of 32 rows per chip to 8 at a time
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor = 1, 8, 1, 1

@@ -20,8 +20,7 @@ def get_config(variant: str = ""):
     variant = check_variant(variant, "runlocal")
     cfg = from_file(Path(__file__).with_name("smollm2_sft_cpu.py"), variant)
     # targets: the default, all seven projections (PEFT's "all-linear")
-    cfg.model.lora.update(dict(enabled=True, rank=8, alpha=16.0, dropout=0.05,
-                               export_merged=True))
+    cfg.model.lora.update(dict(enabled=True, rank=8, alpha=16.0, dropout=0.05, export_merged=True))
     cfg.optim.lr = 1e-3
     cfg.train.run_dir = "runs/smollm2_lora_cpu" + ("_runlocal" if variant else "")
     return cfg

@@ -15,11 +15,15 @@ def get_config(variant: str = ""):
     cfg = default_config()
     cfg.model.path = "material/smollm2-135m-instruct"
     cfg.mesh.fsdp = -1
-    cfg.data.sources = [dict(
-        path="material/sharegpt.jsonl", format="sharegpt", max_rows=1500,
-        # ShareGPT also names the assistant chatgpt/bing/bard and the user "user".
-        role_map=dict(chatgpt="assistant", bing="assistant", bard="assistant", user="user"),
-    )]
+    cfg.data.sources = [
+        dict(
+            path="material/sharegpt.jsonl",
+            format="sharegpt",
+            max_rows=1500,
+            # ShareGPT also names the assistant chatgpt/bing/bard and the user "user".
+            role_map=dict(chatgpt="assistant", bing="assistant", bard="assistant", user="user"),
+        )
+    ]
     cfg.data.template = "tokenizer"  # SmolLM2 ships a ChatML template
     # A third of ShareGPT's conversations start with the assistant (the rest of a longer one,
     # cut): trained as before rather than skipped as role_order.

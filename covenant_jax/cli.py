@@ -44,7 +44,9 @@ def positive_ints(text: str) -> list[int]:
     try:
         return [positive_int(x) for x in text.split(",")]
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of positive integers"
+        ) from None
 
 
 def unit_floats(text: str) -> list[float]:
@@ -75,8 +77,9 @@ def _mesh_arg(text: str | None):
 def cmd_hf_to_jax(args) -> int:
     from covenant_jax.convert.api import hf_to_jax
 
-    out = hf_to_jax(args.hf_dir, args.out_dir, dtype=args.dtype, mesh=_mesh_arg(args.mesh),
-                    overwrite=args.overwrite)
+    out = hf_to_jax(
+        args.hf_dir, args.out_dir, dtype=args.dtype, mesh=_mesh_arg(args.mesh), overwrite=args.overwrite
+    )
     print(f"wrote {out}")
     return 0
 
@@ -84,8 +87,13 @@ def cmd_hf_to_jax(args) -> int:
 def cmd_jax_to_hf(args) -> int:
     from covenant_jax.convert.api import jax_to_hf
 
-    out = jax_to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype,
-                    max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
+    out = jax_to_hf(
+        args.ckpt_dir,
+        args.out_dir,
+        dtype=args.dtype,
+        max_shard_bytes=int(args.max_shard_gb * 1e9),
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -93,7 +101,9 @@ def cmd_jax_to_hf(args) -> int:
 def cmd_lora_merge(args) -> int:
     from covenant_jax.convert.api import merge_adapter
 
-    out = merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    out = merge_adapter(
+        args.base_dir, args.adapter_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite
+    )
     print(f"wrote {out}")
     return 0
 
@@ -101,8 +111,15 @@ def cmd_lora_merge(args) -> int:
 def cmd_verify(args) -> int:
     from covenant_jax.convert.verify import verify
 
-    parity = verify(args.hf_dir, args.ckpt_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
-                    factor=args.factor, tolerance=args.tolerance)
+    parity = verify(
+        args.hf_dir,
+        args.ckpt_dir,
+        dtype=args.dtype,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        factor=args.factor,
+        tolerance=args.tolerance,
+    )
     print(parity.report())
     return 0 if parity.ok else 1
 
@@ -122,8 +139,9 @@ def load_recipe(config_path: str, overrides: list[str]):
     argv = ["covenant-jax", f"--config={config_path}", *overrides]
     flag_values = flags.FlagValues()
     # sys_argv: which --config.* overrides to define (else it reads the process's sys.argv).
-    config_flags.DEFINE_config_file("config", None, "recipe file", flag_values=flag_values,
-                                    lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "recipe file", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
     try:
         flag_values(argv)
         return flag_values.config
@@ -189,7 +207,7 @@ def _unknown_key(config, overrides: list[str]) -> str | None:
                 break
             if key not in node:
                 parent = ".".join(path[:depth]) or "the recipe"
-                return f"unknown key {'.'.join(path[:depth + 1])}; {parent} has: {', '.join(node.keys())}"
+                return f"unknown key {'.'.join(path[: depth + 1])}; {parent} has: {', '.join(node.keys())}"
             node = node[key]
     return None
 
@@ -209,12 +227,15 @@ def cmd_data_prepare(args) -> int:
 
     cfg = load_recipe(args.config, args.overrides)
     recipe.check_fields(cfg)
-    data = pipeline.build_pipeline(cfg.data, load_tokenizer(cfg.model.path),
-                                   cache_dir=loop.data_cache_dir(cfg))
+    data = pipeline.build_pipeline(
+        cfg.data, load_tokenizer(cfg.model.path), cache_dir=loop.data_cache_dir(cfg)
+    )
     if pipeline.this_process()[0] == 0:
         print(data.report)
         for report, where in zip(data.report.sources, data.cache_locations):
-            kept = f"cached in {where}" if where else "in memory (not a file, or preference pairs: never cached)"
+            kept = (
+                f"cached in {where}" if where else "in memory (not a file, or preference pairs: never cached)"
+            )
             print(f"{report.name}: {kept}")
     return 0
 
@@ -250,10 +271,21 @@ def cmd_eval_perplexity(args) -> int:
     _check_out(args.out)
     model, tokenizer = _eval_model(args)
     result = perplexity_from_jsonl(
-        model, tokenizer, args.data, args.lengths, field=args.field, stride=args.stride,
-        max_rows=args.max_rows, max_documents=args.max_documents, concatenate=args.concatenate,
-        batch_size=args.batch_size, chunk=args.chunk, common_documents=args.common_documents,
-        max_windows_per_document=args.max_windows_per_document, mesh=_mesh_arg(args.mesh))
+        model,
+        tokenizer,
+        args.data,
+        args.lengths,
+        field=args.field,
+        stride=args.stride,
+        max_rows=args.max_rows,
+        max_documents=args.max_documents,
+        concatenate=args.concatenate,
+        batch_size=args.batch_size,
+        chunk=args.chunk,
+        common_documents=args.common_documents,
+        max_windows_per_document=args.max_windows_per_document,
+        mesh=_mesh_arg(args.mesh),
+    )
     return _report(result, args.out)
 
 
@@ -263,16 +295,24 @@ def cmd_eval_passkey(args) -> int:
     _check_out(args.out)
     model, tokenizer = _eval_model(args)
     result = passkey_eval(
-        model, tokenizer, args.lengths, args.depths,
-        keys_per_cell=args.keys_per_cell, digits=args.digits, seed=args.seed,
-        batch_size=args.batch_size, mesh=_mesh_arg(args.mesh))
+        model,
+        tokenizer,
+        args.lengths,
+        args.depths,
+        keys_per_cell=args.keys_per_cell,
+        digits=args.digits,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        mesh=_mesh_arg(args.mesh),
+    )
     return _report(result, args.out)
 
 
 def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="HF folder or converted checkpoint (with its tokenizer)")
-    p.add_argument("--lengths", required=True, type=positive_ints,
-                   help="context lengths in tokens, e.g. 512,2048,8192")
+    p.add_argument(
+        "--lengths", required=True, type=positive_ints, help="context lengths in tokens, e.g. 512,2048,8192"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", help="e.g. fsdp=8")
     p.add_argument("--yarn-factor", type=positive_float, help="apply YaRN with this factor (no training)")
@@ -281,18 +321,36 @@ def _add_eval_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plan_options(p: argparse.ArgumentParser, defaults: bool) -> None:
-    p.add_argument("--topology", default=None,
-                   help="v5p-256 (v4/v5p: TensorCores), v5e-64 / v6e-256 (chips), v5p:4x4x8, v5e:16x16, h100:8")
-    p.add_argument("--json", action="store_true", default=None if not defaults else False,
-                   help="print the plan as JSON")
-    p.add_argument("--no-search", action="store_true", default=None if not defaults else False,
-                   help="do not search for a variant that fits")
-    p.add_argument("--max-candidates", type=positive_int, default=None if not defaults else 6,
-                   help="compiles the search may spend (default 6)")
-    p.add_argument("--hbm-gib", type=positive_float, help="memory per device to plan against (default: the chip's HBM)")
-    p.add_argument("--step-time", action="store_true", default=None if not defaults else False,
-                   help="also estimate the step time from the TPU compiler's cost model (two more "
-                        "compiles, of 1 and 2 layers with every loop unrolled); an estimate, not a measurement")
+    p.add_argument(
+        "--topology",
+        default=None,
+        help="v5p-256 (v4/v5p: TensorCores), v5e-64 / v6e-256 (chips), v5p:4x4x8, v5e:16x16, h100:8",
+    )
+    p.add_argument(
+        "--json", action="store_true", default=None if not defaults else False, help="print the plan as JSON"
+    )
+    p.add_argument(
+        "--no-search",
+        action="store_true",
+        default=None if not defaults else False,
+        help="do not search for a variant that fits",
+    )
+    p.add_argument(
+        "--max-candidates",
+        type=positive_int,
+        default=None if not defaults else 6,
+        help="compiles the search may spend (default 6)",
+    )
+    p.add_argument(
+        "--hbm-gib", type=positive_float, help="memory per device to plan against (default: the chip's HBM)"
+    )
+    p.add_argument(
+        "--step-time",
+        action="store_true",
+        default=None if not defaults else False,
+        help="also estimate the step time from the TPU compiler's cost model (two more "
+        "compiles, of 1 and 2 layers with every loop unrolled); an estimate, not a measurement",
+    )
 
 
 def cmd_plan(args) -> int:
@@ -309,8 +367,12 @@ def cmd_plan(args) -> int:
         raise UserError("plan needs --topology, e.g. --topology v5p-256")
     cfg = load_recipe(args.config, overrides)
     result = plan_lib.plan(
-        cfg, args.topology, search=not args.no_search, max_candidates=args.max_candidates,
-        hbm_bytes=int(args.hbm_gib * plan_lib.GiB) if args.hbm_gib else None, recipe_name=args.config,
+        cfg,
+        args.topology,
+        search=not args.no_search,
+        max_candidates=args.max_candidates,
+        hbm_bytes=int(args.hbm_gib * plan_lib.GiB) if args.hbm_gib else None,
+        recipe_name=args.config,
         step_time=args.step_time,
         log=None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True)),
     )
@@ -322,15 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="covenant-jax", description=__doc__)
     dist = parser.add_argument_group(
         "multi-process (give these before the verb, the same on every process but --process-id; "
-        "on TPU pods / SLURM / with JAX_COORDINATOR_ADDRESS they are detected)")
+        "on TPU pods / SLURM / with JAX_COORDINATOR_ADDRESS they are detected)"
+    )
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address [COVENANT_COORDINATOR]")
     dist.add_argument("--num-processes", type=positive_int, metavar="N", help="[COVENANT_NUM_PROCESSES]")
     dist.add_argument("--process-id", type=int, metavar="I", help="0..N-1 [COVENANT_PROCESS_ID]")
-    dist.add_argument("--init-timeout", type=positive_int, metavar="S",
-                      help="seconds to wait for every process to connect (default 300) [COVENANT_INIT_TIMEOUT]")
-    dist.add_argument("--heartbeat-timeout", type=positive_int, metavar="S",
-                      help="once running, seconds a silent (dead or hung) process may go before the others "
-                      "stop, naming it (default 100) [COVENANT_HEARTBEAT_TIMEOUT]")
+    dist.add_argument(
+        "--init-timeout",
+        type=positive_int,
+        metavar="S",
+        help="seconds to wait for every process to connect (default 300) [COVENANT_INIT_TIMEOUT]",
+    )
+    dist.add_argument(
+        "--heartbeat-timeout",
+        type=positive_int,
+        metavar="S",
+        help="once running, seconds a silent (dead or hung) process may go before the others "
+        "stop, naming it (default 100) [COVENANT_HEARTBEAT_TIMEOUT]",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     convert = verbs.add_parser("convert", help="convert checkpoints between HF and JAX")
@@ -339,8 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     h2j.add_argument("hf_dir")
     h2j.add_argument("out_dir")
     h2j.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    h2j.add_argument("--mesh", help="the mesh the stored chunks are cut for, e.g. fsdp=4,tensor=2 "
-                     "(default: fsdp over all devices); any mesh can restore it")
+    h2j.add_argument(
+        "--mesh",
+        help="the mesh the stored chunks are cut for, e.g. fsdp=4,tensor=2 "
+        "(default: fsdp over all devices); any mesh can restore it",
+    )
     h2j.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     h2j.set_defaults(fn=cmd_hf_to_jax)
 
@@ -348,16 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
     j2h.add_argument("ckpt_dir")
     j2h.add_argument("out_dir")
     j2h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the stored dtype")
-    j2h.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size cap (GB)")
+    j2h.add_argument(
+        "--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size cap (GB)"
+    )
     j2h.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     j2h.set_defaults(fn=cmd_jax_to_hf)
 
-    merge = direction.add_parser("lora-merge", help="base folder + PEFT LoRA adapter folder -> merged HF "
-                                 "safetensors folder (W + scale · B·A, as PEFT's merge_and_unload)")
+    merge = direction.add_parser(
+        "lora-merge",
+        help="base folder + PEFT LoRA adapter folder -> merged HF "
+        "safetensors folder (W + scale · B·A, as PEFT's merge_and_unload)",
+    )
     merge.add_argument("base_dir", help="the adapter's base model: HF or converted folder")
-    merge.add_argument("adapter_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument(
+        "adapter_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
     merge.add_argument("out_dir")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base's dtype")
+    merge.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base's dtype"
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     merge.set_defaults(fn=cmd_lora_merge)
 
@@ -366,12 +449,22 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("ckpt_dir", nargs="?", help="converted folder to check (default: HF_DIR itself)")
     ver.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ver.add_argument("--batch", type=positive_int, default=2)
-    ver.add_argument("--seq-len", type=positive_int, default=64,
-                     help="tokens per row (at most the model's max_position_embeddings)")
-    ver.add_argument("--factor", type=positive_float, default=2.0,
-                     help="pass when ours is within FACTOR x transformers' own distance from its float64 "
-                          "logits (default %(default)s)")
-    ver.add_argument("--tolerance", type=positive_float, help="a fixed limit on max |Δlogits| from float64 instead")
+    ver.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=64,
+        help="tokens per row (at most the model's max_position_embeddings)",
+    )
+    ver.add_argument(
+        "--factor",
+        type=positive_float,
+        default=2.0,
+        help="pass when ours is within FACTOR x transformers' own distance from its float64 "
+        "logits (default %(default)s)",
+    )
+    ver.add_argument(
+        "--tolerance", type=positive_float, help="a fixed limit on max |Δlogits| from float64 instead"
+    )
     ver.set_defaults(fn=cmd_verify)
 
     ev = verbs.add_parser("eval", help="long-context evaluation: perplexity by length, passkey")
@@ -382,10 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=positive_int, help="window stride (default: the length)")
     ppl.add_argument("--field", default="text")
     ppl.add_argument("--max-rows", type=positive_int)
-    ppl.add_argument("--max-documents", type=positive_int, help="first N documents long enough for each length")
+    ppl.add_argument(
+        "--max-documents", type=positive_int, help="first N documents long enough for each length"
+    )
     ppl.add_argument("--concatenate", action="store_true", help="join all documents into one stream")
-    ppl.add_argument("--common-documents", action="store_true",
-                     help="score every length on the same documents (those long enough for the longest)")
+    ppl.add_argument(
+        "--common-documents",
+        action="store_true",
+        help="score every length on the same documents (those long enough for the longest)",
+    )
     ppl.add_argument("--max-windows-per-document", type=positive_int)
     ppl.add_argument("--chunk", type=positive_int, default=1024, help="positions per logits chunk")
     ppl.set_defaults(fn=cmd_eval_perplexity)
@@ -398,10 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     pk.set_defaults(fn=cmd_eval_passkey)
 
     tr = verbs.add_parser(
-        "train", help="SFT / long-context training from a recipe",
+        "train",
+        help="SFT / long-context training from a recipe",
         description="Train from an ml_collections recipe (configs/*.py). Any field can be "
-                    "overridden: --config.optim.lr=1e-5 --config.train.steps=100. Resumes from "
-                    "RUN_DIR/checkpoints when it holds one (train.resume).")
+        "overridden: --config.optim.lr=1e-5 --config.train.steps=100. Resumes from "
+        "RUN_DIR/checkpoints when it holds one (train.resume).",
+    )
     tr.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/x.py:runlocal)")
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
     tr.set_defaults(fn=cmd_train)
@@ -409,23 +509,27 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="prepare a recipe's data ahead of a job")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     prep = data_verbs.add_parser(
-        "prepare", help="render and tokenise a recipe's data into its cache; print the report",
+        "prepare",
+        help="render and tokenise a recipe's data into its cache; print the report",
         description="Render, tokenise and cache every file source of the recipe (in parallel "
-                    "processes, data.workers; with --num-processes each process prepares its "
-                    "share) where training will look for it: data.cache_dir, else "
-                    "RUN_DIR/data_cache. Training then starts from the cache.")
+        "processes, data.workers; with --num-processes each process prepares its "
+        "share) where training will look for it: data.cache_dir, else "
+        "RUN_DIR/data_cache. Training then starts from the cache.",
+    )
     prep.add_argument("config", help="recipe file, optionally FILE:ARG")
     prep.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
     prep.set_defaults(fn=cmd_data_prepare)
 
     pl = verbs.add_parser(
-        "plan", help="will a recipe fit a TPU pod? compile the train step ahead of time",
+        "plan",
+        help="will a recipe fit a TPU pod? compile the train step ahead of time",
         description="Compile the recipe's train step for a TPU topology from abstract shapes (no "
-                    "weights, no TPU; needs libtpu: pip install -e '.[tpu]') and report memory per "
-                    "device, whether it fits HBM, and FLOPs; when it does not fit, try remat / "
-                    "micro-batches / mesh / loss-chunk changes and report the first that fits; "
-                    "with --step-time, the compiler's cost-model estimate of the step time. "
-                    "GPU targets (h100:8) get an analytic estimate. Exit 1 when it does not fit.")
+        "weights, no TPU; needs libtpu: pip install -e '.[tpu]') and report memory per "
+        "device, whether it fits HBM, and FLOPs; when it does not fit, try remat / "
+        "micro-batches / mesh / loss-chunk changes and report the first that fits; "
+        "with --step-time, the compiler's cost-model estimate of the step time. "
+        "GPU targets (h100:8) get an analytic estimate. Exit 1 when it does not fit.",
+    )
     pl.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/covenant72b_sft.py:8k)")
     _plan_options(pl, defaults=True)
     pl.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
@@ -436,9 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Storage failures are the user's to fix (space, quota, permissions), not bugs: one line each.
 _STORAGE_ERRNOS = {
-    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large for the file system or a size limit", errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system or a size limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
 }
 
 
@@ -471,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         # Before the verb touches JAX; a no-op for a single process (flags, env and cluster unset).
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout,
-                               args.heartbeat_timeout)
+        distributed.initialize(
+            args.coordinator, args.num_processes, args.process_id, args.init_timeout, args.heartbeat_timeout
+        )
         return args.fn(args)
     except USER_ERRORS as e:
         print(f"covenant-jax: error: {e}", file=sys.stderr)
@@ -485,8 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         storage = storage_failure(e) if isinstance(e, Exception) else None
         if storage is not None:
-            print(f"covenant-jax: error: {storage}; nothing partial was published (earlier complete "
-                  "outputs and checkpoints are intact)", file=sys.stderr)
+            print(
+                f"covenant-jax: error: {storage}; nothing partial was published (earlier complete "
+                "outputs and checkpoints are intact)",
+                file=sys.stderr,
+            )
             distributed.abandon(EXIT_BAD_INPUT)
             return EXIT_BAD_INPUT
         if distributed.is_multiprocess():  # a bug or a dead peer: say which, then exit now
@@ -497,9 +608,11 @@ def main(argv: list[str] | None = None) -> int:
                 from jax import process_index as jax_process_index
 
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"covenant-jax: error: process {jax_process_index()}: a collective with the "
-                      f"other processes failed ({first}); a peer process {distributed.PEER_LOST}",
-                      file=sys.stderr)
+                print(
+                    f"covenant-jax: error: process {jax_process_index()}: a collective with the "
+                    f"other processes failed ({first}); a peer process {distributed.PEER_LOST}",
+                    file=sys.stderr,
+                )
             distributed.abandon(distributed.EXIT_PEER_LOST)
         raise
 

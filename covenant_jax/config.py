@@ -39,17 +39,34 @@ ROPE_KNOBS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": (
-        "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-        "mscale_all_dim", "attention_factor", "truncate",
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+        "truncate",
     ),
 }
 # Keys transformers requires in the RoPE dict (a KeyError at load otherwise); yarn's factor may be
 # null (then max_position_embeddings / original_max_position_embeddings).
-REQUIRED_ROPE_KNOBS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-                   "yarn": ("factor",)}
+REQUIRED_ROPE_KNOBS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("factor",),
+}
 _NULLABLE_KNOBS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
-_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 _SILU = ("silu", "swish")  # transformers' ACT2FN: both are SiLU
 
 
@@ -153,9 +170,20 @@ class ModelConfig:
         as_read = ModelConfig.from_hf_dict(self.hf_config) if self.hf_config else None
         hf["architectures"] = [self.architecture]
         hf.setdefault("model_type", "mistral" if self.architecture == "MistralForCausalLM" else "llama")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                    "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "attention_bias",
+            "mlp_bias",
+        ):
             if key in hf or as_read is None or getattr(as_read, key) != getattr(self, key):
                 hf[key] = getattr(self, key)
         _write_rope(hf, self.rope, unchanged=as_read is not None and as_read.rope == self.rope)
@@ -170,8 +198,10 @@ class ModelConfig:
 
 def _architecture(hf: dict[str, Any]) -> str:
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-        hf.get("model_type"), None
+    arch = (
+        archs[0]
+        if archs
+        else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(hf.get("model_type"), None)
     )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
@@ -186,8 +216,9 @@ def _refuse_quantized(hf: dict[str, Any]) -> None:
     quant = hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else quant
-        raise ConfigError(f"config.json: the checkpoint is quantized ({method}, quantization_config); "
-                          f"{DEQUANTIZE_HINT}")
+        raise ConfigError(
+            f"config.json: the checkpoint is quantized ({method}, quantization_config); {DEQUANTIZE_HINT}"
+        )
 
 
 DEQUANTIZE_HINT = (
@@ -222,19 +253,25 @@ def _check_rope_dict(hf: dict[str, Any]) -> None:
     type_key = "rope_type" if "rope_type" in raw else "type"
     rope_type = raw.get(type_key, "default")
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"config.json: {field}.{type_key}={rope_type!r} is not supported; "
-                          f"supported: {', '.join(ROPE_TYPES)}")
+        raise ConfigError(
+            f"config.json: {field}.{type_key}={rope_type!r} is not supported; "
+            f"supported: {', '.join(ROPE_TYPES)}"
+        )
     for k in REQUIRED_ROPE_KNOBS.get(rope_type, ()):
         if k not in raw:
             raise ConfigError(f"config.json: {field}.{k} is required for rope_type {rope_type!r}")
     theta_field = f"{field}.rope_theta" if "rope_theta" in raw else "rope_theta"
     _check_number(theta_field, raw.get("rope_theta", hf.get("rope_theta", 10000.0)))
     for k in ROPE_KNOBS[rope_type]:
-        if k not in raw or (raw[k] is None and (k in _NULLABLE_KNOBS or (rope_type, k) == ("yarn", "factor"))):
+        if k not in raw or (
+            raw[k] is None and (k in _NULLABLE_KNOBS or (rope_type, k) == ("yarn", "factor"))
+        ):
             continue
         if k == "truncate":
             if not isinstance(raw[k], bool):
-                raise ConfigError(f"config.json: {field}.truncate must be true, false or null, got {raw[k]!r}")
+                raise ConfigError(
+                    f"config.json: {field}.truncate must be true, false or null, got {raw[k]!r}"
+                )
         elif k == "original_max_position_embeddings":
             if not isinstance(raw[k], int) or isinstance(raw[k], bool) or raw[k] <= 0:
                 raise ConfigError(f"config.json: {field}.{k} must be a positive integer, got {raw[k]!r}")
@@ -277,8 +314,9 @@ def _transformers_config(hf: dict[str, Any], arch: str):
     except StrictDataclassFieldValidationError as e:
         raise ConfigError(_type_error_message(config_cls, hf, e)) from None
     except (ValueError, KeyError, TypeError, ArithmeticError) as e:
-        raise ConfigError(f"config.json: transformers' {config_cls.__name__} refuses it: "
-                          f"{' '.join(str(e).split())}") from None
+        raise ConfigError(
+            f"config.json: transformers' {config_cls.__name__} refuses it: {' '.join(str(e).split())}"
+        ) from None
     tf.standardize_rope_params()  # the rotary embedding does this again at init, with every attribute set
     return tf
 
@@ -289,8 +327,10 @@ def _type_error_message(config_cls, hf: dict[str, Any], error: Exception) -> str
     spec = config_cls.__dataclass_fields__.get(field)
     expected = getattr(spec.type, "__name__", str(spec.type)) if spec is not None else "another type"
     value = hf.get(field)
-    return (f"config.json: '{field}' is {type(value).__name__} {value!r}, but transformers' "
-            f"{config_cls.__name__} needs {expected}")
+    return (
+        f"config.json: '{field}' is {type(value).__name__} {value!r}, but transformers' "
+        f"{config_cls.__name__} needs {expected}"
+    )
 
 
 def _check_runnable(hf: dict[str, Any], tf, arch: str) -> None:
@@ -316,7 +356,7 @@ def _refuse_sliding_window(hf: dict[str, Any], tf, arch: str) -> None:
         raise ConfigError(
             f"config.json: sliding_window={tf.sliding_window}{origin} is less than "
             f"max_position_embeddings={tf.max_position_embeddings}: sliding-window attention is not "
-            "supported (only full attention); set \"sliding_window\": null if the model was trained "
+            'supported (only full attention); set "sliding_window": null if the model was trained '
             "with full attention"
         )
 
@@ -349,7 +389,10 @@ def _write_rope(hf: dict[str, Any], rope: RopeConfig, unchanged: bool) -> None:
     scaling = rope.scaling_dict()
     hf.pop("original_max_position_embeddings", None)  # inside the scaling dict now
     hf["rope_theta"] = rope.theta
-    hf["rope_scaling"] = (None if rope.rope_type == "default"
-                          else {"rope_type": rope.rope_type, "type": rope.rope_type, **scaling})
+    hf["rope_scaling"] = (
+        None
+        if rope.rope_type == "default"
+        else {"rope_type": rope.rope_type, "type": rope.rope_type, **scaling}
+    )
     if "rope_parameters" in hf:
         hf["rope_parameters"] = {"rope_type": rope.rope_type, "rope_theta": rope.theta, **scaling}

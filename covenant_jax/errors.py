@@ -119,7 +119,10 @@ def require(module: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        install = f"pip install 'covenant_jax[{EXTRAS[module]}]'" if module in EXTRAS else f"pip install {module}"
+        install = (
+            f"pip install 'covenant_jax[{EXTRAS[module]}]'" if module in EXTRAS else f"pip install {module}"
+        )
         raise MissingDependency(
             f"{purpose} needs {module}, which is not installed: {install} (or the {module} build for "
-            "your platform)") from None
+            "your platform)"
+        ) from None

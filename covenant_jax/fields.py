@@ -30,8 +30,10 @@ def positive() -> Rule:
 
 def within(low: float, high: float, *, high_open: bool = False) -> Rule:
     bracket = ")" if high_open else "]"
-    return ((lambda v: _number(v) and low <= v and (v < high if high_open else v <= high)),
-            f"must be in [{low}, {high}{bracket}")
+    return (
+        (lambda v: _number(v) and low <= v and (v < high if high_open else v <= high)),
+        f"must be in [{low}, {high}{bracket}",
+    )
 
 
 def one_of(options: Iterable[Any]) -> Rule:
@@ -40,7 +42,9 @@ def one_of(options: Iterable[Any]) -> Rule:
 
 
 def mesh_size() -> Rule:
-    return (lambda v: isinstance(v, int) and (v == -1 or v >= 1)), "must be a positive size, or -1 for the devices left"
+    return (
+        lambda v: isinstance(v, int) and (v == -1 or v >= 1)
+    ), "must be a positive size, or -1 for the devices left"
 
 
 def check(section_name: str, section: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:

@@ -115,7 +115,8 @@ def check_complete(folder: os.PathLike | str) -> None:
     if is_remote(folder) and (folder / INCOMPLETE).exists():
         raise IncompleteFolderError(
             f"{folder} is incomplete: it is being written, or its writer stopped before finishing "
-            f"({INCOMPLETE} is there); write it again (--overwrite)")
+            f"({INCOMPLETE} is there); write it again (--overwrite)"
+        )
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -157,7 +158,8 @@ def check_free_space(folder: os.PathLike | str, nbytes: int) -> None:
     if free < nbytes:
         raise OutputNotWritableError(
             f"{folder}: not enough space: the output needs {nbytes / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free")
+            f"{free / 1e9:.2f} GB are free"
+        )
 
 
 def _resolved(p: Path) -> str:
@@ -169,9 +171,16 @@ def check_separate(source: os.PathLike | str, output: os.PathLike | str, what: s
     """Refuses an output folder that is ``source``, lies inside it, or contains it: replacing it
     would delete or mix with the input."""
     src, out = _resolved(path(source)), _resolved(path(output))
-    relation = ("is" if out == src else "is inside" if out.startswith(src + "/")
-                else "contains" if src.startswith(out + "/") else None)
+    relation = (
+        "is"
+        if out == src
+        else "is inside"
+        if out.startswith(src + "/")
+        else "contains"
+        if src.startswith(out + "/")
+        else None
+    )
     if relation:
         raise OutputOverlapsInputError(
-            f"{what} {output} {relation} the input {source}: write the output to a separate folder")
-
+            f"{what} {output} {relation} the input {source}: write the output to a separate folder"
+        )

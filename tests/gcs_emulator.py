@@ -19,6 +19,7 @@ import time
 import urllib.request
 from typing import Iterator
 
+
 # Where each client looks for the server, and the credentials that skip Google sign-in.
 # gcsfs reads STORAGE_EMULATOR_HOST (and fsspec's FSSPEC_GCS_TOKEN=anon: no sign-in); its
 # experimental zonal-bucket support asks a gRPC control API the emulator lacks (60 s timeouts),
@@ -26,9 +27,11 @@ from typing import Iterator
 # google-cloud-storage: STORAGE_EMULATOR_HOST (anonymous credentials then).
 def client_env(url: str) -> dict[str, str]:
     return {
-        "STORAGE_EMULATOR_HOST": url, "FSSPEC_GCS_TOKEN": "anon",
+        "STORAGE_EMULATOR_HOST": url,
+        "FSSPEC_GCS_TOKEN": "anon",
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-        "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "GOOGLE_CLOUD_PROJECT": "test",
     }
 
@@ -46,8 +49,12 @@ def _binary() -> str:
 
 
 def create_bucket(url: str, name: str) -> None:
-    request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     urllib.request.urlopen(request).read()
 
 
@@ -58,8 +65,24 @@ def gcs_server(buckets: tuple[str, ...] = ("bucket",)) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-             "-external-url", url, "-log-level", "warn"], stdout=log, stderr=log)
+            [
+                _binary(),
+                "-scheme",
+                "http",
+                "-backend",
+                "memory",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(port),
+                "-external-url",
+                url,
+                "-log-level",
+                "warn",
+            ],
+            stdout=log,
+            stderr=log,
+        )
         try:
             deadline = time.monotonic() + 20
             while True:

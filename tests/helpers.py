@@ -11,10 +11,18 @@ import numpy as np
 from covenant_jax.parallel.sharding import make_mesh
 
 TINY = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
-    bos_token_id=1, eos_token_id=2,
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -32,12 +40,15 @@ def hf_model(seed: int = 0, architecture: str = "llama", dtype: str = "float32",
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("bias"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+                p.copy_(
+                    1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p)
+                )
     return model.to(getattr(torch, dtype))
 
 
-def save_hf(model, folder: Path, *, max_shard_size: str | None = None, torch_bin: bool = False,
-            v4_rope: bool = False) -> Path:
+def save_hf(
+    model, folder: Path, *, max_shard_size: str | None = None, torch_bin: bool = False, v4_rope: bool = False
+) -> Path:
     """save_pretrained, optionally as a .bin state dict, or with config.json in v4 RoPE spelling."""
     import torch
 

@@ -31,8 +31,11 @@ def test_output_is_fsynced_before_the_rename_that_publishes_it(tmp_path, monkeyp
     assert (tmp_path / "out" / "params" / "d" / "chunk").read_bytes() == b"\0" * 4096
     partial = tmp_path / ".out.partial"
     order = [p for p in synced if p != tmp_path]
-    for child, parent in [(partial / "params" / "d" / "chunk", partial / "params" / "d"),
-                          (partial / "params" / "d", partial / "params"), (partial / "config.json", partial)]:
+    for child, parent in [
+        (partial / "params" / "d" / "chunk", partial / "params" / "d"),
+        (partial / "params" / "d", partial / "params"),
+        (partial / "config.json", partial),
+    ]:
         assert order.index(child) < order.index(parent), (child, parent)  # a folder after its entries
     assert synced[-1] == tmp_path  # then the folder holding the rename
 

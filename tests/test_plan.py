@@ -16,10 +16,21 @@ pytest.importorskip("libtpu", reason="plan needs libtpu: pip install -e '.[tpu]'
 
 # Shard shapes are multiples of the TPU's (8, 128) float32 tiles, so the compiler's argument
 # bytes equal the analytic ones (no tile padding): 16 heads of 128 over tensor=2, 8 layers.
-TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=1024, hidden_size=256,
-            intermediate_size=512, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
-            head_dim=128, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-            tie_word_embeddings=False)
+TINY = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=128,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 TOPOLOGY = "v5e:2x2"  # 4 chips, 16 GiB each
 
 
@@ -84,10 +95,17 @@ def test_topology_names():
     assert (topo.chips, topo.num_devices, topo.hbm_per_device) == (128, 128, 95 * plan_lib.GiB)
 
 
-@pytest.mark.parametrize("name,spec,chips,devices", [
-    ("v5e-1", "v5e:1x1", 1, 1), ("v6e-1", "v6e:1x1", 1, 1), ("v5litepod-4", "v5e:2x2", 4, 4),
-    ("v5p-8", "v5p:2x2x1", 4, 4), ("v4-8", "v4:2x2x1", 4, 8), ("v6e:1x1", "v6e:1x1", 1, 1),
-])
+@pytest.mark.parametrize(
+    "name,spec,chips,devices",
+    [
+        ("v5e-1", "v5e:1x1", 1, 1),
+        ("v6e-1", "v6e:1x1", 1, 1),
+        ("v5litepod-4", "v5e:2x2", 4, 4),
+        ("v5p-8", "v5p:2x2x1", 4, 4),
+        ("v4-8", "v4:2x2x1", 4, 8),
+        ("v6e:1x1", "v6e:1x1", 1, 1),
+    ],
+)
 def test_small_real_slices_resolve(name, spec, chips, devices):
     """Single-chip slices (v5e-1, v6e-1) and the smallest 3D ones (v5p-8, v4-8: 2x2x1) are what
     Cloud TPU sells; libtpu takes them given a host no larger than the slice."""
@@ -116,7 +134,8 @@ def test_tiny_plan_fits_and_arguments_are_the_state(tiny_plan, tiny_cfg):
     flops = tiny_plan.to_dict()["flops"]
     tokens = tiny_cfg.data.batch_size * tiny_cfg.data.seq_len
     assert flops["model_flops_per_step"] == pytest.approx(
-        train_flops_per_token(plan_lib.model_config(tiny_cfg), tiny_cfg.data.seq_len) * tokens)
+        train_flops_per_token(plan_lib.model_config(tiny_cfg), tiny_cfg.data.seq_len) * tokens
+    )
     assert flops["model_flops_per_chip"] == flops["model_flops_per_step"] / 4
     assert flops["compiled_flops_per_device"] > 0  # XLA's count: scan bodies once, so not comparable
 
@@ -160,7 +179,9 @@ def test_mesh_errors(tiny_cfg):
     with pytest.raises(plan_lib.PlanError, match="4"):
         plan_lib.plan(cfg, TOPOLOGY)
     cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4
-    ok = plan_lib.check_mesh(cfg, plan_lib.model_config(cfg), {"data": 1, "fsdp": 1, "context": 1, "tensor": 4})
+    ok = plan_lib.check_mesh(
+        cfg, plan_lib.model_config(cfg), {"data": 1, "fsdp": 1, "context": 1, "tensor": 4}
+    )
     assert ok == []
     cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1
     cfg.data.batch_size = 6
@@ -178,7 +199,9 @@ def test_fused_attention_on_the_topology_devices(tiny_plan, tiny_cfg, compiler):
     p = plan_lib.plan(cfg, TOPOLOGY, search=False, compiler=compiler)
     assert p.fits and p.attempt.memory.temporaries < tiny_plan.attempt.memory.temporaries - plan_lib.GiB
     cfg.model.attention = "cudnn"
-    with pytest.raises(UserError, match="'cudnn' needs a GPU; use 'blockwise' \\(the devices in use are 'tpu'\\)"):
+    with pytest.raises(
+        UserError, match="'cudnn' needs a GPU; use 'blockwise' \\(the devices in use are 'tpu'\\)"
+    ):
         plan_lib.plan(cfg, TOPOLOGY, search=False)
     cfg.model.attention = "splash"
     cfg.mesh.fsdp, cfg.mesh.context = 1, 2
@@ -196,8 +219,9 @@ def test_gpu_is_an_estimate(tiny_cfg):
 
 def test_cli_json(tiny_recipe, tiny_plan, compiler, capsys, monkeypatch):
     monkeypatch.setattr(plan_lib.planner, "StepCompiler", lambda: compiler)  # tiny_plan's compile
-    rc = main(["plan", tiny_recipe, "--topology", TOPOLOGY, "--json", "--no-search",
-               "--config.train.steps=100"])  # an override that changes nothing
+    rc = main(
+        ["plan", tiny_recipe, "--topology", TOPOLOGY, "--json", "--no-search", "--config.train.steps=100"]
+    )  # an override that changes nothing
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["fits"] is True
     assert out["topology"]["libtpu_topology"] == TOPOLOGY and out["mesh"]["fsdp"] == 2
@@ -212,8 +236,13 @@ def test_cli_json(tiny_recipe, tiny_plan, compiler, capsys, monkeypatch):
 # TINY with grouped kv heads (4 q heads per kv head), 4 layers; 2 micro-batches of 2 loss chunks
 # each and remat full, as the pod recipes run: every loop the estimate unrolls is there.
 GQA = {**TINY, "num_key_value_heads": 4, "num_hidden_layers": 4}
-ESTIMATE_OVERRIDES = ["--config.data.seq_len=128", "--config.data.batch_size=16", "--config.train.micro_batches=2",
-                      "--config.train.loss_chunk_size=512", "--config.model.remat=full"]
+ESTIMATE_OVERRIDES = [
+    "--config.data.seq_len=128",
+    "--config.data.batch_size=16",
+    "--config.train.micro_batches=2",
+    "--config.train.loss_chunk_size=512",
+    "--config.model.remat=full",
+]
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +298,8 @@ def test_plan_reports_the_estimate_as_an_estimate(gqa_plan, gqa_cfg, unrolled):
     assert one == step_time.compiled_seconds(unrolled[0]) and two == step_time.compiled_seconds(unrolled[1])
     assert e.layers_seconds == pytest.approx(one + 3 * (two - one))
     assert e.attention_core_seconds == pytest.approx(
-        step_time.attention_core_flops(gqa_cfg, plan_lib.model_config(gqa_cfg)) / (4 * 197e12))
+        step_time.attention_core_flops(gqa_cfg, plan_lib.model_config(gqa_cfg)) / (4 * 197e12)
+    )
     assert e.seconds == pytest.approx(e.layers_seconds + e.attention_core_seconds)
     assert e.mfu == pytest.approx(p.model_flops_per_step / (e.seconds * 4 * 197e12))
     assert 0 < e.mfu < 1
@@ -298,13 +328,18 @@ def test_a_compiler_crash_is_a_reason_not_a_number(tiny_plan, tiny_cfg, compiler
     monkeypatch.setattr(plan_compile, "compile_in_child", crashed)
     p = plan_lib.plan(tiny_cfg, TOPOLOGY, search=False, step_time=True, compiler=compiler)  # tiny_plan's
     assert p.fits and p.step_time is None
-    assert "n/a (1-layer unrolled compile failed: the compiling process died (killed by SIGSEGV))" in plan_lib.report(p)
+    assert (
+        "n/a (1-layer unrolled compile failed: the compiling process died (killed by SIGSEGV))"
+        in plan_lib.report(p)
+    )
     assert json.loads(plan_lib.to_json(p))["step_time_estimate"] is None
 
 
 def test_uncosted_calls_are_read_from_the_entry_computation():
-    hlo = ('%fused (p: f32[8]) -> f32[8] {\n  %c = custom-call(), custom_call_target="ConcatBitcast"\n}\n\n'
-           'ENTRY %main (a: f32[8]) -> f32[8] {\n  %x = custom-call(), custom_call_target="ConcatBitcast"\n'
-           '  %y = custom-call(), custom_call_target="ConcatBitcast"\n  %z = custom-call(), '
-           'custom_call_target="AsyncCollectiveDone"\n}\n')
+    hlo = (
+        '%fused (p: f32[8]) -> f32[8] {\n  %c = custom-call(), custom_call_target="ConcatBitcast"\n}\n\n'
+        'ENTRY %main (a: f32[8]) -> f32[8] {\n  %x = custom-call(), custom_call_target="ConcatBitcast"\n'
+        '  %y = custom-call(), custom_call_target="ConcatBitcast"\n  %z = custom-call(), '
+        'custom_call_target="AsyncCollectiveDone"\n}\n'
+    )
     assert plan_compile.entry_calls(hlo, plan_compile.UNCOSTED_CALLS) == 2

@@ -14,9 +14,14 @@ COVENANT = ModelConfig.from_json_file("configs/models/covenant-72b/config.json")
 
 
 def test_all_recipes_are_listed():
-    assert {"configs/covenant72b_sft.py", "configs/covenant72b_yarn32k.py",
-            "configs/smollm2_sft_cpu.py", "configs/smollm2_yarn32k_cpu.py", "configs/smollm2_dpo_cpu.py",
-            "configs/covenant72b_dpo.py"} <= set(RECIPES)
+    assert {
+        "configs/covenant72b_sft.py",
+        "configs/covenant72b_yarn32k.py",
+        "configs/smollm2_sft_cpu.py",
+        "configs/smollm2_yarn32k_cpu.py",
+        "configs/smollm2_dpo_cpu.py",
+        "configs/covenant72b_dpo.py",
+    } <= set(RECIPES)
 
 
 @pytest.mark.parametrize("path", RECIPES)
@@ -25,9 +30,16 @@ def test_recipe_loads_with_overrides(path):
     assert cfg.train.steps == 7 and cfg.model.path and cfg.data.sources
 
 
-@pytest.mark.parametrize("path", ["configs/covenant72b_sft.py", "configs/covenant72b_sft.py:8k",
-                                  "configs/covenant72b_yarn32k.py", "configs/covenant72b_dpo.py",
-                                  "configs/covenant72b_dpo.py:precompute"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "configs/covenant72b_sft.py",
+        "configs/covenant72b_sft.py:8k",
+        "configs/covenant72b_yarn32k.py",
+        "configs/covenant72b_dpo.py",
+        "configs/covenant72b_dpo.py:precompute",
+    ],
+)
 def test_covenant_recipes_validate(path):
     cfg = load_recipe(path, [])
     model_cfg = recipe.rope_override(COVENANT, cfg.model)
@@ -41,8 +53,12 @@ def test_covenant_recipes_validate(path):
     if "yarn" in path:
         assert model_cfg.max_position_embeddings == 32768
         hf = model_cfg.to_hf_dict()
-        assert hf["rope_scaling"] == {"rope_type": "yarn", "type": "yarn", "factor": 16.0,
-                                      "original_max_position_embeddings": 2048}
+        assert hf["rope_scaling"] == {
+            "rope_type": "yarn",
+            "type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 2048,
+        }
 
 
 @pytest.mark.parametrize("path", ["configs/covenant72b_lora_sft.py", "configs/covenant72b_lora_sft.py:8k"])

@@ -67,8 +67,19 @@ def test_conversion_both_ways_through_gcs_is_bit_identical(gcs, tmp_path, capsys
     monkeypatch.chdir(tmp_path)  # a relative "gs:" folder would appear here
     hf = helpers.save_hf(helpers.hf_model(), tmp_path / "hf", max_shard_size="60KB")
     assert cli.main(["convert", "hf-to-jax", str(hf), "gs://bucket/conv/jax"]) == 0
-    assert cli.main(["convert", "jax-to-hf", "gs://bucket/conv/jax", "gs://bucket/conv/hf",
-                     "--max-shard-gb", "0.00006"]) == 0
+    assert (
+        cli.main(
+            [
+                "convert",
+                "jax-to-hf",
+                "gs://bucket/conv/jax",
+                "gs://bucket/conv/hf",
+                "--max-shard-gb",
+                "0.00006",
+            ]
+        )
+        == 0
+    )
     # and back again from the HF folder on GCS (ranged reads of remote safetensors)
     assert cli.main(["convert", "hf-to-jax", "gs://bucket/conv/hf", str(tmp_path / "jax_again")]) == 0
     assert not (tmp_path / "gs:").exists()
@@ -77,14 +88,19 @@ def test_conversion_both_ways_through_gcs_is_bit_identical(gcs, tmp_path, capsys
     for key in source:
         np.testing.assert_array_equal(source[key], exported[key], err_msg=key)
     assert storage.path("gs://bucket/conv/hf/model.safetensors.index.json").exists()
-    assert storage.path("gs://bucket/conv/hf/tokenizer_config.json").exists() == (hf / "tokenizer_config.json").exists()
+    assert (
+        storage.path("gs://bucket/conv/hf/tokenizer_config.json").exists()
+        == (hf / "tokenizer_config.json").exists()
+    )
     for folder in ("gs://bucket/conv/jax", "gs://bucket/conv/hf"):
         assert not storage.path(f"{folder}/{storage.INCOMPLETE}").exists()
     a = params_checkpoint.load_params_checkpoint("gs://bucket/conv/jax", mesh=helpers.one_device_mesh())
     b = params_checkpoint.load_params_checkpoint(tmp_path / "jax_again", mesh=helpers.one_device_mesh())
     from flax import nnx
 
-    for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, nnx.Param)), nnx.to_flat_state(nnx.state(b, nnx.Param))):
+    for (path, x), (_, y) in zip(
+        nnx.to_flat_state(nnx.state(a, nnx.Param)), nnx.to_flat_state(nnx.state(b, nnx.Param))
+    ):
         np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(path))
 
 
@@ -127,8 +143,9 @@ def test_training_on_gcs_resumes_there_and_exports(gcs, tmp_path):
     run_dir = "gs://bucket/train/run"
 
     def cfg(steps):
-        c = common.tiny_recipe(tmp_path, model, data, steps=steps, checkpoint_every=2, eval_every=0,
-                               export=True)
+        c = common.tiny_recipe(
+            tmp_path, model, data, steps=steps, checkpoint_every=2, eval_every=0, export=True
+        )
         c.train.run_dir = run_dir
         c.optim.schedule = "constant"  # so a run extended to more steps equals one planned for them
         return c
@@ -146,7 +163,9 @@ def test_training_on_gcs_resumes_there_and_exports(gcs, tmp_path):
     assert len(list(storage.path(f"{run_dir}/tensorboard").glob("events.out.tfevents.*"))) == 2
 
     # the export (an HF folder on GCS, loaded back from there) holds the checkpointed step 6
-    exported = nnx.to_pure_dict(nnx.state(load_model(f"{run_dir}/export", mesh=helpers.one_device_mesh()), nnx.Param))
+    exported = nnx.to_pure_dict(
+        nnx.state(load_model(f"{run_dir}/export", mesh=helpers.one_device_mesh()), nnx.Param)
+    )
     saved = checkpoint.RunCheckpointer(f"{run_dir}/checkpoints").read_state(6)["params"]
     flat_saved, flat_exported = (dict(jax.tree_util.tree_leaves_with_path(t)) for t in (saved, exported))
     assert flat_exported.keys() == flat_saved.keys() and len(flat_saved) > 5
@@ -177,7 +196,9 @@ def test_overwrite_onto_the_input_is_refused(tmp_path, capsys, direction, where)
         source = tmp_path / "data" / "jax"
     (tmp_path / "data" / "unrelated.txt").write_text("keep me")
     (tmp_path / "link").symlink_to(source)
-    out = {"same": source, "parent": source.parent, "inside": source / "out", "symlink": tmp_path / "link"}[where]
+    out = {"same": source, "parent": source.parent, "inside": source / "out", "symlink": tmp_path / "link"}[
+        where
+    ]
     before = _listing(tmp_path / "data")
     assert "the input" in _fails(capsys, ["convert", direction, source, out, "--overwrite"])
     assert _listing(tmp_path / "data") == before
@@ -185,7 +206,9 @@ def test_overwrite_onto_the_input_is_refused(tmp_path, capsys, direction, where)
 
 def test_remote_overwrite_onto_the_input_is_refused(gcs, tmp_path, capsys):
     src = _put(helpers.save_hf(helpers.hf_model(), tmp_path / "hf"), "gs://bucket/overlap/hf")
-    assert "contains the input" in _fails(capsys, ["convert", "hf-to-jax", src, "gs://bucket/overlap", "--overwrite"])
+    assert "contains the input" in _fails(
+        capsys, ["convert", "hf-to-jax", src, "gs://bucket/overlap", "--overwrite"]
+    )
     assert storage.path(f"{src}/model.safetensors").exists()
 
 
@@ -213,8 +236,12 @@ def read_only_dir(tmp_path):
     import subprocess
 
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         folder.rmdir()
         (tmp_path / "a_file").write_text("not a folder")
@@ -249,7 +276,9 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, read_o
 
     monkeypatch.setattr(eval_common, "load_eval_model", no_work)
     out = read_only_dir / "ppl.json"
-    _unwritable(capsys, ["eval", "perplexity", hf, tmp_path / "docs.jsonl", "--lengths", "16", "--out", out], out)
+    _unwritable(
+        capsys, ["eval", "perplexity", hf, tmp_path / "docs.jsonl", "--lengths", "16", "--out", out], out
+    )
 
 
 def test_unwritable_run_dir_is_refused_before_any_work(tmp_path, capsys, read_only_dir, monkeypatch):
@@ -257,9 +286,11 @@ def test_unwritable_run_dir_is_refused_before_any_work(tmp_path, capsys, read_on
 
     monkeypatch.setattr(loop, "make_mesh", lambda *a, **k: pytest.fail("work started"))
     config = tmp_path / "recipe.py"
-    config.write_text("from covenant_jax.train import recipe\n\ndef get_config():\n"
-                      f"    c = recipe.default_config()\n    c.model.path = {str(tmp_path / 'model')!r}\n"
-                      f"    c.train.run_dir = {str(read_only_dir / 'run')!r}\n    return c\n")
+    config.write_text(
+        "from covenant_jax.train import recipe\n\ndef get_config():\n"
+        f"    c = recipe.default_config()\n    c.model.path = {str(tmp_path / 'model')!r}\n"
+        f"    c.train.run_dir = {str(read_only_dir / 'run')!r}\n    return c\n"
+    )
     _unwritable(capsys, ["train", config], read_only_dir / "run")
 
 
@@ -282,12 +313,41 @@ def test_missing_bucket_is_refused(gcs, tmp_path, capsys):
 def test_eval_reads_model_and_data_from_gcs_and_writes_out_there(gcs, tmp_path, capsys):
     model = _put(common.tiny_model_dir(tmp_path), "gs://bucket/eval/model")
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": " ".join(f"w{(i * j) % 300}" for j in range(40))}) + "\n"
-                            for i in range(2)))
+    docs.write_text(
+        "".join(
+            json.dumps({"text": " ".join(f"w{(i * j) % 300}" for j in range(40))}) + "\n" for i in range(2)
+        )
+    )
     out = "gs://bucket/eval/ppl.json"
-    assert cli.main(["eval", "perplexity", model, _put_file(docs, "gs://bucket/eval/docs.jsonl"),
-                     "--lengths", "16", "--out", out]) == 0
-    assert cli.main(["eval", "perplexity", str(tmp_path / "model"), str(docs), "--lengths", "16",
-                     "--out", str(tmp_path / "ppl.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "perplexity",
+                model,
+                _put_file(docs, "gs://bucket/eval/docs.jsonl"),
+                "--lengths",
+                "16",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "eval",
+                "perplexity",
+                str(tmp_path / "model"),
+                str(docs),
+                "--lengths",
+                "16",
+                "--out",
+                str(tmp_path / "ppl.json"),
+            ]
+        )
+        == 0
+    )
     remote, local = json.loads(storage.path(out).read_text()), json.loads((tmp_path / "ppl.json").read_text())
     assert remote["rows"][0]["ppl"] == pytest.approx(local["rows"][0]["ppl"], rel=1e-6)

@@ -64,19 +64,39 @@ TIME_BIN = "/usr/bin/time"
 
 # ---- the random checkpoint --------------------------------------------------------------------
 
+
 def hf_config(args) -> dict:
     head_dim = args.head_dim or args.hidden // args.heads
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.ffn,
-        "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-        "num_key_value_heads": args.kv_heads, "head_dim": head_dim,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "tie_word_embeddings": False, "use_cache": True,
-        "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": args.dtype,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.ffn,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "torch_dtype": args.dtype,
     }
 
 
@@ -118,13 +138,16 @@ def make_checkpoint(folder: Path, args) -> int:
         write_safetensors(folder / name, group, produce(group))
     weight_map = {t: name for name, group in zip(names, groups) for t, _, _ in group}
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     (folder / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 128000, "eos_token_id": 128001}) + "\n")
+        json.dumps({"bos_token_id": 128000, "eos_token_id": 128001}) + "\n"
+    )
     return sum((folder / n).stat().st_size for n in names)
 
 
 # ---- measuring one contender ------------------------------------------------------------------
+
 
 def drop_caches() -> bool:
     """sync + drop the page cache (needs root and a writable /proc/sys); True if it worked."""
@@ -255,16 +278,24 @@ def measure(name: str, argv: list[str], out: Path, workdir: Path, env: dict) -> 
                 maxrss_kb, source = int(line.split(":")[-1]), "/usr/bin/time -v"
     out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
     result = {
-        "contender": name, "command": argv, "cmd_s": cmd_s, "flush_s": flush_s,
-        "wall_s": cmd_s + flush_s, "peak_rss_bytes": maxrss_kb * 1024, "peak_rss_source": source,
+        "contender": name,
+        "command": argv,
+        "cmd_s": cmd_s,
+        "flush_s": flush_s,
+        "wall_s": cmd_s + flush_s,
+        "peak_rss_bytes": maxrss_kb * 1024,
+        "peak_rss_source": source,
         "polled_peak_anon_bytes": poller.peak["RssAnon"] * 1024,
         "polled_peak_file_bytes": poller.peak["RssFile"] * 1024,
-        "polled_peak_rss_bytes": poller.peak["VmRSS"] * 1024, "output_bytes": out_bytes,
+        "polled_peak_rss_bytes": poller.peak["VmRSS"] * 1024,
+        "output_bytes": out_bytes,
     }
-    print(f"[bench] {name}: {result['wall_s']:.1f}s (flush {flush_s:.1f}s), "
-          f"peak RSS {result['peak_rss_bytes'] / GB:.2f} GB "
-          f"(anon {result['polled_peak_anon_bytes'] / GB:.2f}, file {result['polled_peak_file_bytes'] / GB:.2f})",
-          flush=True)
+    print(
+        f"[bench] {name}: {result['wall_s']:.1f}s (flush {flush_s:.1f}s), "
+        f"peak RSS {result['peak_rss_bytes'] / GB:.2f} GB "
+        f"(anon {result['polled_peak_anon_bytes'] / GB:.2f}, file {result['polled_peak_file_bytes'] / GB:.2f})",
+        flush=True,
+    )
     return result
 
 
@@ -272,7 +303,12 @@ def median_run(runs: list[dict]) -> dict:
     """The run with the median wall time, with the largest peak RSS of all runs."""
     ordered = sorted(runs, key=lambda r: r["wall_s"])
     result = dict(ordered[(len(ordered) - 1) // 2])
-    for key in ("peak_rss_bytes", "polled_peak_anon_bytes", "polled_peak_file_bytes", "polled_peak_rss_bytes"):
+    for key in (
+        "peak_rss_bytes",
+        "polled_peak_anon_bytes",
+        "polled_peak_file_bytes",
+        "polled_peak_rss_bytes",
+    ):
         result[key] = max(r[key] for r in runs)
     result["walls_s"] = [r["wall_s"] for r in runs]
     return result
@@ -280,25 +316,29 @@ def median_run(runs: list[dict]) -> dict:
 
 # ---- bit-identity check -----------------------------------------------------------------------
 
+
 def compare(a_dir: Path, b_dir: Path, chunk: int = 64 << 20) -> list[str]:
     """Problems found comparing two HF folders' tensors bit for bit (empty: identical)."""
     a, b = open_weights(a_dir), open_weights(b_dir)
     problems = []
     if set(a.keys()) != set(b.keys()):
-        problems.append(f"keys differ: only in input {sorted(set(a.keys()) - set(b.keys()))[:5]}, "
-                        f"only in output {sorted(set(b.keys()) - set(a.keys()))[:5]}")
+        problems.append(
+            f"keys differ: only in input {sorted(set(a.keys()) - set(b.keys()))[:5]}, "
+            f"only in output {sorted(set(b.keys()) - set(a.keys()))[:5]}"
+        )
     for key in sorted(set(a.keys()) & set(b.keys())):
         if a.shape(key) != b.shape(key) or a.dtype(key) != b.dtype(key):
             problems.append(f"{key}: {a.dtype(key)}{a.shape(key)} vs {b.dtype(key)}{b.shape(key)}")
             continue
         x = np.asarray(a.tensor(key)).reshape(-1).view(np.uint8)
         y = np.asarray(b.tensor(key)).reshape(-1).view(np.uint8)
-        if not all(np.array_equal(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.size, chunk)):
+        if not all(np.array_equal(x[i : i + chunk], y[i : i + chunk]) for i in range(0, x.size, chunk)):
             problems.append(f"{key}: bytes differ")
     return problems
 
 
 # ---- report -----------------------------------------------------------------------------------
+
 
 def table(results: list[dict], ckpt_bytes: int) -> str:
     cp_wall = next(r["wall_s"] for r in results if r["contender"] == "cp")
@@ -338,10 +378,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     ap.add_argument("--hf", type=Path, help="an existing HF folder to convert (default: generate one)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all contenders; medians reported")
-    ap.add_argument("--cold", choices=["input", "all"], default="input",
-                    help="evict the checkpoint files from the page cache, or drop it all (root)")
-    ap.add_argument("--only", default="cp,py-copy,transformers,hf-to-jax,jax-to-hf",
-                    help="comma-separated contenders to run (cp is always run: it is the baseline)")
+    ap.add_argument(
+        "--cold",
+        choices=["input", "all"],
+        default="input",
+        help="evict the checkpoint files from the page cache, or drop it all (root)",
+    )
+    ap.add_argument(
+        "--only",
+        default="cp,py-copy,transformers,hf-to-jax,jax-to-hf",
+        help="comma-separated contenders to run (cp is always run: it is the baseline)",
+    )
     args = ap.parse_args(argv)
 
     work = args.workdir.absolute()
@@ -360,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("JAX_PLATFORMS", "cpu")
     try:
         t0 = time.perf_counter()
-        ckpt_bytes = (sum(p.stat().st_size for p in hf.glob("*.safetensors")) if args.hf else
-                      make_checkpoint(hf, args))
+        ckpt_bytes = (
+            sum(p.stat().st_size for p in hf.glob("*.safetensors")) if args.hf else make_checkpoint(hf, args)
+        )
         gen_s = time.perf_counter() - t0
         print(f"[bench] checkpoint: {ckpt_bytes / GB:.2f} GB in {gen_s:.1f}s at {hf}", flush=True)
 
@@ -373,10 +421,17 @@ def main(argv: list[str] | None = None) -> int:
         contenders = [  # (name, command, output)
             ("cp", ["cp", "-r", str(hf), str(work / "cp_out")], work / "cp_out"),
             ("py-copy", [sys.executable, "-c", PY_COPY, str(hf), str(work / "py_out")], work / "py_out"),
-            ("transformers", [sys.executable, "-c", tf_script, str(hf), str(work / "tf_out")], work / "tf_out"),
+            (
+                "transformers",
+                [sys.executable, "-c", tf_script, str(hf), str(work / "tf_out")],
+                work / "tf_out",
+            ),
             ("hf-to-jax", [*cli_argv, "convert", "hf-to-jax", str(hf), str(ckpt)], ckpt),
-            ("jax-to-hf", [*cli_argv, "convert", "jax-to-hf", str(ckpt), str(work / "roundtrip")],
-             work / "roundtrip"),
+            (
+                "jax-to-hf",
+                [*cli_argv, "convert", "jax-to-hf", str(ckpt), str(work / "roundtrip")],
+                work / "roundtrip",
+            ),
         ]
         runs: dict[str, list[dict]] = {}
         dropped = []
@@ -402,15 +457,27 @@ def main(argv: list[str] | None = None) -> int:
         results = [median_run(r) for r in runs.values()]
 
         # The fixed cost inside the covenant rows: interpreter + jax/flax/orbax imports.
-        startup = measure("startup", [sys.executable, "-c", "import covenant_jax.convert.api"],
-                          work / "startup_out", work, env) if only & {"hf-to-jax", "jax-to-hf"} else None
+        startup = (
+            measure(
+                "startup",
+                [sys.executable, "-c", "import covenant_jax.convert.api"],
+                work / "startup_out",
+                work,
+                env,
+            )
+            if only & {"hf-to-jax", "jax-to-hf"}
+            else None
+        )
 
         identical = None
         if "jax-to-hf" in only:
             problems = compare(hf, work / "roundtrip")
             identical = not problems
-            print("[bench] jax-to-hf output vs input: " + ("bit-identical" if identical else
-                  "DIFFERENT:\n  " + "\n  ".join(problems[:20])), flush=True)
+            print(
+                "[bench] jax-to-hf output vs input: "
+                + ("bit-identical" if identical else "DIFFERENT:\n  " + "\n  ".join(problems[:20])),
+                flush=True,
+            )
 
         cp_wall = results[0]["wall_s"]
         for r in results:
@@ -419,30 +486,58 @@ def main(argv: list[str] | None = None) -> int:
             r["anon_fraction"] = r["polled_peak_anon_bytes"] / ckpt_bytes
             r["wall_vs_cp"] = r["wall_s"] / cp_wall
 
-        shape = f"{hf} as given" if args.hf else (
-            f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-            f"ffn {args.ffn}, vocab {args.vocab}, untied, {args.dtype}, {args.shards} shards")
-        caches = (("input evicted from the page cache before each run" if args.cold == "input" else
-                   "whole page cache dropped before each run (cold imports too)") if all(dropped) else
-                  "page cache could NOT be dropped for every run: reads may be warm")
+        shape = (
+            f"{hf} as given"
+            if args.hf
+            else (
+                f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+                f"ffn {args.ffn}, vocab {args.vocab}, untied, {args.dtype}, {args.shards} shards"
+            )
+        )
+        caches = (
+            (
+                "input evicted from the page cache before each run"
+                if args.cold == "input"
+                else "whole page cache dropped before each run (cold imports too)"
+            )
+            if all(dropped)
+            else "page cache could NOT be dropped for every run: reads may be warm"
+        )
         caches += f"; median of {args.repeat} round-robin runs" if args.repeat > 1 else "; one run each"
-        print(f"\nCheckpoint: {ckpt_bytes / GB:.2f} GB ({shape}); {caches}; "
-              f"{os.cpu_count()} CPUs, {platform.machine()}.")
+        print(
+            f"\nCheckpoint: {ckpt_bytes / GB:.2f} GB ({shape}); {caches}; "
+            f"{os.cpu_count()} CPUs, {platform.machine()}."
+        )
         print("Wall includes start-up/imports and an fsync of the outputs; GB/s = checkpoint bytes / wall.\n")
         print(table(results, ckpt_bytes))
         if startup:
-            print(f"\nStart-up alone (`python -c 'import covenant_jax.convert.api'`, warm cache): "
-                  f"{startup['wall_s']:.1f} s, peak RSS {startup['peak_rss_bytes'] / GB:.2f} GB "
-                  "(included in the covenant rows).")
+            print(
+                f"\nStart-up alone (`python -c 'import covenant_jax.convert.api'`, warm cache): "
+                f"{startup['wall_s']:.1f} s, peak RSS {startup['peak_rss_bytes'] / GB:.2f} GB "
+                "(included in the covenant rows)."
+            )
         if identical is not None:
             print(f"\njax-to-hf output bit-identical to the input: {'yes' if identical else 'NO'}")
         if args.json:
-            args.json.write_text(json.dumps({
-                "checkpoint_bytes": ckpt_bytes, "shape": shape, "generate_s": gen_s,
-                "cold": args.cold, "repeat": args.repeat, "page_cache_dropped": dropped,
-                "runs": runs, "targets": {"rss_fraction_below": RSS_TARGET, "wall_vs_cp_at_most": WALL_TARGET},
-                "roundtrip_bit_identical": identical, "results": results, "startup": startup,
-            }, indent=2) + "\n")
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "checkpoint_bytes": ckpt_bytes,
+                        "shape": shape,
+                        "generate_s": gen_s,
+                        "cold": args.cold,
+                        "repeat": args.repeat,
+                        "page_cache_dropped": dropped,
+                        "runs": runs,
+                        "targets": {"rss_fraction_below": RSS_TARGET, "wall_vs_cp_at_most": WALL_TARGET},
+                        "roundtrip_bit_identical": identical,
+                        "results": results,
+                        "startup": startup,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
         return 0 if identical in (None, True) else 1
     finally:
         if not args.keep:

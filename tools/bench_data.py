@@ -62,15 +62,26 @@ def cases(rows: int) -> list[dict]:
 
 
 def data_config(case: dict, **extra) -> dict:
-    return dict(sources=case["sources"], template="tokenizer", seq_len=case["seq_len"], batch_size=8,
-                overlength=case["overlength"], epochs=0, **extra)
+    return dict(
+        sources=case["sources"],
+        template="tokenizer",
+        seq_len=case["seq_len"],
+        batch_size=8,
+        overlength=case["overlength"],
+        epochs=0,
+        **extra,
+    )
 
 
 def baseline_pipeline():
     """BASELINE's pipeline.py as a module (it imports today's formats/sources/templates, which
     this change left alone)."""
-    text = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE}:covenant_jax/data/pipeline.py"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{BASELINE}:covenant_jax/data/pipeline.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     path = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "baseline_pipeline.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("baseline_pipeline", path)
@@ -108,8 +119,9 @@ def steady(data, batches: int, skip: int = 20) -> dict:
 def same_batches(a: list, b: list) -> bool:
     import numpy as np  # pylint: disable=g-import-not-at-top
 
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict]:
@@ -129,28 +141,47 @@ def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict
             rep = data.report.sources[0]
             s = steady(data, batches)
             reference = reference or s["first"]
-            rows.append(dict(case=case["name"], seq_len=case["seq_len"], path=name, rows=rep.rows,
-                             samples=rep.train, tokens=rep.tokens, setup_s=setup_s, cpu_s=cpu_s,
-                             rows_per_s=rep.rows / setup_s, rows_per_cpu_s=rep.rows / cpu_s,
-                             tokens_per_s=s["tokens_per_s"], fill=s["fill"],
-                             same_batches=same_batches(reference, s["first"])))
-            print(f"  {case['name']} {name}: setup {setup_s:.1f} s ({cpu_s:.1f} cpu s), "
-                  f"{rows[-1]['rows_per_s']:,.0f} rows/s, {s['tokens_per_s']:,.0f} tokens/s steady, "
-                  f"same batches: {rows[-1]['same_batches']}", flush=True)
+            rows.append(
+                dict(
+                    case=case["name"],
+                    seq_len=case["seq_len"],
+                    path=name,
+                    rows=rep.rows,
+                    samples=rep.train,
+                    tokens=rep.tokens,
+                    setup_s=setup_s,
+                    cpu_s=cpu_s,
+                    rows_per_s=rep.rows / setup_s,
+                    rows_per_cpu_s=rep.rows / cpu_s,
+                    tokens_per_s=s["tokens_per_s"],
+                    fill=s["fill"],
+                    same_batches=same_batches(reference, s["first"]),
+                )
+            )
+            print(
+                f"  {case['name']} {name}: setup {setup_s:.1f} s ({cpu_s:.1f} cpu s), "
+                f"{rows[-1]['rows_per_s']:,.0f} rows/s, {s['tokens_per_s']:,.0f} tokens/s steady, "
+                f"same batches: {rows[-1]['same_batches']}",
+                flush=True,
+            )
     return rows
 
 
 def table(results: list[dict]) -> str:
-    head = ("| case | path | rows | samples | setup s | CPU s | rows/s | rows / CPU s | vs baseline "
-            "| steady tokens/s | fill | same batches |")
+    head = (
+        "| case | path | rows | samples | setup s | CPU s | rows/s | rows / CPU s | vs baseline "
+        "| steady tokens/s | fill | same batches |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base = {r["case"]: r for r in results if r["path"] == "baseline"}
     for r in results:
         speedup = r["rows_per_s"] / base[r["case"]]["rows_per_s"]
-        lines.append(f"| {r['case']} ({r['seq_len']}) | {r['path']} | {r['rows']:,} | {r['samples']:,} "
-                     f"| {r['setup_s']:.2f} | {r['cpu_s']:.1f} | {r['rows_per_s']:,.0f} "
-                     f"| {r['rows_per_cpu_s']:,.0f} | {speedup:,.1f}x | {r['tokens_per_s']:,.0f} "
-                     f"| {r['fill']:.2f} | {r['same_batches']} |")
+        lines.append(
+            f"| {r['case']} ({r['seq_len']}) | {r['path']} | {r['rows']:,} | {r['samples']:,} "
+            f"| {r['setup_s']:.2f} | {r['cpu_s']:.1f} | {r['rows_per_s']:,.0f} "
+            f"| {r['rows_per_cpu_s']:,.0f} | {speedup:,.1f}x | {r['tokens_per_s']:,.0f} "
+            f"| {r['fill']:.2f} | {r['same_batches']} |"
+        )
     return "\n".join(lines)
 
 
@@ -166,8 +197,13 @@ def million_rows(out: Path) -> dict[str, Path]:
         return files
     out.mkdir(parents=True, exist_ok=True)
     convs = [json.loads(line)["conversations"] for line in open(SHAREGPT)]
-    exchanges = [c[:2] for c in convs if len(c) >= 2 and c[0]["from"] in ("human", "user")
-                 and ROLE_MAP.get(c[1]["from"], c[1]["from"]) in ("gpt", "assistant")]
+    exchanges = [
+        c[:2]
+        for c in convs
+        if len(c) >= 2
+        and c[0]["from"] in ("human", "user")
+        and ROLE_MAP.get(c[1]["from"], c[1]["from"]) in ("gpt", "assistant")
+    ]
     for name, pool in (("exchanges", exchanges), ("conversations", convs)):
         tmp = files[name].with_suffix(".tmp")
         with open(tmp, "w") as f:
@@ -180,10 +216,25 @@ def million_rows(out: Path) -> dict[str, Path]:
 
 
 def million_config(files: dict[str, Path], scale: float, workers: int) -> dict:
-    sources = [dict(path=str(files[n]), format="sharegpt", role_map=ROLE_MAP, weight=MILLION[n],
-                    max_rows=int(MILLION[n] * scale)) for n in MILLION]
-    return dict(sources=sources, template="tokenizer", seq_len=2048, batch_size=8, eval_count=500,
-                workers=workers, cache_dir=str(BENCH / "cache"))
+    sources = [
+        dict(
+            path=str(files[n]),
+            format="sharegpt",
+            role_map=ROLE_MAP,
+            weight=MILLION[n],
+            max_rows=int(MILLION[n] * scale),
+        )
+        for n in MILLION
+    ]
+    return dict(
+        sources=sources,
+        template="tokenizer",
+        seq_len=2048,
+        batch_size=8,
+        eval_count=500,
+        workers=workers,
+        cache_dir=str(BENCH / "cache"),
+    )
 
 
 def measure_warm(cfg: dict, batches: int) -> dict:
@@ -205,13 +256,22 @@ def measure_warm(cfg: dict, batches: int) -> dict:
         next(it)
     steady_s = time.perf_counter() - first
     # Resident memory now (VmRSS: RssAnon, the process's own, + RssFile, mapped files) and peak.
-    status = {k: v.strip() for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
-              if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
-    return dict(rows=sum(s.rows for s in data.report.sources),
-                samples=sum(s.train + s.eval for s in data.report.sources),
-                imports_s=imports - started, tokenizer_s=loaded - imports, build_s=built - loaded,
-                first_batch_s=first - built, to_first_batch_s=first - started,
-                tokens_per_s=batches * 8 * 2048 / steady_s, **status)
+    status = {
+        k: v.strip()
+        for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+        if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+    }
+    return dict(
+        rows=sum(s.rows for s in data.report.sources),
+        samples=sum(s.train + s.eval for s in data.report.sources),
+        imports_s=imports - started,
+        tokenizer_s=loaded - imports,
+        build_s=built - loaded,
+        first_batch_s=first - built,
+        to_first_batch_s=first - started,
+        tokens_per_s=batches * 8 * 2048 / steady_s,
+        **status,
+    )
 
 
 FIRST_STEP_RECIPE = """
@@ -238,11 +298,18 @@ def first_step(data_cfg: dict, timeout: float = 900) -> dict:
     run_dir = BENCH / "first_step_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     recipe = BENCH / "first_step_recipe.py"
-    recipe.write_text(FIRST_STEP_RECIPE.format(repo=str(REPO), data=json.dumps(data_cfg), run_dir=str(run_dir)))
+    recipe.write_text(
+        FIRST_STEP_RECIPE.format(repo=str(REPO), data=json.dumps(data_cfg), run_dir=str(run_dir))
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     seen, marks = b"", {}
     try:
         while "step" not in marks and time.perf_counter() - started < timeout:
@@ -274,16 +341,23 @@ def million(workers: int, batches: int) -> dict:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
         data, setup_s, cpu_s = timed_build(pipeline.build_pipeline, cfg, tokenizer)  # cold, or warm if done
         rows = sum(s.rows for s in data.report.sources)
-        out[f"{label} prepare"] = dict(rows=rows, setup_s=setup_s, cpu_s=cpu_s, rows_per_cpu_s=rows / cpu_s,
-                                       report=str(data.report))
+        out[f"{label} prepare"] = dict(
+            rows=rows, setup_s=setup_s, cpu_s=cpu_s, rows_per_cpu_s=rows / cpu_s, report=str(data.report)
+        )
         print(f"  {label}: build {setup_s:.0f} s ({cpu_s:.0f} cpu s)\n{data.report}", flush=True)
         del data
-        proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cfg), "--batches", str(batches)],
-                              capture_output=True, text=True, check=True, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--measure", json.dumps(cfg), "--batches", str(batches)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
         out[f"{label} warm"] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  {label} warm start: {out[f'{label} warm']}", flush=True)
-    out["1M train"] = first_step({k: v for k, v in million_config(files, 1.0, workers).items()
-                                  if k not in ("batch_size",)})
+    out["1M train"] = first_step(
+        {k: v for k, v in million_config(files, 1.0, workers).items() if k not in ("batch_size",)}
+    )
     print(f"  1M covenant-jax train: {out['1M train']}", flush=True)
     return out
 
@@ -293,8 +367,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=3000, help="ShareGPT rows (max_rows)")
     ap.add_argument("--batches", type=int, default=200, help="steady-state batches per case")
     ap.add_argument("--workers", type=int, default=0, help="data.workers (0: one per core)")
-    ap.add_argument("--only", choices=["sharegpt", "long_text", "none"],
-                    help="side by side on one material only (none: skip it)")
+    ap.add_argument(
+        "--only",
+        choices=["sharegpt", "long_text", "none"],
+        help="side by side on one material only (none: skip it)",
+    )
     ap.add_argument("--million", action="store_true", help="also the 1M-row mixture")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # a warm start, in a fresh process
     ap.add_argument("--json", help="also write the results here")

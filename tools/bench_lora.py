@@ -37,8 +37,10 @@ def train(recipe: str, variant: str, run_dir: Path) -> None:
     from covenant_jax.train import loop
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_recipe(f"{recipe}:{variant}" if variant else recipe,
-                      [f"--config.train.run_dir={run_dir}", "--config.train.keep_checkpoints=1"])
+    cfg = load_recipe(
+        f"{recipe}:{variant}" if variant else recipe,
+        [f"--config.train.run_dir={run_dir}", "--config.train.keep_checkpoints=1"],
+    )
     loop.train(cfg)
 
 
@@ -53,11 +55,17 @@ def read_run(name: str, run_dir: Path) -> dict:
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     step = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     state = RunCheckpointer(run_dir / "checkpoints").read_state(step)
-    return {"run": name, "trained_params": sum(x.size for x in jax.tree.leaves(state["params"])),
-            "optimizer_values": sum(x.size for x in jax.tree.leaves(state["opt_state"])),
-            "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / str(step)),
-            "export_bytes": folder_bytes(run_dir / "export"), "step_time_s": statistics.median(times),
-            "steps": step, "eval_loss_before": evals[0], "eval_loss_after": evals[-1]}
+    return {
+        "run": name,
+        "trained_params": sum(x.size for x in jax.tree.leaves(state["params"])),
+        "optimizer_values": sum(x.size for x in jax.tree.leaves(state["opt_state"])),
+        "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / str(step)),
+        "export_bytes": folder_bytes(run_dir / "export"),
+        "step_time_s": statistics.median(times),
+        "steps": step,
+        "eval_loss_before": evals[0],
+        "eval_loss_after": evals[-1],
+    }
 
 
 def step_times(model_dir: str, rows: int, seq_len: int, rounds: int) -> dict[str, tuple[float, float]]:
@@ -106,8 +114,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", default="", help="recipe variant of both, e.g. runlocal")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_lora"))
     ap.add_argument("--runs", default=",".join(RECIPES), help="which runs (default: %(default)s)")
-    ap.add_argument("--step-rounds", type=int, default=0,
-                    help="also time the bare step, full vs LoRA alternating, this many rounds (batch 4 x 256)")
+    ap.add_argument(
+        "--step-rounds",
+        type=int,
+        default=0,
+        help="also time the bare step, full vs LoRA alternating, this many rounds (batch 4 x 256)",
+    )
     ap.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of training")
     ap.add_argument("--json", type=Path, help="rows are kept here: a run not in --runs is read back")
     args = ap.parse_args(argv)
@@ -121,18 +133,24 @@ def main(argv=None) -> int:
             train(RECIPES[name], args.variant, args.out / name)
         rows.append(read_run(name, args.out / name))
     rows.sort(key=lambda r: list(RECIPES).index(r["run"]))
-    print(f"{'run':5} {'trained params':>15} {'optimizer values':>17} {'checkpoint':>11} {'export':>10} "
-          f"{'step time':>10} {'eval loss':>16}")
+    print(
+        f"{'run':5} {'trained params':>15} {'optimizer values':>17} {'checkpoint':>11} {'export':>10} "
+        f"{'step time':>10} {'eval loss':>16}"
+    )
     for r in rows:
-        print(f"{r['run']:5} {r['trained_params']:>15,} {r['optimizer_values']:>17,} "
-              f"{r['checkpoint_bytes'] / 1e6:>9.1f}MB {r['export_bytes'] / 1e6:>8.1f}MB "
-              f"{r['step_time_s']:>9.2f}s {r['eval_loss_before']:>7.4f} -> {r['eval_loss_after']:.4f}")
+        print(
+            f"{r['run']:5} {r['trained_params']:>15,} {r['optimizer_values']:>17,} "
+            f"{r['checkpoint_bytes'] / 1e6:>9.1f}MB {r['export_bytes'] / 1e6:>8.1f}MB "
+            f"{r['step_time_s']:>9.2f}s {r['eval_loss_before']:>7.4f} -> {r['eval_loss_after']:.4f}"
+        )
     if args.step_rounds:
         times = step_times(RECIPE_MODEL, 4, 256, args.step_rounds)
         for r in rows:
             r["bare_step_s"], r["step_flops"] = times[r["run"]]
-        print("bare step (median of alternating rounds; XLA's flops): "
-              + ", ".join(f"{k} {t:.2f}s ({f / 1e12:.2f} TFLOP)" for k, (t, f) in times.items()))
+        print(
+            "bare step (median of alternating rounds; XLA's flops): "
+            + ", ".join(f"{k} {t:.2f}s ({f / 1e12:.2f} TFLOP)" for k, (t, f) in times.items())
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

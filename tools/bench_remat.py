@@ -41,16 +41,30 @@ def main() -> None:
     p.add_argument("--attention", default="blockwise")
     p.add_argument("--policies", default=",".join(REMAT_POLICIES))
     a = p.parse_args()
-    cfg = ModelConfig.from_hf_dict(dict(
-        model_type="llama", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
-        num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=max(a.hidden // 256, 1),
-        max_position_embeddings=a.seq))
-    print(f"{jax.devices()[0].device_kind}: hidden {a.hidden}, {a.layers} layers, T={a.seq}, {a.attention} attention")
+    cfg = ModelConfig.from_hf_dict(
+        dict(
+            model_type="llama",
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=4 * a.hidden,
+            num_hidden_layers=a.layers,
+            num_attention_heads=a.hidden // 64,
+            num_key_value_heads=max(a.hidden // 256, 1),
+            max_position_embeddings=a.seq,
+        )
+    )
+    print(
+        f"{jax.devices()[0].device_kind}: hidden {a.hidden}, {a.layers} layers, T={a.seq}, {a.attention} attention"
+    )
     print("| remat | temp MiB | step s |\n|---|---:|---:|")
     for policy in a.policies.split(","):
         r = measure(cfg, policy, a.seq, a.steps, a.attention)
-        print(f"| {policy} | {r['temp_mib']:.1f} | {r['step_s']:.2f} |" if "error" not in r
-              else f"| {policy} | unsupported here: {r['error']} | |", flush=True)
+        print(
+            f"| {policy} | {r['temp_mib']:.1f} | {r['step_s']:.2f} |"
+            if "error" not in r
+            else f"| {policy} | unsupported here: {r['error']} | |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

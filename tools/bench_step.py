@@ -23,15 +23,21 @@ def one_device_step(model, lr: float, loss_chunk_size: int) -> tuple[Callable, A
     tx = optax.adamw(lr)
     state, _ = state_lib.create_state(params, tx, make_mesh(devices=jax.devices()[:1]))
     loss_fn = step_lib.make_loss_fn(graphdef, rest, chunk_size=loss_chunk_size)
-    return jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(lr)), donate_argnums=0), state
+    return jax.jit(
+        step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(lr)), donate_argnums=0
+    ), state
 
 
 def random_batch(vocab: int, rows: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """One micro-batch of ``rows`` unpacked rows of random tokens (every token trained)."""
     tokens = np.random.default_rng(seed).integers(0, vocab, (1, rows, seq)).astype(np.int32)
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, -1), "loss_mask": np.ones_like(tokens, np.float32),
-            "segment_ids": np.ones_like(tokens),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape)}
+    return {
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, -1),
+        "loss_mask": np.ones_like(tokens, np.float32),
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape),
+    }
 
 
 def time_steps(step: Callable, state: Any, batch: Any, steps: int, warmup: int) -> tuple[Any, Any, float]:

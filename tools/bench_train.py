@@ -19,12 +19,29 @@ import subprocess
 import sys
 import time
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
-                rms_norm_eps=1e-5)
-TINY = dict(LLAMA_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+TINY = dict(
+    LLAMA_1B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 CONTENDERS = ("covenant_jax", "hf_eager", "hf_compile")
 
@@ -45,16 +62,21 @@ def run_covenant_jax(cfg: dict, batch: int, seq: int, steps: int, remat: str) ->
     from covenant_jax.model.llama import Llama, ModelOptions
 
     gpu = jax.devices()[0].platform == "gpu"
-    opts = ModelOptions(param_dtype="bfloat16", dtype="bfloat16", remat=remat,
-                        attention="cudnn" if gpu else "blockwise")
+    opts = ModelOptions(
+        param_dtype="bfloat16", dtype="bfloat16", remat=remat, attention="cudnn" if gpu else "blockwise"
+    )
     model_cfg = ModelConfig.from_hf_dict({**cfg, "model_type": "llama"})
     model = nnx.jit(lambda: Llama(model_cfg, opts, rngs=nnx.Rngs(0)))()
     step, state = one_device_step(model, lr=1e-5, loss_chunk_size=4096)
     data = jax.device_put(random_batch(cfg["vocab_size"], rows=batch, seq=seq))
     _, metrics, seconds = time_steps(step, state, data, steps, warmup=2)
     stats = jax.devices()[0].memory_stats() or {}
-    return {"step_s": seconds, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-            "device": jax.devices()[0].device_kind, "loss": float(metrics["loss"])}
+    return {
+        "step_s": seconds,
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "device": jax.devices()[0].device_kind,
+        "loss": float(metrics["loss"]),
+    }
 
 
 def run_hf(cfg: dict, batch: int, seq: int, steps: int, compiled: bool, remat: str) -> dict:
@@ -105,26 +127,37 @@ def child(args) -> None:
         out = run_hf(cfg, batch, seq, args.steps, args.contender == "hf_compile", remat)
     tokens = batch * seq
     peak = next((v for k, v in PEAK_BF16.items() if k in out["device"]), None)
-    out.update(contender=args.contender, shape=args.shape, remat=remat, tokens_per_s=tokens / out["step_s"],
-               mfu=(flops_per_token(cfg, seq) * tokens / out["step_s"] / peak) if peak else None)
+    out.update(
+        contender=args.contender,
+        shape=args.shape,
+        remat=remat,
+        tokens_per_s=tokens / out["step_s"],
+        mfu=(flops_per_token(cfg, seq) * tokens / out["step_s"] / peak) if peak else None,
+    )
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| contender | shape | remat | step s | tokens/s | MFU | peak GiB | device |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| contender | shape | remat | step s | tokens/s | MFU | peak GiB | device |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['contender']} | {r['shape']} | | failed: {r['error'][:60]} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
-        lines.append(f"| {r['contender']} | {r['shape']} | {r['remat']} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} | {r['device']} |")
+        lines.append(
+            f"| {r['contender']} | {r['shape']} | {r['remat']} | {r['step_s']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} | {r['device']} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--shapes", default="4x2048,1x32768", help="BATCHxSEQ list")
     parser.add_argument("--steps", type=int, default=10)
@@ -143,14 +176,35 @@ def main() -> None:
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     for shape in args.shapes.split(","):
         for contender in args.contenders.split(","):
-            cmd = [sys.executable, __file__, "--child", "--contender", contender, "--shape", shape,
-                   "--steps", str(args.steps), "--remat", args.remat] + \
-                  (["--tiny"] if args.tiny else []) + (["--remat-all"] if args.remat_all else [])
+            cmd = (
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--contender",
+                    contender,
+                    "--shape",
+                    shape,
+                    "--steps",
+                    str(args.steps),
+                    "--remat",
+                    args.remat,
+                ]
+                + (["--tiny"] if args.tiny else [])
+                + (["--remat-all"] if args.remat_all else [])
+            )
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                 lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                results.append(json.loads(lines[-1][7:]) if lines else
-                               {"contender": contender, "shape": shape, "error": (proc.stderr or "no output")[-300:]})
+                results.append(
+                    json.loads(lines[-1][7:])
+                    if lines
+                    else {
+                        "contender": contender,
+                        "shape": shape,
+                        "error": (proc.stderr or "no output")[-300:],
+                    }
+                )
             except subprocess.TimeoutExpired:
                 results.append({"contender": contender, "shape": shape, "error": "timeout"})
             print(table(results[-1:]).splitlines()[-1], flush=True)

@@ -34,8 +34,10 @@ def main(seq: int = 2048, heads: int = 16, kv_heads: int = 4, head_dim: int = 12
         print(f"no device backend on {jax.default_backend()!r}: run this on a GPU or TPU host")
         return 1
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, seq, n, head_dim)), jnp.bfloat16)
-               for n in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((2, seq, n, head_dim)), jnp.bfloat16)
+        for n in (heads, kv_heads, kv_heads)
+    )
     seg = jnp.asarray(packed_segments(2, seq, rng))
     valid = (seg > 0)[:, :, None, None]
 

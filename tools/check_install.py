@@ -30,15 +30,30 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant",
-         "system"] + [f"w{i}" for i in range(119)]  # 128 tokens
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=len(WORDS),
-              hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-              rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=2, eos_token_id=3,
-              torch_dtype="float32")
+WORDS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] + [
+    f"w{i}" for i in range(119)
+]  # 128 tokens
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CONFIG = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=len(WORDS),
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=2,
+    eos_token_id=3,
+    torch_dtype="float32",
+)
 RECIPE = """
 from covenant_jax.train import recipe
 
@@ -67,7 +82,9 @@ def step(name: str):
             out = fn(*args, **kwargs)
             print(f" ok ({time.time() - started:.1f}s)", flush=True)
             return out
+
         return run
+
     return wrap
 
 
@@ -101,23 +118,30 @@ def tiny_model(root: Path) -> tuple[Path, Path]:
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (c["num_attention_heads"] * h, d),
-            p + "self_attn.k_proj.weight": (c["num_key_value_heads"] * h, d),
-            p + "self_attn.v_proj.weight": (c["num_key_value_heads"] * h, d),
-            p + "self_attn.o_proj.weight": (d, c["num_attention_heads"] * h),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-            p + "mlp.down_proj.weight": (d, f),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-        })
-    tensors = {k: (rng.standard_normal(s) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0))
-               .astype(np.float32) for k, s in shapes.items()}
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (c["num_attention_heads"] * h, d),
+                p + "self_attn.k_proj.weight": (c["num_key_value_heads"] * h, d),
+                p + "self_attn.v_proj.weight": (c["num_key_value_heads"] * h, d),
+                p + "self_attn.o_proj.weight": (d, c["num_attention_heads"] * h),
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+                p + "mlp.down_proj.weight": (d, f),
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+            }
+        )
+    tensors = {
+        k: (rng.standard_normal(s) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0)).astype(np.float32)
+        for k, s in shapes.items()
+    }
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=2))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     fast.chat_template = CHATML
     fast.save_pretrained(folder)
@@ -125,8 +149,17 @@ def tiny_model(root: Path) -> tuple[Path, Path]:
     with open(data, "w") as out:
         for i in range(48):
             words = lambda n, s: " ".join(f"w{(i * 7 + s + k) % 119}" for k in range(n))  # noqa: E731
-            out.write(json.dumps({"messages": [{"role": "user", "content": words(4, 0)},
-                                               {"role": "assistant", "content": words(6, 3)}]}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": words(4, 0)},
+                            {"role": "assistant", "content": words(6, 3)},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return folder, data
 
 
@@ -139,8 +172,10 @@ def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "covenant_jax.cli"]
     proc = subprocess.run(cmd + list(args), capture_output=True, text=True)
     if proc.returncode != expect:
-        raise CheckFailed(f"covenant-jax {' '.join(args)}: exit {proc.returncode}, expected {expect}\n"
-                          f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise CheckFailed(
+            f"covenant-jax {' '.join(args)}: exit {proc.returncode}, expected {expect}\n"
+            f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -178,8 +213,9 @@ def to_hf(ckpt: Path, hf: Path, root: Path) -> None:
 
 @step("plan on a v5e:2x2 TPU topology (libtpu's compiler, no TPU)")
 def plan(root: Path) -> None:
-    out = json.loads(cli("plan", str(root / "recipe.py"), "--topology", "v5e:2x2", "--json",
-                         "--no-search").stdout)
+    out = json.loads(
+        cli("plan", str(root / "recipe.py"), "--topology", "v5e:2x2", "--json", "--no-search").stdout
+    )
     if out.get("fits") is not True:
         raise CheckFailed(f"plan: the tiny model should fit v5e:2x2; got {out}")
 
@@ -194,18 +230,29 @@ def torch_verbs(hf: Path, root: Path) -> None:
         err = cli(*args, expect=2).stderr.strip().splitlines()
         # (A host with libtpu but no TPU adds libtpu's own start-up warnings before it.)
         ours = [line for line in err if line.startswith("covenant-jax: error:")]
-        if (len(ours) != 1 or ours[0] != err[-1] or "needs torch" not in ours[0]
-                or "pip install" not in ours[0] or any("Traceback" in line for line in err)):
-            raise CheckFailed(f"covenant-jax {' '.join(args)} without torch: expected one error line "
-                              f"naming torch and its install, no traceback; got {err}")
+        if (
+            len(ours) != 1
+            or ours[0] != err[-1]
+            or "needs torch" not in ours[0]
+            or "pip install" not in ours[0]
+            or any("Traceback" in line for line in err)
+        ):
+            raise CheckFailed(
+                f"covenant-jax {' '.join(args)} without torch: expected one error line "
+                f"naming torch and its install, no traceback; got {err}"
+            )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-torch", action="store_true",
-                        help="fail if torch is installed or imported (a TPU/GPU training install)")
-    parser.add_argument("--tpu", action="store_true",
-                        help="fail if libtpu is missing (an install with the tpu extra)")
+    parser.add_argument(
+        "--no-torch",
+        action="store_true",
+        help="fail if torch is installed or imported (a TPU/GPU training install)",
+    )
+    parser.add_argument(
+        "--tpu", action="store_true", help="fail if libtpu is missing (an install with the tpu extra)"
+    )
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
     has_torch = importlib.util.find_spec("torch") is not None

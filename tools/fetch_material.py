@@ -26,10 +26,17 @@ except ImportError:  # run as a script from elsewhere: tools/ is not on sys.path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=material.default_material_dir(),
-                    help="output folder (default: %(default)s)")
-    ap.add_argument("--what", default=",".join(material.FETCHERS),
-                    help="comma-separated subset of: " + ", ".join(material.FETCHERS) + " (default: all)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=material.default_material_dir(),
+        help="output folder (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--what",
+        default=",".join(material.FETCHERS),
+        help="comma-separated subset of: " + ", ".join(material.FETCHERS) + " (default: all)",
+    )
     args = ap.parse_args(argv)
 
     wanted = [w.strip() for w in args.what.split(",") if w.strip()]

@@ -38,10 +38,17 @@ def generated_chats(path: Path, rows: int = 400) -> Path:
     with open(path, "w") as f:
         for _ in range(rows):
             a, b = rng.randint(2, 99), rng.randint(2, 99)
-            f.write(json.dumps({"conversations": [
-                {"from": "human", "value": f"What is {a} plus {b}?"},
-                {"from": "gpt", "value": f"{a} plus {b} is {a + b}."},
-            ]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "conversations": [
+                            {"from": "human", "value": f"What is {a} plus {b}?"},
+                            {"from": "gpt", "value": f"{a} plus {b} is {a + b}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -91,7 +98,9 @@ def chat(export_dir: Path) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="runs/main_job")
     parser.add_argument("--material", default=str(material.default_material_dir()))
     parser.add_argument("--steps", type=int, default=12)
@@ -107,37 +116,64 @@ def main() -> int:
 
     ckpt = workdir / "smollm2_jax"
     print(f"[2/5] convert {model_dir} -> {ckpt}, then verify parity")
-    if cli.main(["convert", "hf-to-jax", str(model_dir), str(ckpt)]) or \
-            cli.main(["verify", str(model_dir), str(ckpt), "--seq-len", "32"]):
+    if cli.main(["convert", "hf-to-jax", str(model_dir), str(ckpt)]) or cli.main(
+        ["verify", str(model_dir), str(ckpt), "--seq-len", "32"]
+    ):
         return 1
 
     sft_dir = workdir / "sft"
     print(f"[3/5] fine-tune ({args.steps} steps) -> {sft_dir}")
     sft_started = time.time()
-    evals = [r["eval_loss"] for r in train_stage("configs/smollm2_sft_cpu.py", [
-        f"--config.model.path={ckpt}", f"--config.train.steps={args.steps}",
-        f"--config.train.eval_every={max(args.steps // 2, 1)}"], data, sft_dir)]
-    print("      eval loss: " + " -> ".join(f"{x:.4f}" for x in evals)
-          + f" ({time.time() - sft_started:.0f}s)")
+    evals = [
+        r["eval_loss"]
+        for r in train_stage(
+            "configs/smollm2_sft_cpu.py",
+            [
+                f"--config.model.path={ckpt}",
+                f"--config.train.steps={args.steps}",
+                f"--config.train.eval_every={max(args.steps // 2, 1)}",
+            ],
+            data,
+            sft_dir,
+        )
+    ]
+    print(
+        "      eval loss: " + " -> ".join(f"{x:.4f}" for x in evals) + f" ({time.time() - sft_started:.0f}s)"
+    )
 
     dpo_dir = workdir / "dpo"
     print(f"[4/5] DPO ({args.dpo_steps} steps) from the SFT export (also the reference) -> {dpo_dir}")
     dpo_started = time.time()
-    dpo_evals = train_stage("configs/smollm2_dpo_cpu.py", [
-        f"--config.model.path={sft_dir / 'export'}", f"--config.train.steps={args.dpo_steps}",
-        f"--config.train.eval_every={max(args.dpo_steps // 2, 1)}",
-        f"--config.train.checkpoint_every={args.dpo_steps}"], pairs, dpo_dir)
-    print("      eval DPO loss: " + " -> ".join(f"{r['eval_loss']:.4f}" for r in dpo_evals)
-          + "; rewards/accuracies: " + " -> ".join(f"{r['eval_rewards/accuracies']:.3f}" for r in dpo_evals)
-          + f" ({time.time() - dpo_started:.0f}s)")
+    dpo_evals = train_stage(
+        "configs/smollm2_dpo_cpu.py",
+        [
+            f"--config.model.path={sft_dir / 'export'}",
+            f"--config.train.steps={args.dpo_steps}",
+            f"--config.train.eval_every={max(args.dpo_steps // 2, 1)}",
+            f"--config.train.checkpoint_every={args.dpo_steps}",
+        ],
+        pairs,
+        dpo_dir,
+    )
+    print(
+        "      eval DPO loss: "
+        + " -> ".join(f"{r['eval_loss']:.4f}" for r in dpo_evals)
+        + "; rewards/accuracies: "
+        + " -> ".join(f"{r['eval_rewards/accuracies']:.3f}" for r in dpo_evals)
+        + f" ({time.time() - dpo_started:.0f}s)"
+    )
 
     print(f"[5/5] the exported model answers through transformers: {PROMPT!r}")
     print("      " + chat(dpo_dir / "export").replace("\n", "\n      "))
     print(f"done in {time.time() - started:.0f}s; HF export: {dpo_dir / 'export'}")
     sft_ok = len(evals) >= 2 and evals[-1] < evals[0]
-    dpo_ok = (len(dpo_evals) >= 2 and dpo_evals[-1]["eval_loss"] < min(math.log(2), dpo_evals[0]["eval_loss"])
-              and dpo_evals[-1]["eval_rewards/accuracies"] > dpo_evals[0]["eval_rewards/accuracies"])
+    dpo_ok = (
+        len(dpo_evals) >= 2
+        and dpo_evals[-1]["eval_loss"] < min(math.log(2), dpo_evals[0]["eval_loss"])
+        and dpo_evals[-1]["eval_rewards/accuracies"] > dpo_evals[0]["eval_rewards/accuracies"]
+    )
     return 0 if sft_ok and dpo_ok else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -194,7 +194,7 @@ def chat_reply(model, tokenizer, prompt: str = SMOKE_PROMPT, max_new_tokens: int
         out = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def verify_smollm2(model_dir: Path, prompt: str = SMOKE_PROMPT, reference=None) -> dict:
@@ -234,9 +234,13 @@ def verify_smollm2(model_dir: Path, prompt: str = SMOKE_PROMPT, reference=None) 
         model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     )
     if reference is not None:
-        enc = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                          add_generation_prompt=True), return_tensors="pt",
-                  add_special_tokens=False)
+        enc = tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            ),
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
         with torch.no_grad():
             a = model(**enc).logits
             b = reference(**enc).logits
@@ -276,8 +280,14 @@ def fetch_smollm2(out_dir: Path | str | None = None, *, verify: bool = True) -> 
     cfg_dict = src.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     # ("_model_name_or_path" is the GGUF's general.name, e.g. "Smollm2 135M 8k Lc100K Mix1 Ep2".)
-    for k in ("_name_or_path", "_model_name_or_path", "transformers_version", "architectures", "dtype",
-              "torch_dtype"):
+    for k in (
+        "_name_or_path",
+        "_model_name_or_path",
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+    ):
         cfg_dict.pop(k, None)
     sd = src.state_dict()
     tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
@@ -309,8 +319,10 @@ def fetch_smollm2(out_dir: Path | str | None = None, *, verify: bool = True) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log(f"smollm2: wrote {final} ({human_size(_dir_size(final))}): "
-         + ", ".join(sorted(p.name for p in final.iterdir())))
+    _log(
+        f"smollm2: wrote {final} ({human_size(_dir_size(final))}): "
+        + ", ".join(sorted(p.name for p in final.iterdir()))
+    )
     if info is not None:
         for k, v in info.items():
             _log(f"smollm2:   {k}: {v}")
@@ -397,9 +409,11 @@ def fetch_sharegpt(out_dir: Path | str | None = None) -> Path:
             yield json.dumps(norm, ensure_ascii=False)
 
     n = _atomic_write_lines(final, lines())
-    _log(f"sharegpt: wrote {final} ({human_size(final.stat().st_size)}): {n} conversations, "
-         f"{stats['turns']} turns ({stats['parsed']} complete rows recovered, {stats['dropped']} dropped "
-         f"as not conversations-shaped)")
+    _log(
+        f"sharegpt: wrote {final} ({human_size(final.stat().st_size)}): {n} conversations, "
+        f"{stats['turns']} turns ({stats['parsed']} complete rows recovered, {stats['dropped']} dropped "
+        f"as not conversations-shaped)"
+    )
     return final
 
 
@@ -410,7 +424,9 @@ def _mostly_ascii(text: str) -> bool:
     return sum(c.isascii() for c in text) >= 0.95 * len(text)
 
 
-def first_exchanges(conversations: Iterator[dict], max_prompt_chars: int, max_reply_chars: int) -> list[tuple]:
+def first_exchanges(
+    conversations: Iterator[dict], max_prompt_chars: int, max_reply_chars: int
+) -> list[tuple]:
     """(first user message, the assistant's reply to it) of each conversation that opens with
     a user turn answered by the assistant, both short and mostly ASCII (English, mostly)."""
     out = []
@@ -419,8 +435,12 @@ def first_exchanges(conversations: Iterator[dict], max_prompt_chars: int, max_re
         if len(turns) < 2 or turns[0]["from"] not in _USER_ROLES or turns[1]["from"] not in _ASSISTANT_ROLES:
             continue
         prompt, reply = turns[0]["value"].strip(), turns[1]["value"].strip()
-        if (10 <= len(prompt) <= max_prompt_chars and 20 <= len(reply) <= max_reply_chars
-                and _mostly_ascii(prompt) and _mostly_ascii(reply)):
+        if (
+            10 <= len(prompt) <= max_prompt_chars
+            and 20 <= len(reply) <= max_reply_chars
+            and _mostly_ascii(prompt)
+            and _mostly_ascii(reply)
+        ):
             out.append((prompt, reply))
     return out
 
@@ -433,13 +453,20 @@ def preference_pairs(exchanges: list[tuple]) -> Iterator[dict]:
     for i, (prompt, reply) in enumerate(exchanges):
         other = exchanges[(i + n // 2) % n][1]
         if other != reply:
-            yield {"prompt": [{"role": "user", "content": prompt}],
-                   "chosen": [{"role": "assistant", "content": reply}],
-                   "rejected": [{"role": "assistant", "content": other}]}
+            yield {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": reply}],
+                "rejected": [{"role": "assistant", "content": other}],
+            }
 
 
-def fetch_sharegpt_pairs(out_dir: Path | str | None = None, *, rows: int = 2000,
-                         max_prompt_chars: int = 200, max_reply_chars: int = 300) -> Path:
+def fetch_sharegpt_pairs(
+    out_dir: Path | str | None = None,
+    *,
+    rows: int = 2000,
+    max_prompt_chars: int = 200,
+    max_reply_chars: int = 300,
+) -> Path:
     """Preference pairs from the first ``rows`` short English ShareGPT exchanges, in file order
     (:func:`first_exchanges`, :func:`preference_pairs`); return the JSONL path."""
     out_dir = Path(out_dir) if out_dir is not None else default_material_dir()
@@ -461,7 +488,9 @@ def fetch_sharegpt_pairs(out_dir: Path | str | None = None, *, rows: int = 2000,
 
 def gensim_test_files(workdir: Path) -> dict[str, Path]:
     """Download the gensim wheel (no install) into ``workdir`` and extract the two test files."""
-    proc = _pip("download", "--no-deps", "--only-binary=:all:", f"gensim=={GENSIM_VERSION}", "-d", str(workdir))
+    proc = _pip(
+        "download", "--no-deps", "--only-binary=:all:", f"gensim=={GENSIM_VERSION}", "-d", str(workdir)
+    )
     wheels = sorted(workdir.glob("gensim-*.whl"))
     if proc.returncode != 0 or not wheels:
         raise MaterialUnavailable(f"pip download gensim=={GENSIM_VERSION} failed: {_pip_failure(proc)}")
@@ -554,9 +583,11 @@ def fetch_long_text(out_dir: Path | str | None = None) -> Path:
     n = _atomic_write_lines(final, (json.dumps({"text": t}, ensure_ascii=False) for t in texts))
     longest = max(range(len(texts)), key=lambda i: len(texts[i]))
     longest_title = wiki[longest - len(lee)]["title"] if longest >= len(lee) else "(Lee paragraph)"
-    _log(f"long_text: wrote {final} ({human_size(final.stat().st_size)}): {n} documents "
-         f"({len(lee)} Lee paragraphs, {len(wiki)} Wikipedia articles); longest "
-         f"{len(texts[longest])} chars ({longest_title!r}); total {sum(map(len, texts))} chars")
+    _log(
+        f"long_text: wrote {final} ({human_size(final.stat().st_size)}): {n} documents "
+        f"({len(lee)} Lee paragraphs, {len(wiki)} Wikipedia articles); longest "
+        f"{len(texts[longest])} chars ({longest_title!r}); total {sum(map(len, texts))} chars"
+    )
     return final
 
 

@@ -18,12 +18,23 @@ from covenant_jax.convert import hf_to_jax as hf_to_jax_lib
 from covenant_jax.convert import keymap, params_checkpoint, peft_adapter
 from covenant_jax.convert.jax_to_hf import DEFAULT_MAX_SHARD_BYTES, checkpoint_reader, export_hf, live_reader
 from covenant_jax.io import atomic_output_dir, check_output_dir, copy_aux_files
-from covenant_jax.model.llama import Llama, ModelOptions, abstract_model, add_adapters, base_options, merge_adapters
+from covenant_jax.model.llama import (
+    Llama,
+    ModelOptions,
+    abstract_model,
+    add_adapters,
+    base_options,
+    merge_adapters,
+)
 from covenant_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 
-def load_model(path: str | Path, opts: ModelOptions | None = None, mesh: Mesh | None = None,
-               rules: Mapping = DEFAULT_RULES) -> Llama:
+def load_model(
+    path: str | Path,
+    opts: ModelOptions | None = None,
+    mesh: Mesh | None = None,
+    rules: Mapping = DEFAULT_RULES,
+) -> Llama:
     """A converted folder or an HF folder, placed on ``mesh``; ``opts`` None keeps stored dtypes."""
     storage.check_complete(path)
     if params_checkpoint.is_params_checkpoint(path):
@@ -31,8 +42,15 @@ def load_model(path: str | Path, opts: ModelOptions | None = None, mesh: Mesh | 
     return hf_to_jax_lib.load_hf(path, opts, mesh, rules)
 
 
-def load_lora_model(path: str | Path, opts: ModelOptions, mesh: Mesh, *, seed: int = 0,
-                    adapter: peft_adapter.Adapter | None = None, rules: Mapping = DEFAULT_RULES) -> Llama:
+def load_lora_model(
+    path: str | Path,
+    opts: ModelOptions,
+    mesh: Mesh,
+    *,
+    seed: int = 0,
+    adapter: peft_adapter.Adapter | None = None,
+    rules: Mapping = DEFAULT_RULES,
+) -> Llama:
     """The base at ``path`` (HF or converted folder, in ``opts.base_dtype``) with the adapters of
     ``opts.lora``: freshly initialised from ``seed``, or ``adapter``'s weights."""
     base = load_model(path, base_options(opts), mesh, rules)
@@ -40,8 +58,14 @@ def load_lora_model(path: str | Path, opts: ModelOptions, mesh: Mesh, *, seed: i
     return add_adapters(base, opts, mesh, seed=seed, load=load, rules=rules)
 
 
-def hf_to_jax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-              mesh: Mesh | None = None, overwrite: bool = False) -> Path:
+def hf_to_jax(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    mesh: Mesh | None = None,
+    overwrite: bool = False,
+) -> Path:
     """HF folder -> converted folder (Orbax params + config + tokenizer), streamed: memory stays
     at a few slices, whatever the model's size. Stored chunks follow ``mesh``'s shards."""
     hf_dir = storage.path(hf_dir)
@@ -58,8 +82,14 @@ def hf_to_jax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = No
     return out_dir
 
 
-def jax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+def jax_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Converted folder -> HF folder, read from disk and written a piece at a time."""
     ckpt_dir = storage.path(ckpt_dir)
     out_dir = check_output_dir(out_dir, overwrite, inputs=(ckpt_dir,))
@@ -67,19 +97,38 @@ def jax_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = 
     cfg, stored_dtype = params_checkpoint.read_meta(ckpt_dir)
     storage.check_free_space(out_dir.parent, weight_bytes(cfg, dtype or stored_dtype))
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        export_hf(checkpoint_reader(ckpt_dir / params_checkpoint.PARAMS), cfg, tmp,
-                  dtype or stored_dtype, ckpt_dir, max_shard_bytes)
+        export_hf(
+            checkpoint_reader(ckpt_dir / params_checkpoint.PARAMS),
+            cfg,
+            tmp,
+            dtype or stored_dtype,
+            ckpt_dir,
+            max_shard_bytes,
+        )
     return out_dir
 
 
-def export_model(model: Llama, out_dir: str | Path, *, dtype: str | None = None,
-                 aux_dir: str | Path | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 overwrite: bool = False) -> Path:
+def export_model(
+    model: Llama,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    aux_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """A live model -> HF folder (the trainer's final export)."""
     params = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        export_hf(live_reader(params), model.config, tmp, dtype or model.options.param_dtype,
-                  storage.path(aux_dir) if aux_dir else None, max_shard_bytes, collective=True)
+        export_hf(
+            live_reader(params),
+            model.config,
+            tmp,
+            dtype or model.options.param_dtype,
+            storage.path(aux_dir) if aux_dir else None,
+            max_shard_bytes,
+            collective=True,
+        )
     return storage.path(out_dir)
 
 
@@ -89,8 +138,15 @@ def weight_bytes(cfg: ModelConfig, dtype: str) -> int:
     return sum(math.prod(shape) for shape in keymap.expected_hf_shapes(cfg).values()) * itemsize
 
 
-def export_adapter(model: Llama, out_dir: str | Path, *, base: str, aux_dir: str | Path | None = None,
-                   source_config: dict | None = None, overwrite: bool = False) -> Path:
+def export_adapter(
+    model: Llama,
+    out_dir: str | Path,
+    *,
+    base: str,
+    aux_dir: str | Path | None = None,
+    source_config: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
     """A LoRA model's adapters -> a PEFT adapter folder (``base``: its base model's name or path)."""
     adapters = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
     with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -98,22 +154,38 @@ def export_adapter(model: Llama, out_dir: str | Path, *, base: str, aux_dir: str
     return storage.path(out_dir)
 
 
-def export_merged(model: Llama, out_dir: str | Path, *, dtype: str | None = None,
-                  aux_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+def export_merged(
+    model: Llama,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    aux_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """A LoRA model with its adapters folded into the weights -> HF folder (base dtype by default)."""
     return export_model(merge_adapters(model), out_dir, dtype=dtype, aux_dir=aux_dir, overwrite=overwrite)
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
-                  dtype: str | None = None, mesh: Mesh | None = None, overwrite: bool = False) -> Path:
+def merge_adapter(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    mesh: Mesh | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Base folder + PEFT adapter folder -> merged HF folder (``convert lora-merge``)."""
     base_dir = storage.path(base_dir)
     out_dir = check_output_dir(out_dir, overwrite, inputs=(base_dir, storage.path(adapter_dir)))
     storage.check_complete(base_dir)
     cfg, stored_dtype = folder_config(base_dir)
     adapter = peft_adapter.read_adapter(adapter_dir, cfg.num_hidden_layers)
-    opts = ModelOptions(param_dtype="float32", dtype="float32",
-                        lora=dataclasses.replace(adapter.lora, base_dtype=stored_dtype))
+    opts = ModelOptions(
+        param_dtype="float32",
+        dtype="float32",
+        lora=dataclasses.replace(adapter.lora, base_dtype=stored_dtype),
+    )
     check_adapter_shapes(adapter, cfg, opts)
     storage.check_free_space(out_dir.parent, weight_bytes(cfg, dtype or stored_dtype))
     model = load_lora_model(base_dir, opts, mesh or make_mesh(), adapter=adapter)

@@ -22,8 +22,10 @@ from covenant_jax.convert.safetensors_io import SafetensorsFile
 class _TorchFile:
     def __init__(self, path: Path):
         if storage.is_remote(path):
-            raise CheckpointError(f"{path}: PyTorch files are read from local disk only (torch.load maps "
-                                  "them into memory): convert from a local copy of the folder")
+            raise CheckpointError(
+                f"{path}: PyTorch files are read from local disk only (torch.load maps "
+                "them into memory): convert from a local copy of the folder"
+            )
         torch = require("torch", f"reading the PyTorch file {path.name}")
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -80,7 +82,9 @@ class WeightSource:
         for f in files:
             for key in f.keys():
                 if key in self._owner:
-                    raise CheckpointError(f"tensor {key!r} appears in both {self._owner[key].path} and {f.path}")
+                    raise CheckpointError(
+                        f"tensor {key!r} appears in both {self._owner[key].path} and {f.path}"
+                    )
                 self._owner[key] = f
         self.files = files
 
@@ -102,8 +106,10 @@ def open_weights(folder: str | Path) -> WeightSource:
     folder = storage.path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
-    for index_name, opener in (("model.safetensors.index.json", _open_safetensors),
-                               ("pytorch_model.bin.index.json", _TorchFile)):
+    for index_name, opener in (
+        ("model.safetensors.index.json", _open_safetensors),
+        ("pytorch_model.bin.index.json", _TorchFile),
+    ):
         index_path = folder / index_name
         if index_path.exists():
             weight_map = _weight_map(index_path)
@@ -140,19 +146,22 @@ def _weight_map(index_path: Path) -> dict[str, str]:
         relative = PurePosixPath(name)
         if not name or relative.is_absolute() or ".." in relative.parts or "://" in name:
             raise CheckpointError(
-                f"{index_path}: shard name {name!r} is not a file name inside {index_path.parent}")
+                f"{index_path}: shard name {name!r} is not a file name inside {index_path.parent}"
+            )
     return weight_map
 
 
-def _check_index_matches_shards(index_path: Path, weight_map: dict[str, str],
-                                shards: dict[str, Any]) -> None:
+def _check_index_matches_shards(index_path: Path, weight_map: dict[str, str], shards: dict[str, Any]) -> None:
     """Each shard holds exactly the tensors the index lists for it: an index and shards that
     disagree (a partial upload, shards of two revisions) are refused, not read as found."""
     for shard, file in shards.items():
         held, listed = set(file.keys()), {k for k, v in weight_map.items() if v == shard}
         if listed - held:
             raise CheckpointError(
-                f"{index_path}: lists tensor {min(listed - held)!r} in {shard}, which does not hold it")
+                f"{index_path}: lists tensor {min(listed - held)!r} in {shard}, which does not hold it"
+            )
         if held - listed:
-            raise CheckpointError(f"{index_path}: {shard} holds tensor {min(held - listed)!r}, "
-                                  "which the index does not list there")
+            raise CheckpointError(
+                f"{index_path}: {shard} holds tensor {min(held - listed)!r}, "
+                "which the index does not list there"
+            )

@@ -47,7 +47,10 @@ def open_checked(hf_dir: str | Path) -> tuple[ModelConfig, WeightSource]:
 _QUANTIZATION_TENSORS = (
     (re.compile(r".*\.(qweight|qzeros|scales|g_idx)"), "GPTQ/AWQ"),
     (re.compile(r".*\.(SCB|weight_format)"), "bitsandbytes int8"),
-    (re.compile(r".*\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)"), "bitsandbytes 4-bit"),
+    (
+        re.compile(r".*\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)"),
+        "bitsandbytes 4-bit",
+    ),
     (re.compile(r".*\.(weight_scale|weight_scale_inv|input_scale)"), "fp8"),
 )
 _WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -63,8 +66,10 @@ def check_not_quantized(source: WeightSource) -> None:
         except TypeError as e:  # a torch dtype numpy cannot hold (float8 in a .bin)
             dtype = f"not a numpy dtype (torch: {e})"
         if method or dtype not in _WEIGHT_DTYPES:
-            raise CheckpointError(f"the checkpoint is quantized: tensor {key!r} is {dtype}"
-                                  f"{f' ({method})' if method else ''}; {DEQUANTIZE_HINT}")
+            raise CheckpointError(
+                f"the checkpoint is quantized: tensor {key!r} is {dtype}"
+                f"{f' ({method})' if method else ''}; {DEQUANTIZE_HINT}"
+            )
 
 
 def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
@@ -72,17 +77,24 @@ def check_weights(source: WeightSource, cfg: ModelConfig) -> None:
     check_not_quantized(source)
     expected = keymap.expected_hf_shapes(cfg)
     present = set(source.keys())
-    problems = [f"missing tensor {k!r} (expected shape {list(s)})" for k, s in expected.items() if k not in present]
+    problems = [
+        f"missing tensor {k!r} (expected shape {list(s)})" for k, s in expected.items() if k not in present
+    ]
     problems += [
         f"unexpected tensor {k!r} {list(source.shape(k))}: not part of a {cfg.architecture} "
-        "with this config.json" for k in sorted(present - expected.keys()) if not keymap.is_ignored(cfg, k)
+        "with this config.json"
+        for k in sorted(present - expected.keys())
+        if not keymap.is_ignored(cfg, k)
     ]
     problems += [
         f"tensor {k!r} has shape {list(source.shape(k))} but config.json implies {list(s)}"
-        for k, s in expected.items() if k in present and source.shape(k) != s
+        for k, s in expected.items()
+        if k in present and source.shape(k) != s
     ]
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        shown = "\n  ".join(problems[:20]) + (
+            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        )
         raise CheckpointError(f"checkpoint does not match config.json:\n  {shown}")
 
 
@@ -104,7 +116,9 @@ def _place(source: WeightSource, m: keymap.TensorMap, sharding, dtype, num_layer
 
 
 def load_hf(
-    hf_dir: str | Path, opts: ModelOptions | None = None, mesh: Mesh | None = None,
+    hf_dir: str | Path,
+    opts: ModelOptions | None = None,
+    mesh: Mesh | None = None,
     rules: Mapping = DEFAULT_RULES,
 ) -> Llama:
     """Loads an HF folder's weights onto ``mesh``; ``opts.param_dtype`` None keeps the file's dtype."""
@@ -113,8 +127,9 @@ def load_hf(
     return load_weights(source, cfg, opts, mesh or make_mesh(), rules)
 
 
-def load_weights(source: WeightSource, cfg: ModelConfig, opts: ModelOptions, mesh: Mesh,
-                 rules: Mapping = DEFAULT_RULES) -> Llama:
+def load_weights(
+    source: WeightSource, cfg: ModelConfig, opts: ModelOptions, mesh: Mesh, rules: Mapping = DEFAULT_RULES
+) -> Llama:
     graphdef, state = nnx.split(abstract_model(cfg, opts))
     shardings = state_shardings(state, mesh, rules)
     flat_state, flat_shardings = nnx.to_flat_state(state), dict(nnx.to_flat_state(shardings))
@@ -132,11 +147,13 @@ def _shards_along(sharding, axis: int) -> int:
     return math.prod(sharding.mesh.shape[n] for n in spec_axes(entry))
 
 
-def _streamed(source: WeightSource, m: keymap.TensorMap, dtype: np.dtype, num_layers: int,
-              sharding) -> param_store.StreamedParam:
+def _streamed(
+    source: WeightSource, m: keymap.TensorMap, dtype: np.dtype, num_layers: int, sharding
+) -> param_store.StreamedParam:
     layer_axis = 1 if m.stacked else 0
-    pieces = param_store.row_ranges(m.shape, dtype.itemsize, m.split_axis,
-                                    shards=_shards_along(sharding, m.split_axis + layer_axis))
+    pieces = param_store.row_ranges(
+        m.shape, dtype.itemsize, m.split_axis, shards=_shards_along(sharding, m.split_axis + layer_axis)
+    )
 
     def read(index: param_store.Index) -> np.ndarray:  # whole HF rows: one pread, a fresh buffer
         if m.stacked:
@@ -148,17 +165,26 @@ def _streamed(source: WeightSource, m: keymap.TensorMap, dtype: np.dtype, num_la
         units = tuple((slice(layer, layer + 1),) + p for layer in range(num_layers) for p in pieces)
     else:
         shape, units = m.shape, tuple(pieces)
-    return param_store.StreamedParam(shape, dtype, units, read, source.dtype(m.hf_name(0 if m.stacked else None)),
-                                     m.storage_order)
+    return param_store.StreamedParam(
+        shape, dtype, units, read, source.dtype(m.hf_name(0 if m.stacked else None)), m.storage_order
+    )
 
 
-def stream_hf(source: WeightSource, cfg: ModelConfig, dtype: str, mesh: Mesh, params_dir: Path,
-              rules: Mapping = DEFAULT_RULES) -> None:
+def stream_hf(
+    source: WeightSource,
+    cfg: ModelConfig,
+    dtype: str,
+    mesh: Mesh,
+    params_dir: Path,
+    rules: Mapping = DEFAULT_RULES,
+) -> None:
     """Writes ``source``'s weights (see :func:`check_weights`) as the Orbax checkpoint ``params_dir``
     (a folder inside ``io.atomic_output_dir``, which fsyncs it: see ``param_store.save_streamed``)."""
     _, state = nnx.split(abstract_model(cfg, ModelOptions(param_dtype=dtype, dtype=dtype)))
     shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
     np_dtype = np.dtype(jnp.dtype(dtype))
-    flat = {m.path: _streamed(source, m, np_dtype, cfg.num_hidden_layers, shardings[m.path])
-            for m in keymap.tensor_maps(cfg)}
+    flat = {
+        m.path: _streamed(source, m, np_dtype, cfg.num_hidden_layers, shardings[m.path])
+        for m in keymap.tensor_maps(cfg)
+    }
     param_store.save_streamed(params_dir, traverse_util.unflatten_dict(flat))

@@ -93,8 +93,10 @@ def _shard_tensors(read: ReadSlice, shard: list) -> Iterator[Iterator[np.ndarray
     .. ``n - READ_AHEAD`` are in flight and read ``n - READ_AHEAD - 1``, the buffer's last user,
     has been written (the writer takes each piece before asking for the next).
     """
-    pieces = [[(m, layer, dt, index) for index in param_store.row_ranges(m.shape, dt.itemsize, m.split_axis)]
-              for _, layer, m, dt in shard]
+    pieces = [
+        [(m, layer, dt, index) for index in param_store.row_ranges(m.shape, dt.itemsize, m.split_axis)]
+        for _, layer, m, dt in shard
+    ]
     scratch = itertools.cycle([Scratch() for _ in range(READ_AHEAD + 1)])
 
     def fetched() -> Iterator[np.ndarray]:
@@ -118,8 +120,13 @@ def _to_hf(m: keymap.TensorMap, layer: int | None, dtype: np.dtype, fetch) -> np
 
 
 def export_hf(
-    read: ReadSlice, cfg: ModelConfig, out_dir: Path, dtype: str, aux_dir: Path | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, collective: bool = False,
+    read: ReadSlice,
+    cfg: ModelConfig,
+    out_dir: Path,
+    dtype: str,
+    aux_dir: Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    collective: bool = False,
 ) -> list[str]:
     """Writes the HF folder into ``out_dir`` (an existing, empty folder); returns the weight files.
 
@@ -132,8 +139,11 @@ def export_hf(
         for layer in (range(cfg.num_hidden_layers) if m.stacked else [None])
     ]
     shards = _plan_shards(entries, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     lead = jax.process_index() == 0
     for name, shard in zip(names, shards):
         tensors = _shard_tensors(read, shard)
@@ -152,8 +162,10 @@ def _write_side_files(cfg, out_dir: Path, out_dtype: np.dtype, names, shards, au
     if len(names) > 1:
         total = sum(int(np.prod(m.hf_shape)) * dt.itemsize for s in shards for _, _, m, dt in s)
         weight_map = {key: name for name, s in zip(names, shards) for key, _, _, _ in s}
-        write_json(out_dir / "model.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            out_dir / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
     hf = cfg.to_hf_dict()
     hf["dtype" if "dtype" in hf else "torch_dtype"] = out_dtype.name
     write_json(out_dir / "config.json", hf)
@@ -163,8 +175,6 @@ def _write_side_files(cfg, out_dir: Path, out_dtype: np.dtype, names, shards, au
     if not (out_dir / "generation_config.json").exists():
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
         write_json(out_dir / "generation_config.json", gen)
-
-
 
 
 def _fit_tokenizer_to_context(path: Path, max_positions: int) -> None:

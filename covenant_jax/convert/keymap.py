@@ -107,14 +107,21 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
 
     maps = [TensorMap("model.embed_tokens.weight", ("embed",), (v, d), (v, d))]
     for name, heads in (("q", n), ("k", k), ("v", k)):
-        maps.append(per_layer(f"self_attn.{name}_proj.weight", ("attn", name), (heads * h, d), (d, heads, h), True))
+        maps.append(
+            per_layer(f"self_attn.{name}_proj.weight", ("attn", name), (heads * h, d), (d, heads, h), True)
+        )
         if cfg.attention_bias:
-            maps.append(per_layer(f"self_attn.{name}_proj.bias", ("attn", f"{name}_bias"), (heads * h,), (heads, h)))
+            maps.append(
+                per_layer(f"self_attn.{name}_proj.bias", ("attn", f"{name}_bias"), (heads * h,), (heads, h))
+            )
     maps.append(per_layer("self_attn.o_proj.weight", ("attn", "o"), (d, n * h), (n, h, d), True))
     if cfg.attention_bias:
         maps.append(per_layer("self_attn.o_proj.bias", ("attn", "o_bias"), (d,), (d,)))
-    for name, (hf_shape, shape) in {"gate": ((f, d), (d, f)), "up": ((f, d), (d, f)),
-                                     "down": ((d, f), (f, d))}.items():
+    for name, (hf_shape, shape) in {
+        "gate": ((f, d), (d, f)),
+        "up": ((f, d), (d, f)),
+        "down": ((d, f), (f, d)),
+    }.items():
         maps.append(per_layer(f"mlp.{name}_proj.weight", ("mlp", name), hf_shape, shape, True))
         if cfg.mlp_bias:
             bias = (d,) if name == "down" else (f,)

@@ -151,12 +151,17 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
     def __init__(self):
         super().__init__(enable_write_sharding_file=False)
 
-    async def _open(self, value: StreamedParam, info, process: int, context: ts.Context,
-                    manifests: dict[str, dict]):
+    async def _open(
+        self, value: StreamedParam, info, process: int, context: ts.Context, manifests: dict[str, dict]
+    ):
         await info.await_path_creation()
         spec = ts_utils.build_array_write_spec(
-            info=info, arg=ocp.SaveArgs(dtype=value.dtype), global_shape=value.shape,
-            local_shape=value.chunk_shape, dtype=value.read_dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+            info=info,
+            arg=ocp.SaveArgs(dtype=value.dtype),
+            global_shape=value.shape,
+            local_shape=value.chunk_shape,
+            dtype=value.read_dtype,
+            use_ocdbt=info.is_ocdbt_checkpoint,
             process_index=ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
         ).json
         if value.storage_order is not None and list(value.storage_order) != sorted(value.storage_order):
@@ -172,15 +177,22 @@ class StreamedParamHandler(ocp.type_handlers.ArrayHandler):
         process, processes = jax.process_index(), jax.process_count()
         # Files are not fsynced one by one (see save_streamed), so the kernel writes them back in
         # large, deep batches, as it does for cp, instead of one small file at a time.
-        context = ts.Context(ts.Context.Spec({"file_io_sync": False}), parent=infos[0].ts_context) if infos else None
+        context = (
+            ts.Context(ts.Context.Spec({"file_io_sync": False}), parent=infos[0].ts_context)
+            if infos
+            else None
+        )
         manifests: dict[str, dict] = {}
-        stores = [await self._open(value, info, process, context, manifests) for value, info in zip(values, infos)]
+        stores = [
+            await self._open(value, info, process, context, manifests) for value, info in zip(values, infos)
+        ]
         units = [(store, value, index) for store, value in zip(stores, values) for index in value.units]
         mine = units[process::processes]
         loop = asyncio.get_running_loop()
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unit-read") as reader:
-            reads = collections.deque(loop.run_in_executor(reader, value.read, index)
-                                      for _, value, index in mine[:self.READ_AHEAD])
+            reads = collections.deque(
+                loop.run_in_executor(reader, value.read, index) for _, value, index in mine[: self.READ_AHEAD]
+            )
             writes: collections.deque = collections.deque()
             for k, (store, _, index) in enumerate(mine):
                 data = await reads.popleft()  # never written to again: TensorStore keeps it, no copy
@@ -202,9 +214,11 @@ def save_streamed(directory: Path, tree: dict) -> None:
     are written without an fsync each: write ``directory`` inside ``io.atomic_output_dir``, which
     fsyncs the whole folder once before publishing it."""
     registry = ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, ocp.type_handlers.ArrayHandler()), (StreamedParam, StreamedParamHandler()))
-    handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False,
-                                          type_handler_registry=registry)
+        (jax.Array, ocp.type_handlers.ArrayHandler()), (StreamedParam, StreamedParamHandler())
+    )
+    handler = ocp.PyTreeCheckpointHandler(
+        use_zarr3=True, use_compression=False, type_handler_registry=registry
+    )
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
 
@@ -219,8 +233,9 @@ class ParamReader:
 
     def __init__(self, params_dir: Path, name: str, memory_order: Sequence[int] | None = None):
         layout = json.loads((params_dir / "_METADATA").read_text())
-        spec = ts_utils.ArrayReadSpec(str(storage.path(params_dir)), name, use_zarr3=layout["use_zarr3"],
-                                      use_ocdbt=layout["use_ocdbt"])
+        spec = ts_utils.ArrayReadSpec(
+            str(storage.path(params_dir)), name, use_zarr3=layout["use_zarr3"], use_ocdbt=layout["use_ocdbt"]
+        )
         context = ts_utils.get_ts_context(use_ocdbt=layout["use_ocdbt"]).spec.to_json()
         context = ts.Context(ts.Context.Spec({**context, "file_io_mode": {"mode": "memmap"}}))
         self._store = ts.open(spec.json, open=True, read=True, context=context).result()
@@ -229,7 +244,9 @@ class ParamReader:
         self.chunk_shape = tuple(self._store.chunk_layout.write_chunk.shape)
         self._order = list(memory_order) if memory_order is not None else list(range(len(self.shape)))
 
-    def read(self, index: Index, buffer: Callable[[int], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
+    def read(
+        self, index: Index, buffer: Callable[[int], np.ndarray] | None = None
+    ) -> Callable[[], np.ndarray]:
         """Starts reading ``index``; the returned call waits for it. ``buffer(nbytes)``: a flat
         uint8 array of at least ``nbytes`` to read into, the result being a view of it (reused
         buffers skip the page faults and zeroing of fresh memory, a large part of the cost on a

@@ -49,7 +49,8 @@ def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
     if not is_params_checkpoint(ckpt_dir):
         raise CheckpointError(
             f"{ckpt_dir}: not a converted checkpoint (it needs {PARAMS}/ and {META}, as "
-            "`covenant-jax convert hf-to-jax` writes them); an HF folder is read directly")
+            "`covenant-jax convert hf-to-jax` writes them); an HF folder is read directly"
+        )
     cfg = ModelConfig.from_json_file(ckpt_dir / "config.json")
     return cfg, json.loads((ckpt_dir / META).read_text())["param_dtype"]
 
@@ -65,21 +66,26 @@ def _abstract_params(cfg: ModelConfig, opts: ModelOptions, mesh: Mesh, rules: Ma
     shardings = state_shardings(params, mesh, rules)
     abstract = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
-        params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable),
+        params,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
     return graphdef, params, rest, abstract
 
 
 def load_params_checkpoint(
-    ckpt_dir: str | Path, opts: ModelOptions | None = None, mesh: Mesh | None = None,
+    ckpt_dir: str | Path,
+    opts: ModelOptions | None = None,
+    mesh: Mesh | None = None,
     rules: Mapping = DEFAULT_RULES,
 ) -> Llama:
     """Restores a converted folder onto ``mesh`` (stored dtype unless ``opts`` says otherwise)."""
     cfg, stored_dtype = read_meta(ckpt_dir)
     opts = opts or ModelOptions(param_dtype=stored_dtype, dtype=stored_dtype)
     graphdef, params, rest, abstract = _abstract_params(cfg, opts, mesh or make_mesh(), rules)
-    stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype, sharding=a.sharding),
-                          nnx.to_pure_dict(abstract))
+    stored = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, stored_dtype, sharding=a.sharding), nnx.to_pure_dict(abstract)
+    )
     restored = _restore(ckpt_dir, stored)
     restored = jax.tree.map(lambda x: x.astype(opts.param_dtype), restored)
     nnx.replace_by_pure_dict(params, restored)

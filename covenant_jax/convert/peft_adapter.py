@@ -60,8 +60,10 @@ _UNSUPPORTED = {
 
 def peft_key(layer: int, target: str, which: str) -> str:
     """PEFT's tensor name for layer ``layer``'s adapter on ``target``; ``which`` is "A" or "B"."""
-    return (f"base_model.model.model.layers.{layer}.{lora_lib.HF_MODULES[target]}."
-            f"{lora_lib.PEFT_NAMES[target]}.lora_{which}.weight")
+    return (
+        f"base_model.model.model.layers.{layer}.{lora_lib.HF_MODULES[target]}."
+        f"{lora_lib.PEFT_NAMES[target]}.lora_{which}.weight"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,9 @@ def _check_features(folder, raw: dict) -> None:
         raise _config_error(folder, f"peft_type {raw['peft_type']!r}: only LoRA adapters are supported")
     for field, (unsupported, what) in _UNSUPPORTED.items():
         if unsupported(raw.get(field)):
-            raise _config_error(folder, f"uses {what.format(raw.get(field))}, which covenant_jax does not support")
+            raise _config_error(
+                folder, f"uses {what.format(raw.get(field))}, which covenant_jax does not support"
+            )
     for field in ("r", "lora_alpha"):
         value = raw.get(field)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -111,15 +115,20 @@ def _inventory(folder, weights: SafetensorsFile) -> dict[str, set[int]]:
         m = _KEY.fullmatch(key)
         target = _BY_PEFT_NAME.get(m.group(3)) if m else None
         if target is None or lora_lib.HF_MODULES[target] != m.group(2):
-            raise _config_error(folder, f"tensor {key!r} is not a LoRA A/B weight of q/k/v/o_proj or "
-                                        "gate/up/down_proj, the modules covenant_jax adapts")
+            raise _config_error(
+                folder,
+                f"tensor {key!r} is not a LoRA A/B weight of q/k/v/o_proj or "
+                "gate/up/down_proj, the modules covenant_jax adapts",
+            )
         found.setdefault((target, m.group(4)), set()).add(int(m.group(1)))
     layers = {}
     for target in lora_lib.TARGETS:
         a, b = found.get((target, "A"), set()), found.get((target, "B"), set())
         if a != b:
-            raise _config_error(folder, f"{lora_lib.PEFT_NAMES[target]} has lora_A for layers {sorted(a)} "
-                                        f"but lora_B for {sorted(b)}")
+            raise _config_error(
+                folder,
+                f"{lora_lib.PEFT_NAMES[target]} has lora_A for layers {sorted(a)} but lora_B for {sorted(b)}",
+            )
         if a:
             layers[target] = a
     return layers
@@ -132,7 +141,11 @@ def read_adapter(folder: str | Path, num_layers: int, dropout: float = 0.0) -> A
     raw = _read_config(folder)
     _check_features(folder, raw)
     if not (folder / WEIGHTS).is_file():
-        extra = " (adapter_model.bin: save it with safe_serialization=True)" if (folder / "adapter_model.bin").exists() else ""
+        extra = (
+            " (adapter_model.bin: save it with safe_serialization=True)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise _config_error(folder, f"no {WEIGHTS}{extra}")
     weights = SafetensorsFile(folder / WEIGHTS)
     layers = _inventory(folder, weights)
@@ -142,26 +155,41 @@ def read_adapter(folder: str | Path, num_layers: int, dropout: float = 0.0) -> A
         if present != set(range(num_layers)):
             extra = sorted(present - set(range(num_layers)))
             missing = sorted(set(range(num_layers)) - present)
-            why = (f"layers {extra} do not exist in the model ({num_layers} layers): trained on another base"
-                   if extra else f"adapts only some layers (missing {missing[:8]}); covenant_jax adapts every layer")
+            why = (
+                f"layers {extra} do not exist in the model ({num_layers} layers): trained on another base"
+                if extra
+                else f"adapts only some layers (missing {missing[:8]}); covenant_jax adapts every layer"
+            )
             raise _config_error(folder, f"{lora_lib.PEFT_NAMES[target]}: {why}")
     rank = weights.shape(peft_key(0, next(iter(layers)), "A"))[0]
     if rank != raw["r"]:
         raise _config_error(folder, f"{CONFIG} says r={raw['r']} but the weights have rank {rank}")
-    lora = lora_lib.LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=dropout,
-                               targets=tuple(layers), rslora=bool(raw.get("use_rslora", False)))
+    lora = lora_lib.LoraConfig(
+        rank=int(raw["r"]),
+        alpha=float(raw["lora_alpha"]),
+        dropout=dropout,
+        targets=tuple(layers),
+        rslora=bool(raw.get("use_rslora", False)),
+    )
     return Adapter(folder, lora, raw, weights, num_layers)
 
 
 def check_matches(adapter: Adapter, recipe: lora_lib.LoraConfig) -> None:
     """The recipe's model.lora describes the adapter it continues (rank, alpha, targets, rsLoRA)."""
     ours, theirs = dataclasses.asdict(recipe), dataclasses.asdict(adapter.lora)
-    for field, peft_field in (("rank", "r"), ("alpha", "lora_alpha"), ("targets", "target_modules"),
-                              ("rslora", "use_rslora")):
+    for field, peft_field in (
+        ("rank", "r"),
+        ("alpha", "lora_alpha"),
+        ("targets", "target_modules"),
+        ("rslora", "use_rslora"),
+    ):
         if ours[field] != theirs[field]:
-            raise _config_error(adapter.folder, f"it has {peft_field}={theirs[field]!r} but the recipe's "
-                                                f"model.lora.{field} is {ours[field]!r}; set "
-                                                f"--config.model.lora.{field} to match")
+            raise _config_error(
+                adapter.folder,
+                f"it has {peft_field}={theirs[field]!r} but the recipe's "
+                f"model.lora.{field} is {ours[field]!r}; set "
+                f"--config.model.lora.{field} to match",
+            )
 
 
 def _peft_tensors(path: tuple[str, ...]) -> tuple[str, str]:
@@ -180,9 +208,12 @@ def check_shapes(adapter: Adapter, abstract: dict) -> None:
         for layer in range(adapter.num_layers):
             got = adapter.weights.shape(peft_key(layer, target, which))
             if got != expected:
-                raise _config_error(adapter.folder, f"tensor {peft_key(layer, target, which)!r} has shape "
-                                                    f"{list(got)} but this model's needs {list(expected)}: "
-                                                    "the adapter was trained on another base model")
+                raise _config_error(
+                    adapter.folder,
+                    f"tensor {peft_key(layer, target, which)!r} has shape "
+                    f"{list(got)} but this model's needs {list(expected)}: "
+                    "the adapter was trained on another base model",
+                )
 
 
 def load_weights(adapter: Adapter, abstract: dict) -> dict:
@@ -195,8 +226,12 @@ def load_weights(adapter: Adapter, abstract: dict) -> dict:
 
 def _place(adapter: Adapter, path: tuple[str, ...], spec: jax.ShapeDtypeStruct) -> jax.Array:
     target, which = _peft_tensors(path)
-    stacked = np.stack([np.asarray(adapter.weights.tensor(peft_key(layer, target, which))).T
-                        for layer in range(adapter.num_layers)]).astype(spec.dtype)
+    stacked = np.stack(
+        [
+            np.asarray(adapter.weights.tensor(peft_key(layer, target, which))).T
+            for layer in range(adapter.num_layers)
+        ]
+    ).astype(spec.dtype)
     return jax.make_array_from_callback(spec.shape, spec.sharding, lambda index: stacked[index])
 
 
@@ -206,14 +241,25 @@ def adapter_config(lora: lora_lib.LoraConfig, base: str, source: dict | None = N
     alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
     source = dict(source or {})
     ours = {
-        "peft_type": "LORA", "task_type": source.get("task_type") or "CAUSAL_LM",
+        "peft_type": "LORA",
+        "task_type": source.get("task_type") or "CAUSAL_LM",
         "base_model_name_or_path": source.get("base_model_name_or_path") or base,
-        "r": lora.rank, "lora_alpha": alpha, "lora_dropout": lora.dropout,
+        "r": lora.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": lora.dropout,
         "target_modules": sorted(lora_lib.PEFT_NAMES[t] for t in lora.targets),
-        "use_rslora": lora.rslora, "use_dora": False, "bias": "none", "lora_bias": False,
-        "modules_to_save": None, "fan_in_fan_out": False, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "init_lora_weights": source.get("init_lora_weights", True), "inference_mode": True,
+        "use_rslora": lora.rslora,
+        "use_dora": False,
+        "bias": "none",
+        "lora_bias": False,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": source.get("init_lora_weights", True),
+        "inference_mode": True,
     }
 
     def same(key, theirs, value) -> bool:
@@ -227,9 +273,15 @@ def adapter_config(lora: lora_lib.LoraConfig, base: str, source: dict | None = N
     return {**source, **{k: v for k, v in ours.items() if k not in source or not same(k, source[k], v)}}
 
 
-def save_adapter(adapters: dict, lora: lora_lib.LoraConfig, out_dir: str | Path, base: str,
-                 aux_dir: str | Path | None = None, source_config: dict | None = None,
-                 dtype: str | None = None) -> None:
+def save_adapter(
+    adapters: dict,
+    lora: lora_lib.LoraConfig,
+    out_dir: str | Path,
+    base: str,
+    aux_dir: str | Path | None = None,
+    source_config: dict | None = None,
+    dtype: str | None = None,
+) -> None:
     """Writes a PEFT adapter folder into ``out_dir`` (an existing, empty folder): every process
     takes part in the gathers, process 0 writes. Tensors are in PEFT's (sorted) key order."""
     tensors = {}
@@ -243,9 +295,11 @@ def save_adapter(adapters: dict, lora: lora_lib.LoraConfig, out_dir: str | Path,
         return
     out_dir = storage.path(out_dir)
     names = sorted(tensors)
-    write_safetensors(out_dir / WEIGHTS, [(k, tensors[k].shape, tensors[k].dtype) for k in names],
-                      (tensors[k] for k in names))
+    write_safetensors(
+        out_dir / WEIGHTS,
+        [(k, tensors[k].shape, tensors[k].dtype) for k in names],
+        (tensors[k] for k in names),
+    )
     write_json(out_dir / CONFIG, adapter_config(lora, base, source_config))
     if aux_dir is not None:
         copy_aux_files(aux_dir, out_dir)
-

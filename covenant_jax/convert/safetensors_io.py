@@ -24,12 +24,19 @@ from covenant_jax import storage
 from covenant_jax.errors import SafetensorsError
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
     # fp8 (quantized checkpoints): readable, so the checks can name them as quantized
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -42,6 +49,7 @@ ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 def parse_header(path: Path, raw: bytes) -> dict[str, Any]:
     """The JSON header, parsed as strictly as the library parses it: UTF-8, one object, no
     NaN/Infinity; a name given twice (the library keeps the last) is refused as ambiguous."""
+
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out = dict(pairs)
         if len(out) < len(pairs):
@@ -62,8 +70,7 @@ def parse_header(path: Path, raw: bytes) -> dict[str, Any]:
     return header
 
 
-def check_header(path: Path, header: dict[str, Any], data_len: int
-                 ) -> tuple[dict[str, str], dict[str, Any]]:
+def check_header(path: Path, header: dict[str, Any], data_len: int) -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata, tensor entries) once every check the library makes on load has passed, so no
     offset can point into the header, into another tensor or past the file."""
     metadata = header.pop("__metadata__", None)
@@ -71,7 +78,8 @@ def check_header(path: Path, header: dict[str, Any], data_len: int
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SafetensorsError(
-            f"{path}: __metadata__ must map strings to strings, got {json.dumps(metadata)[:80]}")
+            f"{path}: __metadata__ must map strings to strings, got {json.dumps(metadata)[:80]}"
+        )
     for name, entry in header.items():
         _check_entry(path, name, entry)
     _check_layout(path, header, data_len)
@@ -85,21 +93,26 @@ def _naturals(value: Any) -> bool:
 def _check_entry(path: Path, name: str, entry: Any) -> None:
     """One tensor's entry: a known dtype, a shape, two offsets, and as many bytes as they need."""
     if not isinstance(entry, dict) or not all(field in entry for field in ENTRY_FIELDS):
-        raise SafetensorsError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets, "
-                               f"got {json.dumps(entry)[:80]}")
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} needs dtype, shape and data_offsets, got {json.dumps(entry)[:80]}"
+        )
     dtype, shape, offsets = (entry[field] for field in ENTRY_FIELDS)
     if dtype not in DTYPES:
         raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not _naturals(shape):
         raise SafetensorsError(
-            f"{path}: tensor {name!r} has shape {shape}: expected a list of non-negative integers")
+            f"{path}: tensor {name!r} has shape {shape}: expected a list of non-negative integers"
+        )
     if not (_naturals(offsets) and len(offsets) == 2):
         raise SafetensorsError(
-            f"{path}: tensor {name!r} has data_offsets {offsets}: expected two non-negative integers")
+            f"{path}: tensor {name!r} has data_offsets {offsets}: expected two non-negative integers"
+        )
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:
-        raise SafetensorsError(f"{path}: tensor {name!r} has data_offsets {offsets}, "
-                               f"{offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {expected}")
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} has data_offsets {offsets}, "
+            f"{offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {expected}"
+        )
 
 
 def _check_layout(path: Path, entries: dict[str, Any], data_len: int) -> None:
@@ -110,14 +123,15 @@ def _check_layout(path: Path, entries: dict[str, Any], data_len: int) -> None:
         begin, stop = entry["data_offsets"]
         if begin < end:
             raise SafetensorsError(
-                f"{path}: tensor {name!r} at data_offsets [{begin}, {stop}] overlaps tensor {previous!r}")
+                f"{path}: tensor {name!r} at data_offsets [{begin}, {stop}] overlaps tensor {previous!r}"
+            )
         if begin > end:
-            raise SafetensorsError(
-                f"{path}: {begin - end} bytes before tensor {name!r} belong to no tensor")
+            raise SafetensorsError(f"{path}: {begin - end} bytes before tensor {name!r} belong to no tensor")
         end, previous = stop, name
     if end > data_len:
         raise SafetensorsError(
-            f"{path}: truncated: the tensors need {end} bytes of data, the file has {data_len}")
+            f"{path}: truncated: the tensors need {end} bytes of data, the file has {data_len}"
+        )
     if end < data_len:
         raise SafetensorsError(f"{path}: {data_len - end} bytes after the last tensor belong to no tensor")
 
@@ -184,8 +198,12 @@ class SafetensorsFile:
         """A read-only view of the memory-mapped tensor (remote: the tensor, fetched)."""
         if storage.is_remote(self.path):
             entry = self.entries[name]
-            return self._fetch(name, self.data_start + entry["data_offsets"][0], tuple(entry["shape"]),
-                               DTYPES[entry["dtype"]])
+            return self._fetch(
+                name,
+                self.data_start + entry["data_offsets"][0],
+                tuple(entry["shape"]),
+                DTYPES[entry["dtype"]],
+            )
         if self._mmap is None:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -208,8 +226,14 @@ class TensorRows:
 
     def __getitem__(self, index) -> np.ndarray:
         index = index if isinstance(index, tuple) else (index,)
-        if self.shape and index and isinstance(index[0], slice) and all(
-                isinstance(s, slice) and s.indices(d) == (0, d, 1) for s, d in zip(index[1:], self.shape[1:])):
+        if (
+            self.shape
+            and index
+            and isinstance(index[0], slice)
+            and all(
+                isinstance(s, slice) and s.indices(d) == (0, d, 1) for s, d in zip(index[1:], self.shape[1:])
+            )
+        ):
             start, stop, step = index[0].indices(self.shape[0])
             if step == 1:
                 return self.file.rows(self.name, start, max(start, stop))
@@ -225,8 +249,10 @@ class TensorRows:
 
 
 def write_safetensors(
-    path: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
-    produce: Iterator[np.ndarray | Iterable[np.ndarray]], metadata: dict[str, str] | None = None,
+    path: str | Path,
+    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+    produce: Iterator[np.ndarray | Iterable[np.ndarray]],
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Write the header for ``tensors`` (name, shape, dtype), then each tensor ``produce`` yields,
     in ``tensors`` order: an array, or an iterable of consecutive row ranges of it (pieces), so
@@ -236,8 +262,11 @@ def write_safetensors(
     offset = 0
     for name, shape, dtype in specs:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment, as the reference writer does

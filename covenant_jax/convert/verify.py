@@ -60,10 +60,12 @@ class Parity:
     def report(self) -> str:
         verdict = "OK" if self.ok else "FAIL"
         o, t = self.ours, self.transformers
-        return (f"{self.dtype}: mean |Δlogits| from transformers float64: ours {o.mean:.3e}, transformers "
-                f"{t.mean:.3e}; limit {self.limit:.3e} ({self.rule}): {verdict}  "
-                f"[max |Δlogits| ours {o.max:.3e}, transformers {t.max:.3e}; KL ours {o.kl:.2e}, "
-                f"transformers {t.kl:.2e}]")
+        return (
+            f"{self.dtype}: mean |Δlogits| from transformers float64: ours {o.mean:.3e}, transformers "
+            f"{t.mean:.3e}; limit {self.limit:.3e} ({self.rule}): {verdict}  "
+            f"[max |Δlogits| ours {o.max:.3e}, transformers {t.max:.3e}; KL ours {o.kl:.2e}, "
+            f"transformers {t.kl:.2e}]"
+        )
 
 
 def random_tokens(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
@@ -76,7 +78,8 @@ def reference_logits(hf_dir: str | Path, tokens: np.ndarray, dtype: str) -> np.n
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+        hf_dir, dtype=getattr(torch, dtype), attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         logits = model(torch.as_tensor(tokens)).logits
     del model
@@ -98,7 +101,10 @@ def distance(reference: np.ndarray, other: np.ndarray) -> Distance:
     total_abs, largest, total_kl = 0.0, 0.0, 0.0
     for b in range(reference.shape[0]):
         for s in range(0, reference.shape[1], _CHUNK):
-            p, q = reference[b, s:s + _CHUNK].astype(np.float64), other[b, s:s + _CHUNK].astype(np.float64)
+            p, q = (
+                reference[b, s : s + _CHUNK].astype(np.float64),
+                other[b, s : s + _CHUNK].astype(np.float64),
+            )
             diff = np.abs(q - p)
             total_abs, largest = total_abs + float(diff.sum()), max(largest, float(diff.max()))
             log_p = p - np.logaddexp.reduce(p, axis=-1, keepdims=True)
@@ -108,8 +114,15 @@ def distance(reference: np.ndarray, other: np.ndarray) -> Distance:
     return Distance(total_abs / reference.size, largest, total_kl / tokens)
 
 
-def compare(exact: np.ndarray, theirs: np.ndarray, ours: np.ndarray, dtype: str, *,
-            factor: float = FACTOR, tolerance: float | None = None) -> Parity:
+def compare(
+    exact: np.ndarray,
+    theirs: np.ndarray,
+    ours: np.ndarray,
+    dtype: str,
+    *,
+    factor: float = FACTOR,
+    tolerance: float | None = None,
+) -> Parity:
     """``exact``: transformers float64; ``theirs``: transformers in ``dtype``; ``ours``: ours in
     ``dtype``. ``tolerance`` replaces the relative limit with a fixed one (on the mean)."""
     transformers_distance = distance(exact, theirs)
@@ -126,15 +139,24 @@ def _check_shape(model_dir: str | Path, batch: int, seq_len: int) -> None:
     """Before anything is loaded: a shape the model can run (a huge one would try to allocate it)."""
     max_positions = ModelConfig.from_json_file(Path(model_dir) / "config.json").max_position_embeddings
     if not 1 <= seq_len <= max_positions:
-        raise RecipeError(f"--seq-len {seq_len}: must be in [1, {max_positions}] (the model's "
-                          "max_position_embeddings)")
+        raise RecipeError(
+            f"--seq-len {seq_len}: must be in [1, {max_positions}] (the model's max_position_embeddings)"
+        )
     if batch < 1:
         raise RecipeError(f"batch {batch} must be >= 1")
 
 
-def verify(hf_dir: str | Path, ckpt_dir: str | Path | None = None, *, dtype: str = "float32",
-           batch: int = 2, seq_len: int = 64, seed: int = 0, factor: float = FACTOR,
-           tolerance: float | None = None) -> Parity:
+def verify(
+    hf_dir: str | Path,
+    ckpt_dir: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    batch: int = 2,
+    seq_len: int = 64,
+    seed: int = 0,
+    factor: float = FACTOR,
+    tolerance: float | None = None,
+) -> Parity:
     """Logits of ours (from ``ckpt_dir``, or the HF folder itself) vs transformers on the HF folder."""
     require("torch", "verify (transformers' PyTorch model is the reference)")
     _check_shape(ckpt_dir or hf_dir, batch, seq_len)

@@ -74,7 +74,9 @@ def file_identity(path: str) -> dict:
     fs, fs_path = storage._fs(p)  # pylint: disable=protected-access
     info = fs.info(fs_path)
     content = [k for k in ("md5Hash", "crc32c", "ContentMD5") if info.get(k)]
-    keep = content or [k for k in ("generation", "etag", "ETag", "mtime", "updated", "LastModified") if k in info]
+    keep = content or [
+        k for k in ("generation", "etag", "ETag", "mtime", "updated", "LastModified") if k in info
+    ]
     return {"size": info.get("size"), **{k: str(info[k]) for k in keep}}
 
 

@@ -66,7 +66,10 @@ SKIP_REASONS = (
 _DEFAULT_FIELDS = {
     "messages": {"messages": "messages", "role": "role", "content": "content", "system": "system"},
     "sharegpt": {
-        "messages": "conversations", "role": "from", "content": "value", "system": "system",
+        "messages": "conversations",
+        "role": "from",
+        "content": "value",
+        "system": "system",
     },  # fmt: skip
     "instruct": {
         "system": "system",
@@ -77,8 +80,14 @@ _DEFAULT_FIELDS = {
     "prompt_completion": {"prompt": "prompt", "completion": "completion", "system": "system"},
     "completion": {"text": "text"},
     "text": {"text": "text"},
-    "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system",
-            "role": "role", "content": "content"},
+    "dpo": {
+        "prompt": "prompt",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "system": "system",
+        "role": "role",
+        "content": "content",
+    },
 }
 _OPTIONAL = {"system", "input"}  # Logical fields a row may lack.
 _DEFAULT_ROLE_MAP = {
@@ -235,9 +244,7 @@ class RowFormat:
         if prompt_format and format != "instruct":
             raise UserError(f"prompt_format is for format 'instruct', not {format!r}")
         if not chat and format in CHAT_FORMATS:
-            raise UserError(
-                f"format {format!r} needs a chat template (template 'none' is for 'instruct')"
-            )
+            raise UserError(f"format {format!r} needs a chat template (template 'none' is for 'instruct')")
         if role_order not in ROLE_ORDERS:
             raise UserError(f"role_order={role_order!r}; expected one of {ROLE_ORDERS}")
         return cls(
@@ -337,9 +344,12 @@ class RowFormat:
             answer = self._messages(row.get(f[key]), f[key], "assistant")
             wrong = [m["role"] for m in answer if m["role"] != "assistant"]
             if not answer or wrong:
-                raise InvalidRow("empty_content" if not answer else "role_order",
-                                 f"{f[key]} has no message" if not answer else
-                                 f"{f[key]} holds a {wrong[0]} message, not only assistant ones")
+                raise InvalidRow(
+                    "empty_content" if not answer else "role_order",
+                    f"{f[key]} has no message"
+                    if not answer
+                    else f"{f[key]} holds a {wrong[0]} message, not only assistant ones",
+                )
             whole = validate_messages(turns + answer, self.role_order)
             answers.append(answer)
         if answers[0] == answers[1]:
@@ -348,8 +358,9 @@ class RowFormat:
 
     def _pair_text(self, row: Mapping, field: str) -> str:
         if isinstance(row.get(field), list):
-            raise InvalidRow("template_error", f"{field}: conversational pairs need a chat template "
-                             "(template is 'none')")
+            raise InvalidRow(
+                "template_error", f"{field}: conversational pairs need a chat template (template is 'none')"
+            )
         return _text(row, field, required=True)
 
     def _messages(self, value: Any, field: str, role: str) -> list[dict[str, str]]:
@@ -372,8 +383,12 @@ class RowFormat:
                 raise InvalidRow("missing_field", f"{field}: {self.fields['role']}")
             if not isinstance(name, str) or name not in self.role_map:
                 raise InvalidRow("unknown_role", repr(name))
-            out.append({"role": self.role_map[name],
-                        "content": _as_text(m.get(self.fields["content"]), self.fields["content"])})
+            out.append(
+                {
+                    "role": self.role_map[name],
+                    "content": _as_text(m.get(self.fields["content"]), self.fields["content"]),
+                }
+            )
         return out
 
     def _instruct(self, row: Mapping) -> list[dict[str, str]] | Completion:
@@ -402,9 +417,7 @@ class RowFormat:
         return validate_messages(msgs)
 
 
-def validate_messages(
-    msgs: list[dict[str, str]], role_order: str = "alternate"
-) -> list[dict[str, str]]:
+def validate_messages(msgs: list[dict[str, str]], role_order: str = "alternate") -> list[dict[str, str]]:
     """Checks the normal form: known roles, system only first, no empty turns, an assistant,
     and (role_order "alternate") user and assistant taking turns, a user first.
 

@@ -51,16 +51,19 @@ def is_pair_data(sources: Sequence[Mapping]) -> bool:
     """Whether the sources are preference pairs; a mixture with other formats is refused."""
     kinds = {s.get("format", "messages") in formats.PAIR_FORMATS for s in sources}
     if len(kinds) > 1:
-        raise UserError("data.sources mixes preference pairs (format 'dpo') with other formats: "
-                        "train.objective='dpo' reads only pairs, 'sft' none")
+        raise UserError(
+            "data.sources mixes preference pairs (format 'dpo') with other formats: "
+            "train.objective='dpo' reads only pairs, 'sft' none"
+        )
     return kinds == {True}
 
 
 # ---- rows -> units ------------------------------------------------------------------------------
 
 
-def encode_pairs(tokenizer, template: templates.ChatTemplate | None, pairs: list[Pair],
-                 train_on_eos: str = "turn") -> list[tuple | InvalidRow]:
+def encode_pairs(
+    tokenizer, template: templates.ChatTemplate | None, pairs: list[Pair], train_on_eos: str = "turn"
+) -> list[tuple | InvalidRow]:
     """Per pair (chosen ids, chosen trained, rejected ids, rejected trained), or its InvalidRow."""
     if template is None:
         items = [Completion(p.prompt, a) for p in pairs for a in (p.chosen, p.rejected)]
@@ -71,13 +74,17 @@ def encode_pairs(tokenizer, template: templates.ChatTemplate | None, pairs: list
     rendered = []  # (pair index, text, spans) for its chosen, then its rejected sequence
     for i, pair in enumerate(pairs):
         try:
-            both = [template.trained_spans(pair.prompt + answer, rule, answer_from=len(pair.prompt))
-                    for answer in (pair.chosen, pair.rejected)]
+            both = [
+                template.trained_spans(pair.prompt + answer, rule, answer_from=len(pair.prompt))
+                for answer in (pair.chosen, pair.rejected)
+            ]
         except InvalidRow as e:
             out[i] = e
             continue
         rendered += [(i, *both[0]), (i, *both[1])]
-    encoded = templates._encode_batch(tokenizer, [t for _, t, _ in rendered], spans=[s for _, _, s in rendered])
+    encoded = templates._encode_batch(
+        tokenizer, [t for _, t, _ in rendered], spans=[s for _, _, s in rendered]
+    )
     for k in range(0, len(rendered), 2):
         out[rendered[k][0]] = (*encoded[k], *encoded[k + 1])
     return out
@@ -98,8 +105,10 @@ def pair_unit(encoded: tuple, seq_len: int, overlength: str) -> tuple[dict[str, 
         cut = -(-excess // 2)  # the same from both prompts, which are the same tokens
         room = min(int(np.argmax(trained_c)), int(np.argmax(trained_r))) - 1  # keep one prompt token
         if cut > room:
-            raise InvalidRow("overlength_dropped", f"the answers alone take {len(ids_c) + len(ids_r) - 2 * room} "
-                             f"> {seq_len} tokens")
+            raise InvalidRow(
+                "overlength_dropped",
+                f"the answers alone take {len(ids_c) + len(ids_r) - 2 * room} > {seq_len} tokens",
+            )
     tokens = np.concatenate([ids_c[cut:], ids_r[cut:]]).astype(np.int32)
     weights = np.concatenate([trained_c[cut:], trained_r[cut:]]).astype(bool)
     return unit(tokens, weights, len(ids_c) - cut), cut > 0
@@ -122,8 +131,18 @@ def scored_tokens(pair: Mapping[str, np.ndarray]) -> int:
 # ---- units -> batches ---------------------------------------------------------------------------
 
 
-def pack_pairs(ds: grain.IterDataset, *, seq_len: int, rows: int, pad_id: int, bins: int, seed: int,
-               shuffle_bins: bool, pairs_per_row: int, fields: Sequence[str] = UNIT_FIELDS) -> grain.IterDataset:
+def pack_pairs(
+    ds: grain.IterDataset,
+    *,
+    seq_len: int,
+    rows: int,
+    pad_id: int,
+    bins: int,
+    seed: int,
+    shuffle_bins: bool,
+    pairs_per_row: int,
+    fields: Sequence[str] = UNIT_FIELDS,
+) -> grain.IterDataset:
     """Grain first-fit packing of whole units (at most `pairs_per_row` a row), then batching;
     `fields`: the units' per-token fields (with `ref_logp` once precomputed)."""
     packed = grain.experimental.FirstFitPackIterDataset(
@@ -146,8 +165,16 @@ def to_pair_batch(packed: Mapping[str, np.ndarray], *, rows: int, pad_id: int) -
     real = unit_BxL > 0
     sub_BxL = packed["sub"].astype(np.int32)
     segments = np.where(real, 2 * (unit_BxL - 1) + sub_BxL, 0)
-    batch = to_batch({"tokens": packed["tokens"], "weights": packed["weights"], "tokens_segment_ids": segments,
-                      "tokens_positions": packed["pos"]}, rows=len(unit_BxL), pad_id=pad_id)
+    batch = to_batch(
+        {
+            "tokens": packed["tokens"],
+            "weights": packed["weights"],
+            "tokens_segment_ids": segments,
+            "tokens_positions": packed["pos"],
+        },
+        rows=len(unit_BxL),
+        pad_id=pad_id,
+    )
     batch["pair_slot"] = np.where(real, unit_BxL - 1, -1).astype(np.int32)
     batch["chosen"] = (real & (sub_BxL == 1)).astype(np.int32)
     if REF_FIELD in packed:
@@ -159,6 +186,8 @@ def to_pair_batch(packed: Mapping[str, np.ndarray], *, rows: int, pad_id: int) -
     missing = rows - len(unit_BxL)
     if missing:
         fill = {"tokens": pad_id, "targets": pad_id, "pair_slot": -1, "unit": -1}
-        batch = {k: np.concatenate([v, np.full((missing,) + v.shape[1:], fill.get(k, 0), v.dtype)])
-                 for k, v in batch.items()}
+        batch = {
+            k: np.concatenate([v, np.full((missing,) + v.shape[1:], fill.get(k, 0), v.dtype)])
+            for k, v in batch.items()
+        }
     return batch

@@ -98,12 +98,18 @@ _SOURCE_KEYS = {
     "prompt_format",
 }  # fmt: skip
 RULES = {
-    "seq_len": fields.at_least(2), "batch_size": fields.at_least(1),
-    "overlength": fields.one_of(OVERLENGTH), "loss_on": fields.one_of(templates.LOSS_ON),
-    "eval_fraction": fields.within(0, 1, high_open=True), "eval_count": fields.at_least(0),
-    "epochs": fields.at_least(0), "packing_bins": fields.at_least(0),
-    "max_samples_per_row": fields.at_least(0), "workers": fields.at_least(0),
-    "shard_rows": fields.at_least(1), "eval_mode": fields.one_of(EVAL_MODES),
+    "seq_len": fields.at_least(2),
+    "batch_size": fields.at_least(1),
+    "overlength": fields.one_of(OVERLENGTH),
+    "loss_on": fields.one_of(templates.LOSS_ON),
+    "eval_fraction": fields.within(0, 1, high_open=True),
+    "eval_count": fields.at_least(0),
+    "epochs": fields.at_least(0),
+    "packing_bins": fields.at_least(0),
+    "max_samples_per_row": fields.at_least(0),
+    "workers": fields.at_least(0),
+    "shard_rows": fields.at_least(1),
+    "eval_mode": fields.one_of(EVAL_MODES),
     "eval_batch_size": fields.at_least(1),
     "roles_to_train": (
         lambda v: isinstance(v, (list, tuple)) and bool(v) and set(v) <= set(formats.ROLES),
@@ -166,13 +172,16 @@ class SourceReport:
     @classmethod
     def of(cls, name: str, tally: prepare.Tally) -> SourceReport:
         counts = ("rows", "truncated", "split", "pieces", "pieces_dropped", "tokens", "trained_tokens")
-        return cls(name, **{k: getattr(tally, k) for k in counts},
-                   skipped=collections.Counter(tally.skipped), located=dict(tally.located))
+        return cls(
+            name,
+            **{k: getattr(tally, k) for k in counts},
+            skipped=collections.Counter(tally.skipped),
+            located=dict(tally.located),
+        )
 
     def __str__(self) -> str:
         skipped = (
-            ", ".join(f"{r}={self.skipped[r]}" for r in formats.SKIP_REASONS if self.skipped[r])
-            or "none"
+            ", ".join(f"{r}={self.skipped[r]}" for r in formats.SKIP_REASONS if self.skipped[r]) or "none"
         )
         split = (
             f"split {self.split} into {self.pieces} pieces ({self.pieces_dropped} dropped); "
@@ -268,8 +277,16 @@ def build_pipeline(
     train = pack(_shard(train, process_index, process_count), shuffle_bins=True)
     eval_ds = None
     if len(evals) and cfg["eval_mode"] == "trainer":
-        eval_ds = TrainerEval(evals, cfg["eval_batch_size"], cfg["batch_size"], cfg["seq_len"],
-                              pad_id, cfg["max_samples_per_row"], process_index, process_count)
+        eval_ds = TrainerEval(
+            evals,
+            cfg["eval_batch_size"],
+            cfg["batch_size"],
+            cfg["seq_len"],
+            pad_id,
+            cfg["max_samples_per_row"],
+            process_index,
+            process_count,
+        )
     elif len(evals):
         eval_ds = pack(_shard(grain.MapDataset.source(evals), process_index, process_count),
                        shuffle_bins=False)  # fmt: skip
@@ -317,9 +334,7 @@ def _barrier(name: str) -> None:
 
 def _shard(ds: grain.MapDataset, index: int, count: int) -> grain.IterDataset:
     # Examples are pre-tokenised, so reading them in threads buys nothing: read in the caller.
-    return ds[index::count].to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    )
+    return ds[index::count].to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
 
 def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,11 +358,15 @@ def _with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
     fields.check("data", out, RULES)
     if pairs.is_pair_data(out["sources"]):
         if out["overlength"] == "split":
-            raise UserError("data.overlength='split' cannot keep a preference pair's sequences together: "
-                            "use 'truncate' (the prompt, from the left) or 'drop'")
+            raise UserError(
+                "data.overlength='split' cannot keep a preference pair's sequences together: "
+                "use 'truncate' (the prompt, from the left) or 'drop'"
+            )
         if out["eval_mode"] == "trainer":
-            raise UserError("data.eval_mode='trainer' is the SFT loss transformers' Trainer reports; "
-                            "preference pairs are evaluated by the DPO loss: use 'token_mean'")
+            raise UserError(
+                "data.eval_mode='trainer' is the SFT loss transformers' Trainer reports; "
+                "preference pairs are evaluated by the DPO loss: use 'token_mean'"
+            )
     return out
 
 
@@ -388,8 +407,7 @@ def split_source(p: prepare.PreparedSource, index: int, cfg: Mapping[str, Any]) 
 
 def _raise_empty(name: str, report: SourceReport, what: str):
     raise UserError(
-        f"{name}: no {what} rows remain out of {report.rows}; skipped by reason: "
-        f"{dict(report.skipped)}"
+        f"{name}: no {what} rows remain out of {report.rows}; skipped by reason: {dict(report.skipped)}"
     )
 
 
@@ -462,8 +480,7 @@ def mix_sources(
     if len(weights) != len(datasets) or min(weights) <= 0:
         raise UserError(f"source weights must be positive, one per source; got {weights}")
     parts = [
-        grain.MapDataset.source(d).shuffle(seed=seed + 7919 * i).repeat(None)
-        for i, d in enumerate(datasets)
+        grain.MapDataset.source(d).shuffle(seed=seed + 7919 * i).repeat(None) for i, d in enumerate(datasets)
     ]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
     return mixed[: epochs * sum(map(len, datasets))] if epochs > 0 else mixed

@@ -124,8 +124,12 @@ class Samples:
             yield cache.encode_record(**self[i])
 
     @classmethod
-    def of(cls, pieces: list[tuple[np.ndarray, np.ndarray, int, bool]], tally: Tally,
-           firsts: Sequence[int] | None = None) -> Samples:
+    def of(
+        cls,
+        pieces: list[tuple[np.ndarray, np.ndarray, int, bool]],
+        tally: Tally,
+        firsts: Sequence[int] | None = None,
+    ) -> Samples:
         """From (tokens, trained, valid ordinal, overlong) per sample (and, for pairs, each
         one's chosen length)."""
         lengths = np.asarray([len(p[0]) for p in pieces], np.int64)
@@ -251,8 +255,9 @@ class Worker:
 
     def _pair_samples(self, how: Reading, examples: list[tuple[str, formats.Pair]], tally: Tally) -> Samples:
         """Preference pairs -> one sample each (`pairs.pair_unit`); skipped ones counted."""
-        encoded = pairs.encode_pairs(self.tokenizer, self.templates.get(how.template),
-                                     [e for _, e in examples], self.mask.train_on_eos)
+        encoded = pairs.encode_pairs(
+            self.tokenizer, self.templates.get(how.template), [e for _, e in examples], self.mask.train_on_eos
+        )
         pieces, firsts = [], []
         for ordinal, ((where, _), enc) in enumerate(zip(examples, encoded, strict=True)):
             try:
@@ -459,9 +464,10 @@ def cache_spec(src: Mapping, cfg: Mapping, worker: Worker, template: str | None)
         "layout": cache.VERSION,
         "code": _code_digest(),
         "libraries": _library_versions(),
-        "source": {**{k: v for k, v in src.items() if k not in ("weight", "name", "path",
-                                                                "template")},  # fmt: skip
-                   "file": cache.file_identity(src["path"])},  # fmt: skip
+        "source": {
+            **{k: v for k, v in src.items() if k not in ("weight", "name", "path", "template")},  # fmt: skip
+            "file": cache.file_identity(src["path"]),
+        },  # fmt: skip
         "tokenizer": tokenizer_digest(worker.tokenizer),
         "template": None if template is None else [template.name, template.source],
         "settings": {k: v for k, v in cfg.items() if k not in NOT_IN_KEY},
@@ -494,8 +500,13 @@ def _library_versions() -> dict:
 def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h = hashlib.sha256(backend.to_str().encode() if backend is not None else b"")
-    for part in (type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.bos_token_id,
-                 tokenizer.eos_token_id, sorted(getattr(tokenizer, "added_tokens_encoder", {}))):
+    for part in (
+        type(tokenizer).__name__,
+        tokenizer.special_tokens_map,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        sorted(getattr(tokenizer, "added_tokens_encoder", {})),
+    ):
         h.update(repr(part).encode())  # fmt: skip
     return h.hexdigest()[:16]
 

@@ -281,8 +281,7 @@ def _common(here: str, there: str, template: ChatTemplate) -> str:
     if here.startswith(there) or there.startswith(here):
         return min(here, there, key=len).rstrip()
     enc = [
-        template.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
-        for t in (here, there)
+        template.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in (here, there)
     ]
     ids_a, ids_b = enc[0]["input_ids"], enc[1]["input_ids"]
     n = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), len(ids_a))

@@ -22,10 +22,12 @@ def load_tokenizer(path: str | os.PathLike):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise TokenizerError(
             f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy the model's "
-            "tokenizer there (a converted checkpoint carries the one its HF folder had)")
+            "tokenizer there (a converted checkpoint carries the one its HF folder had)"
+        )
     with storage.local_folder(folder, AUX_FILES + ("config.json",)) as local:
         try:
             return transformers.AutoTokenizer.from_pretrained(os.fspath(local))
         except (OSError, ValueError) as e:
-            raise TokenizerError(f"{folder}: transformers cannot load its tokenizer: "
-                                 f"{str(e).splitlines()[0]}") from e
+            raise TokenizerError(
+                f"{folder}: transformers cannot load its tokenizer: {str(e).splitlines()[0]}"
+            ) from e

@@ -61,17 +61,24 @@ def encode(tokenizer, text: str) -> list[int]:
 # ---- model ------------------------------------------------------------------------------------
 
 
-def yarn_rope(cfg: ModelConfig, factor: float, original_max_position_embeddings: int | None = None,
-              **knobs) -> tuple[RopeConfig, int]:
+def yarn_rope(
+    cfg: ModelConfig, factor: float, original_max_position_embeddings: int | None = None, **knobs
+) -> tuple[RopeConfig, int]:
     """(YaRN RopeConfig, new max_position_embeddings) scaling ``cfg``'s context by ``factor``."""
     original = original_max_position_embeddings or cfg.max_position_embeddings
-    rope = RopeConfig(rope_type="yarn", theta=cfg.rope.theta, factor=float(factor),
-                      original_max_position_embeddings=original, **knobs)
+    rope = RopeConfig(
+        rope_type="yarn",
+        theta=cfg.rope.theta,
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        **knobs,
+    )
     return rope, int(original * factor)
 
 
-def load_eval_model(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None,
-                    yarn_factor: float | None = None) -> Llama:
+def load_eval_model(
+    path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, yarn_factor: float | None = None
+) -> Llama:
     """A model for evaluation; ``yarn_factor`` applies YaRN on top of its stored RoPE."""
     from covenant_jax.convert.api import load_model
 
@@ -109,7 +116,7 @@ def jit_model_fn(model: Llama, fn: Callable, mesh: Mesh | None = None) -> Callab
 
 def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+        yield items[start : start + batch_size]
 
 
 def pad_rows(rows: np.ndarray, batch_size: int, fill) -> np.ndarray:

@@ -29,10 +29,17 @@ from covenant_jax.eval.common import batches, encode, jit_model_fn, pad_rows
 from covenant_jax.model.llama import Llama
 from covenant_jax.errors import EvalInputError
 
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-        "memorize it. I will quiz you about the important information there.")
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-          "There and back again.")
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and "
+    "memorize it. I will quiz you about the important information there."
+)
+FILLER = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 
@@ -64,8 +71,8 @@ def _answer_ids(tokenizer, key: str) -> list[int]:
     """The ids that follow the question's ids when " key" is appended to it."""
     question = encode(tokenizer, " " + QUESTION)
     joined = encode(tokenizer, " " + QUESTION + " " + key)
-    if joined[:len(question)] == question:
-        return joined[len(question):]
+    if joined[: len(question)] == question:
+        return joined[len(question) :]
     return encode(tokenizer, " " + key)
 
 
@@ -84,8 +91,9 @@ def build_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPromp
     sentences = [encode(tokenizer, " " + s) for s in FILLER]
     per_cycle = sum(len(s) for s in sentences)
     if budget < 0 or per_cycle == 0:
-        raise EvalInputError(f"passkey length {length} is too short: the fixed text alone is "
-                             f"{length - budget} tokens")
+        raise EvalInputError(
+            f"passkey length {length} is too short: the fixed text alone is {length - budget} tokens"
+        )
     stream = [s for _ in range(budget // per_cycle + 2) for s in sentences]
     ends = np.concatenate([[0], np.cumsum([len(s) for s in stream])])
     total = _nearest(ends, budget)  # filler sentences in the prompt
@@ -95,9 +103,14 @@ def build_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPromp
     prompt = head + before + needle + after + question
     answer = _answer_ids(tokenizer, key)
     return PasskeyPrompt(
-        tokens=tuple(prompt + answer), prompt_length=len(prompt), answer=tuple(answer), key=key,
-        depth=depth, actual_depth=len(before) / max(int(ends[total]), 1),
-        needle_start=len(head) + len(before), needle_length=len(needle),
+        tokens=tuple(prompt + answer),
+        prompt_length=len(prompt),
+        answer=tuple(answer),
+        key=key,
+        depth=depth,
+        actual_depth=len(before) / max(int(ends[total]), 1),
+        needle_start=len(head) + len(before),
+        needle_length=len(needle),
     )
 
 
@@ -110,7 +123,9 @@ def _argmax_at(model: Llama, tokens_BT, positions_BA):
 def model_predictor(model: Llama, mesh: Mesh | None = None) -> PredictFn:
     """Argmax next tokens at the given positions; logits only for those positions (jitted)."""
     forward = jit_model_fn(model, _argmax_at, mesh)
-    return lambda tokens_BT, positions_BA: np.asarray(forward(jnp.asarray(tokens_BT), jnp.asarray(positions_BA)))
+    return lambda tokens_BT, positions_BA: np.asarray(
+        forward(jnp.asarray(tokens_BT), jnp.asarray(positions_BA))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +152,11 @@ class PasskeyResult:
         return sorted({s.depth for s in self.samples})
 
     def accuracy(self, length: int | None = None, depth: float | None = None) -> float:
-        picked = [s.correct for s in self.samples
-                  if (length is None or s.length == length) and (depth is None or s.depth == depth)]
+        picked = [
+            s.correct
+            for s in self.samples
+            if (length is None or s.length == length) and (depth is None or s.depth == depth)
+        ]
         return float(np.mean(picked)) if picked else float("nan")
 
     def table(self) -> str:
@@ -153,8 +171,13 @@ class PasskeyResult:
     def to_dict(self) -> dict:
         return {
             "meta": self.meta,
-            "accuracy": {str(n): {"all": self.accuracy(n), **{format(d, "g"): self.accuracy(n, d) for d in self.depths()}}
-                         for n in self.lengths()},
+            "accuracy": {
+                str(n): {
+                    "all": self.accuracy(n),
+                    **{format(d, "g"): self.accuracy(n, d) for d in self.depths()},
+                }
+                for n in self.lengths()
+            },
             "samples": [dataclasses.asdict(s) for s in self.samples],
         }
 
@@ -170,7 +193,9 @@ def random_keys(rng: np.random.Generator, count: int, digits: int = 5) -> list[s
     return [str(k) for k in rng.integers(10 ** (digits - 1), 10**digits, count)]
 
 
-def score_prompts(predict: PredictFn, prompts: Sequence[PasskeyPrompt], batch_size: int) -> list[tuple[bool, list[int]]]:
+def score_prompts(
+    predict: PredictFn, prompts: Sequence[PasskeyPrompt], batch_size: int
+) -> list[tuple[bool, list[int]]]:
     """(correct, greedy tokens up to the first error) per prompt; one padded shape for all batches."""
     width = max(len(p.tokens) for p in prompts)
     answer_width = max(len(p.answer) for p in prompts)
@@ -179,11 +204,11 @@ def score_prompts(predict: PredictFn, prompts: Sequence[PasskeyPrompt], batch_si
         tokens_BT = np.zeros((len(batch), width), np.int32)
         positions_BA = np.zeros((len(batch), answer_width), np.int32)
         for b, p in enumerate(batch):
-            tokens_BT[b, :len(p.tokens)] = p.tokens
-            positions_BA[b, :len(p.answer)] = np.arange(p.prompt_length - 1, len(p.tokens) - 1)
+            tokens_BT[b, : len(p.tokens)] = p.tokens
+            positions_BA[b, : len(p.answer)] = np.arange(p.prompt_length - 1, len(p.tokens) - 1)
         predicted_BA = predict(pad_rows(tokens_BT, batch_size, 0), pad_rows(positions_BA, batch_size, 0))
         for b, p in enumerate(batch):
-            guess = [int(t) for t in predicted_BA[b, :len(p.answer)]]
+            guess = [int(t) for t in predicted_BA[b, : len(p.answer)]]
             wrong = [i for i, (g, a) in enumerate(zip(guess, p.answer)) if g != a]
             results.append((not wrong, guess[: wrong[0] + 1] if wrong else guess))
     return results
@@ -206,20 +231,39 @@ def passkey_eval(
         if value < 1:
             raise EvalInputError(f"{name}={value} must be >= 1")
     if not lengths or not depths:
-        raise EvalInputError(f"passkey needs at least one length and one depth (got {list(lengths)}, {list(depths)})")
-    predict = model_predictor(model_or_predict, mesh) if isinstance(model_or_predict, Llama) else model_or_predict
+        raise EvalInputError(
+            f"passkey needs at least one length and one depth (got {list(lengths)}, {list(depths)})"
+        )
+    predict = (
+        model_predictor(model_or_predict, mesh) if isinstance(model_or_predict, Llama) else model_or_predict
+    )
     rng = np.random.default_rng(seed)
     samples = []
     for length in lengths:  # one padded width (one compile) per length
         cells = [(depth, key) for depth in depths for key in random_keys(rng, keys_per_cell, digits)]
         prompts = [build_prompt(tokenizer, length, depth, key) for depth, key in cells]
         for p, (correct, guess) in zip(prompts, score_prompts(predict, prompts, batch_size)):
-            samples.append(PasskeySample(
-                length=length, depth=p.depth, key=p.key, correct=correct, answer=list(p.answer),
-                predicted=guess, prompt_tokens=p.prompt_length, actual_depth=p.actual_depth,
-            ))
-    meta = {"keys_per_cell": keys_per_cell, "digits": digits, "seed": seed, "scoring": "teacher-forced greedy"}
+            samples.append(
+                PasskeySample(
+                    length=length,
+                    depth=p.depth,
+                    key=p.key,
+                    correct=correct,
+                    answer=list(p.answer),
+                    predicted=guess,
+                    prompt_tokens=p.prompt_length,
+                    actual_depth=p.actual_depth,
+                )
+            )
+    meta = {
+        "keys_per_cell": keys_per_cell,
+        "digits": digits,
+        "seed": seed,
+        "scoring": "teacher-forced greedy",
+    }
     if isinstance(model_or_predict, Llama):
-        meta.update(rope=dataclasses.asdict(model_or_predict.config.rope),
-                    max_position_embeddings=model_or_predict.config.max_position_embeddings)
+        meta.update(
+            rope=dataclasses.asdict(model_or_predict.config.rope),
+            max_position_embeddings=model_or_predict.config.max_position_embeddings,
+        )
     return PasskeyResult(samples, meta)

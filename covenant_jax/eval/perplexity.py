@@ -27,7 +27,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from covenant_jax.eval.common import (
-    EvalInputError, batches, jit_model_fn, load_texts, pad_rows, token_nll,
+    EvalInputError,
+    batches,
+    jit_model_fn,
+    load_texts,
+    pad_rows,
+    token_nll,
 )
 from covenant_jax.model.llama import Llama
 
@@ -64,8 +69,10 @@ class PerplexityResult:
         header = ("length", "stride", "docs", "skipped", "windows", "tokens", "nll", "ppl")
         lines = ["{:>7} {:>7} {:>6} {:>8} {:>8} {:>9} {:>8} {:>10}".format(*header)]
         for r in self.rows:
-            lines.append(f"{r.length:>7} {r.stride:>7} {r.documents:>6} {r.skipped_documents:>8} "
-                         f"{r.windows:>8} {r.tokens:>9} {r.nll:>8.4f} {r.ppl:>10.3f}")
+            lines.append(
+                f"{r.length:>7} {r.stride:>7} {r.documents:>6} {r.skipped_documents:>8} "
+                f"{r.windows:>8} {r.tokens:>9} {r.nll:>8.4f} {r.ppl:>10.3f}"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -90,6 +97,7 @@ def window_plan(num_tokens: int, length: int, stride: int) -> list[tuple[int, in
 @functools.lru_cache(maxsize=None)
 def _window_nll(chunk: int):
     """One function object per chunk size, so repeated calls reuse the jit cache."""
+
     def fn(model: Llama, tokens_BL):
         hidden_BLD = model.hidden_states(tokens_BL)
         return token_nll(model, hidden_BLD[:, :-1], tokens_BL[:, 1:], chunk)
@@ -97,8 +105,9 @@ def _window_nll(chunk: int):
     return fn
 
 
-def _plan_windows(documents, length: int, stride: int, min_tokens: int,
-                  max_windows: int | None) -> tuple[list[Window], int]:
+def _plan_windows(
+    documents, length: int, stride: int, min_tokens: int, max_windows: int | None
+) -> tuple[list[Window], int]:
     """(windows, documents skipped as too short) for one length; an error when none is left."""
     windows: list[Window] = []
     skipped = 0
@@ -106,20 +115,25 @@ def _plan_windows(documents, length: int, stride: int, min_tokens: int,
         if len(doc) < max(length, min_tokens):
             skipped += 1
             continue
-        windows += [Window(d, start, score_from)
-                    for start, score_from in window_plan(len(doc), length, stride)[:max_windows]]
+        windows += [
+            Window(d, start, score_from)
+            for start, score_from in window_plan(len(doc), length, stride)[:max_windows]
+        ]
     if not windows:
         longest = max((len(doc) for doc in documents), default=0)
-        need = f"{max(length, min_tokens)} tokens" + (" (--common-documents: the longest length)"
-                                                      if min_tokens > length else "")
-        raise EvalInputError(f"length {length}: no document has {need}; the longest has {longest}. "
-                             "Use shorter --lengths, longer documents, or --concatenate")
+        need = f"{max(length, min_tokens)} tokens" + (
+            " (--common-documents: the longest length)" if min_tokens > length else ""
+        )
+        raise EvalInputError(
+            f"length {length}: no document has {need}; the longest has {longest}. "
+            "Use shorter --lengths, longer documents, or --concatenate"
+        )
     return windows, skipped
 
 
 def _score_batch(forward, docs, batch: Sequence[Window], length: int, batch_size: int):
     """(float64 NLL sum, scored token count) of one batch of windows."""
-    tokens_BL = np.stack([np.asarray(docs[w.document][w.start:w.start + length]) for w in batch])
+    tokens_BL = np.stack([np.asarray(docs[w.document][w.start : w.start + length]) for w in batch])
     score_from_B = np.array([w.score_from for w in batch])
     nll_BL1 = np.asarray(forward(jnp.asarray(pad_rows(tokens_BL.astype(np.int32), batch_size, 0))))
     nll_BL1 = nll_BL1[: len(batch)].astype(np.float64)
@@ -146,13 +160,24 @@ def perplexity(
     """
     if not lengths or min(lengths) < 2:
         raise EvalInputError(f"lengths must be at least 2 tokens, got {list(lengths)}")
-    for name, value in (("stride", stride), ("batch_size", batch_size), ("chunk", chunk),
-                        ("max_windows_per_document", max_windows_per_document)):
+    for name, value in (
+        ("stride", stride),
+        ("batch_size", batch_size),
+        ("chunk", chunk),
+        ("max_windows_per_document", max_windows_per_document),
+    ):
         if value is not None and value < 1:
             raise EvalInputError(f"{name}={value} must be >= 1")
-    plans = {length: _plan_windows(documents, length, min(stride or length, length),
-                                   max(lengths) if common_documents else 0, max_windows_per_document)
-             for length in lengths}  # every length checked before anything is computed
+    plans = {
+        length: _plan_windows(
+            documents,
+            length,
+            min(stride or length, length),
+            max(lengths) if common_documents else 0,
+            max_windows_per_document,
+        )
+        for length in lengths
+    }  # every length checked before anything is computed
     forward = jit_model_fn(model, _window_nll(chunk), mesh)
     rows = []
     for length, (windows, skipped) in plans.items():
@@ -161,16 +186,25 @@ def perplexity(
             batch_sum, batch_count = _score_batch(forward, documents, batch, length, batch_size)
             nll_sum, count = nll_sum + batch_sum, count + batch_count
         nll = nll_sum / count
-        rows.append(LengthPerplexity(
-            length=length, stride=min(stride or length, length), ppl=math.exp(nll), nll=nll,
-            nll_sum=nll_sum, tokens=count, windows=len(windows),
-            documents=len({w.document for w in windows}), skipped_documents=skipped,
-        ))
+        rows.append(
+            LengthPerplexity(
+                length=length,
+                stride=min(stride or length, length),
+                ppl=math.exp(nll),
+                nll=nll,
+                nll_sum=nll_sum,
+                tokens=count,
+                windows=len(windows),
+                documents=len({w.document for w in windows}),
+                skipped_documents=skipped,
+            )
+        )
     return PerplexityResult(rows)
 
 
-def tokenize_documents(tokenizer, texts: Sequence[str], concatenate: bool = False,
-                       separator: str = "\n\n") -> list[list[int]]:
+def tokenize_documents(
+    tokenizer, texts: Sequence[str], concatenate: bool = False, separator: str = "\n\n"
+) -> list[list[int]]:
     """Token ids per text (with the tokenizer's own special tokens, e.g. a BOS), or of all texts
     joined by ``separator`` into one stream when ``concatenate``."""
     if concatenate:
@@ -206,8 +240,12 @@ def perplexity_from_jsonl(
         documents = long_enough[:max_documents]
     result = perplexity(model, documents, lengths, **kwargs)
     result.meta.update(
-        data=str(path), rows=len(texts), rows_too_short=too_short, concatenate=concatenate,
-        input_tokens=sum(len(d) for d in documents), rope=dataclasses.asdict(model.config.rope),
+        data=str(path),
+        rows=len(texts),
+        rows_too_short=too_short,
+        concatenate=concatenate,
+        input_tokens=sum(len(d) for d in documents),
+        rope=dataclasses.asdict(model.config.rope),
         max_position_embeddings=model.config.max_position_embeddings,
         **{k: v for k, v in kwargs.items() if k != "mesh"},
     )

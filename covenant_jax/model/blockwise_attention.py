@@ -31,8 +31,9 @@ def blockwise_attention(
     a multiple of each."""
     check_self_attention("blockwise", q_BTNH, k_BSKH)
     index_T = jnp.arange(q_BTNH.shape[1], dtype=jnp.int32)
-    return indexed_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, segment_ids_BT, index_T, index_T,
-                             block_q, block_kv)
+    return indexed_attention(
+        q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, segment_ids_BT, index_T, index_T, block_q, block_kv
+    )
 
 
 def make_blockwise_attention(block_q: int = 512, block_kv: int = 512):

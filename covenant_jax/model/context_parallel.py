@@ -76,6 +76,7 @@ def zigzag_order(t: int, context: int) -> np.ndarray:
 
 def zigzag_permute(batch, context: int):
     """Reorder the last (T) axis of every array in a pytree (a batch dict) into the zigzag layout."""
+
     def permute(x):
         take = np.take if isinstance(x, np.ndarray) else jnp.take
         return take(x, zigzag_order(x.shape[-1], context), axis=-1)
@@ -136,7 +137,10 @@ def context_attention(
     # check_vma=False: the kernel's lax.cond block skipping does not type-check under varying-
     # manual-axes inference. The out_specs are still true: the output varies exactly as q does.
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec,
+        local,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+        out_specs=qkv_spec,
         check_vma=False,
     )(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT.astype(jnp.int32))
 

@@ -60,8 +60,17 @@ def indexed_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, q_index_T, kv
         kv_seg_BS = jnp.pad(kv_seg_BS, ((0, 0), (0, pad_s)), constant_values=_PAD_SEGMENT)
         kv_index_S = jnp.pad(kv_index_S, (0, pad_s), constant_values=_PAD_KV_INDEX)
     q_BTKGH = q_BTNH.reshape(b, t + pad_t, kh, n // kh, h)
-    out_BTKGH = _flash(q_BTKGH, k_BSKH, v_BSKH, q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32),
-                       q_index_T, kv_index_S, bq, bk)
+    out_BTKGH = _flash(
+        q_BTKGH,
+        k_BSKH,
+        v_BSKH,
+        q_seg_BT.astype(jnp.int32),
+        kv_seg_BS.astype(jnp.int32),
+        q_index_T,
+        kv_index_S,
+        bq,
+        bk,
+    )
     return out_BTKGH[:, :t].reshape(b, t, n, h)
 
 
@@ -110,20 +119,25 @@ def _forward(q_BTKGH, k_BSKH, v_BSKH, qseg_BT, kseg_BS, qidx_T, kidx_S, bq, bk):
         def attend(j, carry):
             m_BKGQ, l_BKGQ, acc_BKGQH = carry
             k_BCKH, v_BCKH = _slice(k_BSKH, j * bk, bk), _slice(v_BSKH, j * bk, bk)
-            s_BKGQC, mask = _block_scores(q_BQKGH, k_BCKH, seg_BQ, _slice(kseg_BS, j * bk, bk),
-                                          idx_Q, _slice(kidx_S, j * bk, bk, 0))
+            s_BKGQC, mask = _block_scores(
+                q_BQKGH, k_BCKH, seg_BQ, _slice(kseg_BS, j * bk, bk), idx_Q, _slice(kidx_S, j * bk, bk, 0)
+            )
             m_new = jnp.maximum(m_BKGQ, s_BKGQC.max(axis=-1))
             p_BKGQC = jnp.where(mask, jnp.exp(s_BKGQC - m_new[..., None]), 0.0)
             alpha = jnp.exp(m_BKGQ - m_new)
-            pv_BKGQH = jnp.einsum("BKGQC,BCKH->BKGQH", p_BKGQC.astype(v_BCKH.dtype), v_BCKH,
-                                  preferred_element_type=jnp.float32)
+            pv_BKGQH = jnp.einsum(
+                "BKGQC,BCKH->BKGQH", p_BKGQC.astype(v_BCKH.dtype), v_BCKH, preferred_element_type=jnp.float32
+            )
             return m_new, alpha * l_BKGQ + p_BKGQC.sum(axis=-1), alpha[..., None] * acc_BKGQH + pv_BKGQH
 
         def kv_step(j, carry):
             return lax.cond(visible_IJ[i, j], attend, lambda j, c: c, j, carry)
 
-        init = (jnp.full((b, kh, g, bq), _MASKED, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
-                jnp.zeros((b, kh, g, bq, h), jnp.float32))
+        init = (
+            jnp.full((b, kh, g, bq), _MASKED, jnp.float32),
+            jnp.zeros((b, kh, g, bq), jnp.float32),
+            jnp.zeros((b, kh, g, bq, h), jnp.float32),
+        )
         m_BKGQ, l_BKGQ, acc_BKGQH = lax.fori_loop(first_I[i], stop_I[i], kv_step, init)
         l_BKGQ = jnp.where(l_BKGQ > 0, l_BKGQ, 1.0)  # rows that saw no key (padding) give 0
         return (acc_BKGQH / l_BKGQ[..., None]).astype(q_BTKGH.dtype), m_BKGQ + jnp.log(l_BKGQ)
@@ -159,28 +173,33 @@ def _flash_bwd(bq, bk, residuals, dout_BTKGH):
         def accumulate(i, carry):
             dq_BTKGH, dk_BCKH, dv_BCKH = carry
             q_BQKGH, do_BQKGH = _slice(q_BTKGH, i * bq, bq), _slice(dout_BTKGH, i * bq, bq)
-            s_BKGQC, mask = _block_scores(q_BQKGH, k_BCKH, _slice(qseg_BT, i * bq, bq), seg_BC,
-                                          _slice(qidx_T, i * bq, bq, 0), idx_C)
+            s_BKGQC, mask = _block_scores(
+                q_BQKGH, k_BCKH, _slice(qseg_BT, i * bq, bq), seg_BC, _slice(qidx_T, i * bq, bq, 0), idx_C
+            )
             lse_BKGQ = lax.dynamic_index_in_dim(lse_IBKGQ, i, keepdims=False)
             p_BKGQC = jnp.where(mask, jnp.exp(s_BKGQC - lse_BKGQ[..., None]), 0.0)
             delta_BKGQ = _slice(delta_BTKG, i * bq, bq).transpose(0, 2, 3, 1)
             dp_BKGQC = jnp.einsum("BQKGH,BCKH->BKGQC", do_BQKGH, v_BCKH, preferred_element_type=jnp.float32)
             ds_BKGQC = (p_BKGQC * (dp_BKGQC - delta_BKGQ[..., None]) * (h**-0.5)).astype(dt)
-            dv_BCKH = dv_BCKH + jnp.einsum("BKGQC,BQKGH->BCKH", p_BKGQC.astype(dt), do_BQKGH,
-                                           preferred_element_type=jnp.float32)
-            dk_BCKH = dk_BCKH + jnp.einsum("BKGQC,BQKGH->BCKH", ds_BKGQC, q_BQKGH,
-                                           preferred_element_type=jnp.float32)
+            dv_BCKH = dv_BCKH + jnp.einsum(
+                "BKGQC,BQKGH->BCKH", p_BKGQC.astype(dt), do_BQKGH, preferred_element_type=jnp.float32
+            )
+            dk_BCKH = dk_BCKH + jnp.einsum(
+                "BKGQC,BQKGH->BCKH", ds_BKGQC, q_BQKGH, preferred_element_type=jnp.float32
+            )
             dq_BQKGH = jnp.einsum("BKGQC,BCKH->BQKGH", ds_BKGQC, k_BCKH, preferred_element_type=jnp.float32)
-            dq_BTKGH = lax.dynamic_update_slice_in_dim(dq_BTKGH, _slice(dq_BTKGH, i * bq, bq) + dq_BQKGH,
-                                                       i * bq, axis=1)
+            dq_BTKGH = lax.dynamic_update_slice_in_dim(
+                dq_BTKGH, _slice(dq_BTKGH, i * bq, bq) + dq_BQKGH, i * bq, axis=1
+            )
             return dq_BTKGH, dk_BCKH, dv_BCKH
 
         def q_step(i, carry):
             return lax.cond(visible_IJ[i, j], accumulate, lambda i, c: c, i, carry)
 
         zeros_BCKH = jnp.zeros((b, bk, kh, h), jnp.float32)
-        dq_BTKGH, dk_BCKH, dv_BCKH = lax.fori_loop(first_J[j], stop_J[j], q_step,
-                                                    (dq_BTKGH, zeros_BCKH, zeros_BCKH))
+        dq_BTKGH, dk_BCKH, dv_BCKH = lax.fori_loop(
+            first_J[j], stop_J[j], q_step, (dq_BTKGH, zeros_BCKH, zeros_BCKH)
+        )
         return dq_BTKGH, (dk_BCKH, dv_BCKH)
 
     dq_BTKGH, (dk_JBCKH, dv_JBCKH) = lax.scan(
@@ -190,8 +209,15 @@ def _flash_bwd(bq, bk, residuals, dout_BTKGH):
     def unblock(x_JBCKH, dtype):
         return x_JBCKH.transpose(1, 0, 2, 3, 4).reshape(b, s, kh, h).astype(dtype)
 
-    return (dq_BTKGH.astype(dt), unblock(dk_JBCKH, k_BSKH.dtype), unblock(dv_JBCKH, v_BSKH.dtype),
-            None, None, None, None)
+    return (
+        dq_BTKGH.astype(dt),
+        unblock(dk_JBCKH, k_BSKH.dtype),
+        unblock(dv_JBCKH, v_BSKH.dtype),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

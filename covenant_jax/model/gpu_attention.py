@@ -73,8 +73,9 @@ def _require_platform(platform: str, what: str, name: str) -> None:
 DEFAULT_MAX_SAMPLES_PER_ROW = 16
 
 
-def segment_runs(segment_ids_BT: jnp.ndarray, max_segments: int
-                 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def segment_runs(
+    segment_ids_BT: jnp.ndarray, max_segments: int
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Start offsets [B, M+1] and lengths [B, M] of each row's runs of equal segment id, in
     cuDNN's packed-layout convention (unused entries -1), and [B] whether a row has more runs
     than ``max_segments`` (the kernel would not attend the rest)."""
@@ -110,9 +111,16 @@ def cudnn_attention(
 
     offsets_BM1, lengths_BM, overflow_B = segment_runs(segment_ids_BT, max_samples_per_row + 1)
     out_BTNH = dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH,
-        q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1, kv_offsets=offsets_BM1,
-        scale=q_BTNH.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        q_seqlen=lengths_BM,
+        kv_seqlen=lengths_BM,
+        q_offsets=offsets_BM1,
+        kv_offsets=offsets_BM1,
+        scale=q_BTNH.shape[-1] ** -0.5,
+        mask_type=MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH",
     )
     return jnp.where(overflow_B[:, None, None, None], jnp.nan, out_BTNH).astype(out_BTNH.dtype)
 
@@ -130,9 +138,14 @@ def _splash_kernel(t: int, n: int, bq: int, bk: int, interpret: bool):
 
     mask = splash.MultiHeadMask([splash.CausalMask((t, t)) for _ in range(n)])
     blocks = splash.BlockSizes(
-        block_q=bq, block_kv=bk, block_kv_compute=bk,
-        block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
-        block_q_dq=bq, block_kv_dq=bk,
+        block_q=bq,
+        block_kv=bk,
+        block_kv_compute=bk,
+        block_q_dkv=bq,
+        block_kv_dkv=bk,
+        block_kv_dkv_compute=bk,
+        block_q_dq=bq,
+        block_kv_dq=bk,
     )
     return splash.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
 
@@ -194,7 +207,10 @@ def splash_attention(
     # check_vma=False: the kernel's pallas_call declares its outputs without the varying-manual-
     # axes types check_vma=True asks for; the out_spec is still true: the output varies as q does.
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec,
+        local,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+        out_specs=qkv_spec,
         check_vma=False,
     )(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
 

@@ -63,10 +63,14 @@ class ModelOptions:
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise RecipeError(f"model.remat={self.remat!r}: must be one of {', '.join(map(repr, REMAT_POLICIES))}")
+            raise RecipeError(
+                f"model.remat={self.remat!r}: must be one of {', '.join(map(repr, REMAT_POLICIES))}"
+            )
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
-                raise RecipeError(f"model.{field}={getattr(self, field)!r}: must be float32, bfloat16 or float16")
+                raise RecipeError(
+                    f"model.{field}={getattr(self, field)!r}: must be float32, bfloat16 or float16"
+                )
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None) -> nnx.Param:
@@ -93,12 +97,18 @@ def _add_adapters(module: nnx.Module, opts: ModelOptions, projections: dict, rng
     module.lora = opts.lora
     for name, (size_in, axis_in, size_out, axis_out) in projections.items():
         if opts.lora is not None and name in opts.lora.targets:
-            setattr(module, f"{name}_lora", lora_lib.new_adapter(
-                opts.lora, size_in, axis_in, size_out, axis_out, opts.dtype, opts.param_dtype, rngs))
+            setattr(
+                module,
+                f"{name}_lora",
+                lora_lib.new_adapter(
+                    opts.lora, size_in, axis_in, size_out, axis_out, opts.dtype, opts.param_dtype, rngs
+                ),
+            )
 
 
-def _adapted(module: nnx.Module, name: str, out: jnp.ndarray, x_in: jnp.ndarray,
-             adapters: lora_lib.AdapterCall | None) -> jnp.ndarray:
+def _adapted(
+    module: nnx.Module, name: str, out: jnp.ndarray, x_in: jnp.ndarray, adapters: lora_lib.AdapterCall | None
+) -> jnp.ndarray:
     """``out`` (projection ``name`` of ``x_in`` [B, T, ...]) plus its adapter's output, if it has
     one and adapters are on."""
     adapter = getattr(module, f"{name}_lora", None)
@@ -121,9 +131,17 @@ class Attention(nnx.Module):
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0)
             self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0)
             self.o_bias = _param(rngs, (d,), ("embed",), pd, 0)
-        _add_adapters(self, opts, {"q": (d, "embed", n * h, "q_heads"), "k": (d, "embed", k * h, "kv_heads"),
-                                   "v": (d, "embed", k * h, "kv_heads"), "o": (n * h, "q_heads", d, "embed")},
-                      rngs)
+        _add_adapters(
+            self,
+            opts,
+            {
+                "q": (d, "embed", n * h, "q_heads"),
+                "k": (d, "embed", k * h, "kv_heads"),
+                "v": (d, "embed", k * h, "kv_heads"),
+                "o": (n * h, "q_heads", d, "embed"),
+            },
+            rngs,
+        )
         self.has_bias = cfg.attention_bias
         self.dtype = opts.dtype
         self.attend = attention_lib.get_backend(opts.attention, max_samples_per_row=opts.max_samples_per_row)
@@ -157,8 +175,12 @@ class MLP(nnx.Module):
             self.gate_bias = _param(rngs, (f,), ("mlp",), pd, 0)
             self.up_bias = _param(rngs, (f,), ("mlp",), pd, 0)
             self.down_bias = _param(rngs, (d,), ("embed",), pd, 0)
-        _add_adapters(self, opts, {"gate": (d, "embed", f, "mlp"), "up": (d, "embed", f, "mlp"),
-                                   "down": (f, "mlp", d, "embed")}, rngs)
+        _add_adapters(
+            self,
+            opts,
+            {"gate": (d, "embed", f, "mlp"), "up": (d, "embed", f, "mlp"), "down": (f, "mlp", d, "embed")},
+            rngs,
+        )
         self.has_bias = cfg.mlp_bias
         self.dtype = opts.dtype
 
@@ -211,8 +233,15 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, std)
 
-    def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, adapters: bool = True,
-                      dropout_key: jax.Array | None = None) -> jnp.ndarray:
+    def hidden_states(
+        self,
+        tokens_BT,
+        positions_BT=None,
+        segment_ids_BT=None,
+        *,
+        adapters: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> jnp.ndarray:
         """Final-normed hidden states [B, T, D] in the compute dtype. ``adapters=False`` runs the
         frozen base alone (a LoRA model's reference); ``dropout_key`` turns adapter dropout on."""
         dtype = self.options.dtype
@@ -228,7 +257,9 @@ class Llama(nnx.Module):
         cos_BTH, sin_BTH = rope_lib.rope_cos_sin(positions_BT, inv_freq, scale, dtype)
 
         graphdef, layer_state = nnx.split(self.layers)
-        layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_hidden_layers)
+        layer_keys = (
+            None if dropout_key is None else jax.random.split(dropout_key, self.config.num_hidden_layers)
+        )
 
         def body(x_BTD, layer_xs):
             one_layer_state, key = layer_xs
@@ -237,8 +268,9 @@ class Llama(nnx.Module):
 
         if self.options.remat != "none":
             # inside a rolled scan the recompute cannot be merged with the forward; unrolled it can
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat],
-                                  prevent_cse=self.options.scan_unroll)
+            body = jax.checkpoint(
+                body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=self.options.scan_unroll
+            )
         x_BTD, _ = jax.lax.scan(body, x_BTD, (layer_state, layer_keys), unroll=self.options.scan_unroll)
         return rms_norm(x_BTD, self.final_norm[...].astype(dtype), self.config.rms_norm_eps)
 
@@ -255,7 +287,9 @@ class Llama(nnx.Module):
         )
         return shard(logits_BTV, ("batch", "seq", "act_vocab"))
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, adapters: bool = True) -> jnp.ndarray:
+    def __call__(
+        self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, adapters: bool = True
+    ) -> jnp.ndarray:
         return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, adapters=adapters))
 
 
@@ -280,20 +314,34 @@ def base_options(opts: ModelOptions) -> ModelOptions:
     return dataclasses.replace(opts, lora=None, param_dtype=opts.base_dtype)
 
 
-def add_adapters(base: Llama, opts: ModelOptions, mesh, *, seed: int = 0, load: Callable | None = None,
-                 rules: Mapping = DEFAULT_RULES) -> Llama:
+def add_adapters(
+    base: Llama,
+    opts: ModelOptions,
+    mesh,
+    *,
+    seed: int = 0,
+    load: Callable | None = None,
+    rules: Mapping = DEFAULT_RULES,
+) -> Llama:
     """``base`` (a model without adapters, in ``opts.base_dtype``) with the adapters ``opts.lora``
     describes, each created on its sharding: PEFT's initialisation from ``seed``, or ``load``'s
     arrays (called with the adapters' sharded ShapeDtypeStructs, a pure dict). The base's
     arrays are reused as they are."""
-    graphdef, adapters, params, rest = nnx.split(abstract_model(base.config, opts), nnx.LoRAParam, nnx.Param, ...)
+    graphdef, adapters, params, rest = nnx.split(
+        abstract_model(base.config, opts), nnx.LoRAParam, nnx.Param, ...
+    )
     shardings = nnx.to_pure_dict(state_shardings(adapters, mesh, rules))
     if load is not None:
-        abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                                nnx.to_pure_dict(adapters), shardings)
+        abstract = jax.tree.map(
+            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+            nnx.to_pure_dict(adapters),
+            shardings,
+        )
         values = load(abstract)
     else:
-        init = lambda: nnx.to_pure_dict(nnx.state(Llama(base.config, opts, rngs=nnx.Rngs(seed)), nnx.LoRAParam))
+        init = lambda: nnx.to_pure_dict(
+            nnx.state(Llama(base.config, opts, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
+        )
         values = jax.jit(init, out_shardings=shardings)()
     nnx.replace_by_pure_dict(adapters, values)
     nnx.replace_by_pure_dict(params, nnx.to_pure_dict(nnx.state(base, nnx.Param)))
@@ -315,11 +363,13 @@ def merge_adapters(model: Llama) -> Llama:
                 if f"{name}_lora" in adapters["layers"].get(module, {}):
                     pair = adapters["layers"][module][f"{name}_lora"]
                     out["layers"][module][name] = lora_lib.merged_kernel(
-                        params["layers"][module][name], pair["lora_a"], pair["lora_b"], lora.scale)
+                        params["layers"][module][name], pair["lora_a"], pair["lora_b"], lora.scale
+                    )
         return out
 
     shardings = jax.tree.map(lambda x: x.sharding, params)
-    plain_graphdef, plain_params, rest = nnx.split(abstract_model(model.config, base_options(model.options)),
-                                                   nnx.Param, ...)
+    plain_graphdef, plain_params, rest = nnx.split(
+        abstract_model(model.config, base_options(model.options)), nnx.Param, ...
+    )
     nnx.replace_by_pure_dict(plain_params, jax.jit(merged, out_shardings=shardings)(params, adapters))
     return nnx.merge(plain_graphdef, plain_params, rest)

@@ -32,11 +32,25 @@ from covenant_jax import fields
 from covenant_jax.errors import RecipeError
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-              "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+PEFT_NAMES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 # The HF submodule each projection lives in (PEFT's key names follow the HF model).
-HF_MODULES = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
-              "gate": "mlp", "up": "mlp", "down": "mlp"}
+HF_MODULES = {
+    "q": "self_attn",
+    "k": "self_attn",
+    "v": "self_attn",
+    "o": "self_attn",
+    "gate": "mlp",
+    "up": "mlp",
+    "down": "mlp",
+}
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 _BY_NAME = {**{t: t for t in TARGETS}, **{p: t for t, p in PEFT_NAMES.items()}}
 
@@ -53,7 +67,8 @@ def normalize_targets(names: str | Iterable[str], what: str = "model.lora.target
         raise RecipeError(
             f"{what}={tuple(names)!r}: {'no target' if not names else repr(unknown[0]) + ' matches no module'}; "
             f"targets are {', '.join(TARGETS)} (or PEFT's {', '.join(PEFT_NAMES.values())}, or "
-            f"{ALL_LINEAR!r})")
+            f"{ALL_LINEAR!r})"
+        )
     chosen = {_BY_NAME[n] for n in names}
     return tuple(t for t in TARGETS if t in chosen)
 
@@ -73,8 +88,11 @@ class LoraConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise RecipeError(f"model.lora.rank={self.rank!r}: must be an integer >= 1")
-        checks = {"alpha": fields.positive(), "dropout": fields.within(0, 1, high_open=True),
-                  "base_dtype": fields.one_of(("",) + fields.DTYPES)}
+        checks = {
+            "alpha": fields.positive(),
+            "dropout": fields.within(0, 1, high_open=True),
+            "base_dtype": fields.one_of(("",) + fields.DTYPES),
+        }
         fields.check("model.lora", dataclasses.asdict(self), checks)
         object.__setattr__(self, "targets", normalize_targets(self.targets))
 
@@ -97,13 +115,29 @@ def num_params(cfg, lora: LoraConfig) -> int:
 A_INIT = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def new_adapter(cfg: LoraConfig, size_in: int, axis_in: str, size_out: int, axis_out: str,
-                dtype: str, param_dtype: str, rngs: nnx.Rngs) -> nnx.LoRA:
+def new_adapter(
+    cfg: LoraConfig,
+    size_in: int,
+    axis_in: str,
+    size_out: int,
+    axis_out: str,
+    dtype: str,
+    param_dtype: str,
+    rngs: nnx.Rngs,
+) -> nnx.LoRA:
     """An ``nnx.LoRA`` for a projection [size_in -> size_out] whose flattened input and output
     axes are sharded as ``axis_in`` / ``axis_out``; computes in ``dtype``."""
-    return nnx.LoRA(size_in, cfg.rank, size_out, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
-                    a_initializer=A_INIT, rngs=rngs,
-                    a_metadata={"axes": (axis_in, "lora_rank")}, b_metadata={"axes": ("lora_rank", axis_out)})
+    return nnx.LoRA(
+        size_in,
+        cfg.rank,
+        size_out,
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype),
+        a_initializer=A_INIT,
+        rngs=rngs,
+        a_metadata={"axes": (axis_in, "lora_rank")},
+        b_metadata={"axes": ("lora_rank", axis_out)},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +163,10 @@ def merged_kernel(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
     """W + scale · A @ B in W's shape and dtype, as PEFT's ``merge_and_unload``: the product in
     float32 (full precision also on TPU), added to W in float32 and rounded to W's dtype once.
     Shapes: kernel [L, *in, *out] (stacked), A [L, in, r], B [L, r, out]."""
-    delta_LIO = jnp.einsum("LIr,LrO->LIO", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST) * jnp.float32(scale)
+    delta_LIO = jnp.einsum(
+        "LIr,LrO->LIO",
+        lora_a.astype(jnp.float32),
+        lora_b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    ) * jnp.float32(scale)
     return (kernel.astype(jnp.float32) + delta_LIO.reshape(kernel.shape)).astype(kernel.dtype)

@@ -70,9 +70,13 @@ def _env_int(name: str) -> int | None:
         raise DistributedError(f"{name}={value!r} is not an integer") from None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout_s: int | None = None,
-               heartbeat_s: int | None = None) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int | None = None,
+    heartbeat_s: int | None = None,
+) -> bool:
     """Joins this process to the job; returns False (and does nothing) for a single process.
 
     Arguments left None come from the COVENANT_* variables, then from cluster detection.
@@ -90,8 +94,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
     timeout_s = int(timeout_s if timeout_s is not None else (_env_int(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S))
-    heartbeat_s = int(heartbeat_s if heartbeat_s is not None
-                      else (_env_int(ENV_HEARTBEAT) or DEFAULT_HEARTBEAT_S))
+    heartbeat_s = int(
+        heartbeat_s if heartbeat_s is not None else (_env_int(ENV_HEARTBEAT) or DEFAULT_HEARTBEAT_S)
+    )
     explicit = (coordinator, num_processes, process_id)
     if all(x is None for x in explicit):
         if cluster_detected() is None:
@@ -102,7 +107,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise DistributedError(
             "multi-process runs need all of --coordinator HOST:PORT, --num-processes N and "
             f"--process-id I (got coordinator={coordinator}, num_processes={num_processes}, "
-            f"process_id={process_id})")
+            f"process_id={process_id})"
+        )
     else:
         if ":" not in coordinator:
             raise DistributedError(f"--coordinator {coordinator!r}: expected HOST:PORT")
@@ -116,10 +122,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or f"auto ({cluster_detected()})"
     who = "this process" if process_id is None else f"process {process_id} of {num_processes}"
-    message = (f"covenant-jax: error: {who} could not join the job at coordinator {where} within "
-               f"{timeout_s}s: a peer never connected (or the coordinator is unreachable). Start "
-               f"every process with the same --coordinator and --num-processes, each with its "
-               f"own --process-id; raise the limit with --init-timeout.")
+    message = (
+        f"covenant-jax: error: {who} could not join the job at coordinator {where} within "
+        f"{timeout_s}s: a peer never connected (or the coordinator is unreachable). Start "
+        f"every process with the same --coordinator and --num-processes, each with its "
+        f"own --process-id; raise the limit with --init-timeout."
+    )
     # The runtime aborts the process (C++ LOG(FATAL)) when its own connect deadline passes, and
     # the blocked connect cannot be interrupted from Python. So JAX gets a longer deadline and a
     # watchdog ends the process at ours with a readable message and the bad-input exit code.
@@ -133,12 +141,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
     threading.Thread(target=watchdog, name="covenant-distributed-watchdog", daemon=True).start()
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=timeout_s + RUNTIME_GRACE_S,
-                                   heartbeat_timeout_seconds=heartbeat_s + RUNTIME_GRACE_S)
+        jax.distributed.initialize(
+            coordinator,
+            num_processes,
+            process_id,
+            initialization_timeout=timeout_s + RUNTIME_GRACE_S,
+            heartbeat_timeout_seconds=heartbeat_s + RUNTIME_GRACE_S,
+        )
     except Exception as e:  # called after JAX computation, cluster detection failures, ...
-        raise DistributedError(f"{who}: jax.distributed.initialize (coordinator {where}) failed: "
-                               f"{type(e).__name__}: {e}") from e
+        raise DistributedError(
+            f"{who}: jax.distributed.initialize (coordinator {where}) failed: {type(e).__name__}: {e}"
+        ) from e
     finally:
         done.set()
     PeerWatch.start(heartbeat_s)
@@ -192,8 +205,7 @@ class PeerWatch:
                 with self.writing:
                     if self.stopped.is_set():
                         return
-                    self.client.key_value_set(f"{self.PREFIX}{self.me}", str(beat),
-                                              allow_overwrite=True)
+                    self.client.key_value_set(f"{self.PREFIX}{self.me}", str(beat), allow_overwrite=True)
                 self.observe(dict(self.client.key_value_dir_get(self.PREFIX)))
             except Exception:  # the service is unreachable: round_at goes stale, _judge decides
                 continue
@@ -220,8 +232,10 @@ class PeerWatch:
             peer = self.silent_peer()
             if peer is not None and not self.stopped.is_set():
                 sys.stdout.flush()
-                sys.stderr.write(f"covenant-jax: error: process {self.me}: process {peer} has not "
-                                 f"responded for {self.timeout_s:g} s; it {PEER_LOST}\n")
+                sys.stderr.write(
+                    f"covenant-jax: error: process {self.me}: process {peer} has not "
+                    f"responded for {self.timeout_s:g} s; it {PEER_LOST}\n"
+                )
                 sys.stderr.flush()
                 os._exit(EXIT_PEER_LOST)
 
@@ -256,7 +270,8 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     except Exception as e:
         raise DistributedError(
             f"process {jax.process_index()}: barrier {name!r} timed out after {timeout_s}s "
-            f"waiting for the other processes ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            f"waiting for the other processes ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
 
 
 def is_multiprocess() -> bool:

@@ -92,7 +92,11 @@ def logical_to_spec(
         mesh_axes = []
         for axis in (rules.get(name) or ()) if name else ():
             size = mesh.shape[axis]
-            if size > 1 and axis not in used and dim % (math.prod(mesh.shape[a] for a in mesh_axes) * size) == 0:
+            if (
+                size > 1
+                and axis not in used
+                and dim % (math.prod(mesh.shape[a] for a in mesh_axes) * size) == 0
+            ):
                 mesh_axes.append(axis)
                 used.add(axis)
         spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
@@ -107,7 +111,9 @@ def spec_axes(entry) -> tuple[str, ...]:
 def _axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     axes = variable.get_metadata().get("axes")
     if axes is None or len(axes) != variable.get_value().ndim:
-        raise ValueError(f"parameter of shape {variable.get_value().shape} has no matching logical axes: {axes}")
+        raise ValueError(
+            f"parameter of shape {variable.get_value().shape} has no matching logical axes: {axes}"
+        )
     return tuple(axes)
 
 

@@ -26,6 +26,23 @@ from covenant_jax.plan.report import report, to_json
 from covenant_jax.plan.step_time import StepTimeEstimate, estimate_step_time
 from covenant_jax.plan.topology import Topology, parse_topology, resolve_topology
 
-__all__ = ["Attempt", "CompiledStep", "GiB", "Memory", "Plan", "PlanError", "StepCompiler",
-           "StepTimeEstimate", "Topology", "check_mesh", "estimate_step_time", "mesh_shape",
-           "model_config", "parse_topology", "plan", "report", "resolve_topology", "to_json"]
+__all__ = [
+    "Attempt",
+    "CompiledStep",
+    "GiB",
+    "Memory",
+    "Plan",
+    "PlanError",
+    "StepCompiler",
+    "StepTimeEstimate",
+    "Topology",
+    "check_mesh",
+    "estimate_step_time",
+    "mesh_shape",
+    "model_config",
+    "parse_topology",
+    "plan",
+    "report",
+    "resolve_topology",
+    "to_json",
+]

@@ -22,8 +22,17 @@ def estimate_memory(cfg, model_cfg: ModelConfig, sizes: dict[str, int]) -> Memor
     t = cfg.data.seq_len // sizes["context"]
     temporaries = int(_activation_bytes(cfg, model_cfg, b, t, sizes["tensor"]) + grads)
     args = params + opt_state + 5 * 4 * b * t * cfg.train.micro_batches
-    return Memory(args, params + opt_state, params + opt_state, temporaries, 0,
-                  args + temporaries, params, opt_state, estimate=True)
+    return Memory(
+        args,
+        params + opt_state,
+        params + opt_state,
+        temporaries,
+        0,
+        args + temporaries,
+        params,
+        opt_state,
+        estimate=True,
+    )
 
 
 def _activation_bytes(cfg, model_cfg: ModelConfig, b: int, t: int, tp: int) -> float:
@@ -33,8 +42,12 @@ def _activation_bytes(cfg, model_cfg: ModelConfig, b: int, t: int, tp: int) -> f
     n, k = model_cfg.num_attention_heads, model_cfg.num_key_value_heads
     qkv = (n + 2 * k) * model_cfg.head_dim
     per_token_dots = (qkv + n * model_cfg.head_dim) / tp + 2 * d + 3 * f / tp
-    saved_per_layer = {"full": d, "save_dots": d + per_token_dots, "offload": d,
-                       "none": d + 2 * per_token_dots}[cfg.model.remat]
+    saved_per_layer = {
+        "full": d,
+        "save_dots": d + per_token_dots,
+        "offload": d,
+        "none": d + 2 * per_token_dots,
+    }[cfg.model.remat]
     working = 3 * per_token_dots  # one layer's forward + backward intermediates
     attention = 0
     if cfg.model.attention == "naive":

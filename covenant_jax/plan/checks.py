@@ -18,9 +18,11 @@ def model_config(cfg) -> ModelConfig:
     """The recipe's model shape (config.json at model.path) with its RoPE override applied."""
     path = storage.path(cfg.model.path) / "config.json"  # local or gs://
     if not path.is_file():
-        raise PlanError(f"plan reads the model's shape from {path}, which does not exist; point "
-                        "--config.model.path at a folder holding the model's config.json "
-                        "(no weights are read)")
+        raise PlanError(
+            f"plan reads the model's shape from {path}, which does not exist; point "
+            "--config.model.path at a folder holding the model's config.json "
+            "(no weights are read)"
+        )
     return recipe.rope_override(ModelConfig.from_json_file(path), cfg.model)
 
 
@@ -40,9 +42,15 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
 def check_mesh(cfg, model_cfg: ModelConfig, sizes: dict[str, int]) -> list[str]:
     """Errors (raised) for a mesh the model or batch cannot be split over; warnings returned."""
     t, f = sizes["tensor"], sizes["fsdp"]
-    problems = [f"tensor={t} does not divide {what}={dim}" for what, dim in (
-        ("num_attention_heads", model_cfg.num_attention_heads),
-        ("intermediate_size", model_cfg.intermediate_size), ("vocab_size", model_cfg.vocab_size)) if dim % t]
+    problems = [
+        f"tensor={t} does not divide {what}={dim}"
+        for what, dim in (
+            ("num_attention_heads", model_cfg.num_attention_heads),
+            ("intermediate_size", model_cfg.intermediate_size),
+            ("vocab_size", model_cfg.vocab_size),
+        )
+        if dim % t
+    ]
     if model_cfg.hidden_size % f:
         problems.append(f"fsdp={f} does not divide hidden_size={model_cfg.hidden_size}")
     try:
@@ -51,13 +59,20 @@ def check_mesh(cfg, model_cfg: ModelConfig, sizes: dict[str, int]) -> list[str]:
         problems.append(str(e))
     if cfg.model.attention == "splash":  # its shard_map takes only some meshes
         try:
-            splash_partition(abstract_mesh(sizes), DEFAULT_RULES, cfg.data.batch_size // cfg.train.micro_batches,
-                             model_cfg.num_attention_heads, model_cfg.num_key_value_heads)
+            splash_partition(
+                abstract_mesh(sizes),
+                DEFAULT_RULES,
+                cfg.data.batch_size // cfg.train.micro_batches,
+                model_cfg.num_attention_heads,
+                model_cfg.num_key_value_heads,
+            )
         except UserError as e:
             problems.append(str(e))
     if problems:
         raise PlanError("the mesh does not fit the model / batch: " + "; ".join(problems))
     if model_cfg.num_key_value_heads % t:
-        return [f"tensor={t} does not divide num_key_value_heads={model_cfg.num_key_value_heads}: "
-                "k/v projections are replicated over the tensor axis"]
+        return [
+            f"tensor={t} does not divide num_key_value_heads={model_cfg.num_key_value_heads}: "
+            "k/v projections are replicated over the tensor axis"
+        ]
     return []

@@ -72,28 +72,56 @@ class StepCompiler:
     def __init__(self):
         self._done: dict[tuple, CompiledStep] = {}
 
-    def compile(self, cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
-                options: ModelOptions | None = None, unroll: bool = False,
-                isolated: bool = False) -> CompiledStep:
+    def compile(
+        self,
+        cfg,
+        model_cfg: ModelConfig,
+        topo: Topology,
+        sizes: dict[str, int],
+        options: ModelOptions | None = None,
+        unroll: bool = False,
+        isolated: bool = False,
+    ) -> CompiledStep:
         """``options`` / ``unroll``: as ``program.abstract_state`` / ``program.make_steps`` take
         them. ``isolated``: in a child process (``compile_in_child``)."""
-        key = (cfg.to_json_best_effort(sort_keys=True), model_cfg, topo.spec, tuple(sorted(sizes.items())),
-               options, unroll)
+        key = (
+            cfg.to_json_best_effort(sort_keys=True),
+            model_cfg,
+            topo.spec,
+            tuple(sorted(sizes.items())),
+            options,
+            unroll,
+        )
         if key not in self._done:
             run = compile_in_child if isolated else compile_step
             self._done[key] = run(cfg, model_cfg, topo, sizes, options, unroll)
         return self._done[key]
 
 
-def compile_step(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
-                 options: ModelOptions | None = None, unroll: bool = False) -> CompiledStep:
+def compile_step(
+    cfg,
+    model_cfg: ModelConfig,
+    topo: Topology,
+    sizes: dict[str, int],
+    options: ModelOptions | None = None,
+    unroll: bool = False,
+) -> CompiledStep:
     """Lowers and compiles the train step for ``topo``'s devices."""
     mesh = make_mesh(sizes, devices=topo.devices)
     abstract = program.abstract_state(cfg, model_cfg, mesh, options)
-    steps = program.make_steps(cfg, abstract.graphdef, abstract.rest, abstract.tx, abstract.schedule,
-                               abstract.shardings, mesh, unroll=unroll)
-    batch = program.abstract_batch(cfg.data.batch_size, cfg.data.seq_len, cfg.train.micro_batches,
-                                   steps.batch_sharding, steps.fields)
+    steps = program.make_steps(
+        cfg,
+        abstract.graphdef,
+        abstract.rest,
+        abstract.tx,
+        abstract.schedule,
+        abstract.shardings,
+        mesh,
+        unroll=unroll,
+    )
+    batch = program.abstract_batch(
+        cfg.data.batch_size, cfg.data.seq_len, cfg.train.micro_batches, steps.batch_sharding, steps.fields
+    )
     started = time.time()
     try:
         with activation_sharding(mesh):
@@ -111,8 +139,14 @@ class CompileFailed(Exception):
     """A compile in a child process that returned no program: the process died or raised."""
 
 
-def compile_in_child(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
-                     options: ModelOptions | None = None, unroll: bool = False) -> CompiledStep:
+def compile_in_child(
+    cfg,
+    model_cfg: ModelConfig,
+    topo: Topology,
+    sizes: dict[str, int],
+    options: ModelOptions | None = None,
+    unroll: bool = False,
+) -> CompiledStep:
     """``compile_step`` in a fresh process; ``CompileFailed`` with the reason when the compiler
     crashes or raises there."""
     return in_child(_compile_here, cfg, model_cfg, topo.name, topo.spec, sizes, options, unroll)
@@ -154,8 +188,15 @@ def _exit_reason(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _compile_here(cfg, model_cfg: ModelConfig, name: str, spec: str, sizes: dict[str, int],
-                  options: ModelOptions | None, unroll: bool) -> CompiledStep:
+def _compile_here(
+    cfg,
+    model_cfg: ModelConfig,
+    name: str,
+    spec: str,
+    sizes: dict[str, int],
+    options: ModelOptions | None,
+    unroll: bool,
+) -> CompiledStep:
     """The child's side: the topology's devices again (devices do not cross processes)."""
     topo = dataclasses.replace(resolve_topology(spec), name=name)
     return compile_step(cfg, model_cfg, topo, sizes, options, unroll)
@@ -172,14 +213,26 @@ def device_bytes(tree) -> int:
 
 def _memory(compiled, state: dict) -> Memory:
     stats = compiled.memory_analysis()
-    summed = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-              + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
+    summed = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+        + stats.generated_code_size_in_bytes
+    )
     # The TPU runtime reserves the whole temp allocation, so the sum is what the step holds;
     # XLA's own peak (heap simulation) is taken when it is larger (seen for tiny programs).
     peak = max(summed, int(getattr(stats, "peak_memory_in_bytes", 0) or 0))
-    return Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.alias_size_in_bytes,
-                  stats.temp_size_in_bytes, stats.generated_code_size_in_bytes, peak,
-                  device_bytes(state["params"]), device_bytes(state["opt_state"]))
+    return Memory(
+        stats.argument_size_in_bytes,
+        stats.output_size_in_bytes,
+        stats.alias_size_in_bytes,
+        stats.temp_size_in_bytes,
+        stats.generated_code_size_in_bytes,
+        peak,
+        device_bytes(state["params"]),
+        device_bytes(state["opt_state"]),
+    )
 
 
 def _refused_memory(state: dict, batch: dict, found: re.Match) -> Memory:
@@ -187,10 +240,18 @@ def _refused_memory(state: dict, batch: dict, found: re.Match) -> Memory:
     state_bytes = device_bytes(state)
     arguments = state_bytes + device_bytes(batch)
     temporaries = int(float(found.group(1)) * GiB)
-    return Memory(arguments, state_bytes, state_bytes, temporaries, 0, arguments + temporaries,
-                  device_bytes(state["params"]), device_bytes(state["opt_state"]),
-                  note=f"compiler: temporaries {found.group(1)}G exceed the available HBM "
-                       f"{found.group(2)}G (compile stopped there)")
+    return Memory(
+        arguments,
+        state_bytes,
+        state_bytes,
+        temporaries,
+        0,
+        arguments + temporaries,
+        device_bytes(state["params"]),
+        device_bytes(state["opt_state"]),
+        note=f"compiler: temporaries {found.group(1)}G exceed the available HBM "
+        f"{found.group(2)}G (compile stopped there)",
+    )
 
 
 def _cost(compiled) -> dict[str, float]:
@@ -203,5 +264,5 @@ def _cost(compiled) -> dict[str, float]:
 def entry_calls(hlo: str, targets: tuple[str, ...]) -> int:
     """How many custom calls to ``targets`` the optimized HLO's entry computation holds."""
     start = hlo.find("\nENTRY ")
-    entry = hlo[start:hlo.find("\n}", start)] if start >= 0 else ""
+    entry = hlo[start : hlo.find("\n}", start)] if start >= 0 else ""
     return sum(entry.count(f'custom_call_target="{t}"') for t in targets)

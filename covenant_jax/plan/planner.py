@@ -61,15 +61,21 @@ class Plan:
     def to_dict(self) -> dict:
         peak = self.topology.peak_flops
         return {
-            "recipe": self.recipe, "topology": self.topology.to_dict(), "model": self.model,
-            "train": self.train, "mesh": self.attempt.mesh, "fits": self.fits,
+            "recipe": self.recipe,
+            "topology": self.topology.to_dict(),
+            "model": self.model,
+            "train": self.train,
+            "mesh": self.attempt.mesh,
+            "fits": self.fits,
             "memory_per_device": self.attempt.memory.to_dict() if self.attempt.memory else None,
             "hbm_per_device": self.topology.hbm_per_device,
-            "flops": {"model_flops_per_step": self.model_flops_per_step,
-                      "model_flops_per_chip": self.model_flops_per_step / self.topology.chips,
-                      # XLA's cost analysis: a scan / while body is counted once, not per iteration
-                      "compiled_flops_per_device": self.attempt.compiled_flops_per_device,
-                      "step_seconds_at_100pct_mfu": self.model_flops_per_step / peak if peak else None},
+            "flops": {
+                "model_flops_per_step": self.model_flops_per_step,
+                "model_flops_per_chip": self.model_flops_per_step / self.topology.chips,
+                # XLA's cost analysis: a scan / while body is counted once, not per iteration
+                "compiled_flops_per_device": self.attempt.compiled_flops_per_device,
+                "step_seconds_at_100pct_mfu": self.model_flops_per_step / peak if peak else None,
+            },
             "step_time_estimate": self.step_time.to_dict() if self.step_time else None,
             "step_time_unavailable": self.step_time_unavailable or None,
             "compile_seconds": self.attempt.compile_seconds,
@@ -79,9 +85,18 @@ class Plan:
         }
 
 
-def plan(cfg, topology: str | Topology, *, search: bool = True, max_candidates: int = 6,
-         hbm_bytes: int | None = None, recipe_name: str = "", log: Callable[[str], None] | None = None,
-         step_time: bool = False, compiler: StepCompiler | None = None) -> Plan:
+def plan(
+    cfg,
+    topology: str | Topology,
+    *,
+    search: bool = True,
+    max_candidates: int = 6,
+    hbm_bytes: int | None = None,
+    recipe_name: str = "",
+    log: Callable[[str], None] | None = None,
+    step_time: bool = False,
+    compiler: StepCompiler | None = None,
+) -> Plan:
     """Plans ``cfg`` (a recipe ConfigDict) on ``topology``: does its train step fit, and if not,
     which of a few changes does. ``step_time``: also estimate the fitting step's time from the
     TPU compiler's cost model (two more compiles). ``compiler``: share compiles between calls."""
@@ -94,12 +109,20 @@ def plan(cfg, topology: str | Topology, *, search: bool = True, max_candidates: 
     model_cfg = model_config(cfg)
     sizes = mesh_shape(cfg, topo.num_devices)
     warnings = check_mesh(cfg, model_cfg, sizes) + _platform_warnings(cfg, topo)
-    say(f"{'estimating' if topo.platform == 'gpu' else 'compiling'} {recipe_name or 'recipe'} for "
-        f"{topo.spec or topo.name} (mesh {sizes}) ...")
+    say(
+        f"{'estimating' if topo.platform == 'gpu' else 'compiling'} {recipe_name or 'recipe'} for "
+        f"{topo.spec or topo.name} (mesh {sizes}) ..."
+    )
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    result = Plan(recipe_name, topo, _model_summary(model_cfg), _train_summary(cfg),
-                  _attempt(cfg, model_cfg, topo, {}, compiler, search=False),
-                  train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens, warnings)
+    result = Plan(
+        recipe_name,
+        topo,
+        _model_summary(model_cfg),
+        _train_summary(cfg),
+        _attempt(cfg, model_cfg, topo, {}, compiler, search=False),
+        train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens,
+        warnings,
+    )
     fitting = cfg
     if not result.fits and search:
         fitting = _search(result, cfg, model_cfg, topo, sizes, compiler, max_candidates, say)
@@ -108,8 +131,9 @@ def plan(cfg, topology: str | Topology, *, search: bool = True, max_candidates: 
     return result
 
 
-def _attempt(cfg, model_cfg: ModelConfig, topo: Topology, changes: dict, compiler: StepCompiler,
-             search: bool) -> Attempt:
+def _attempt(
+    cfg, model_cfg: ModelConfig, topo: Topology, changes: dict, compiler: StepCompiler, search: bool
+) -> Attempt:
     sizes = mesh_shape(cfg, topo.num_devices)
     if topo.platform == "gpu":
         memory = estimate_memory(cfg, model_cfg, sizes)
@@ -117,17 +141,31 @@ def _attempt(cfg, model_cfg: ModelConfig, topo: Topology, changes: dict, compile
     if search:  # skip a compile the arguments alone rule out
         memory = estimate_memory(cfg, model_cfg, sizes)
         if memory.params + memory.opt_state > topo.hbm_per_device:
-            return Attempt(changes, sizes, None, False,
-                           skipped=f"params + optimizer state alone are {memory.params + memory.opt_state:,} "
-                                   f"bytes per device > HBM {topo.hbm_per_device:,}")
+            return Attempt(
+                changes,
+                sizes,
+                None,
+                False,
+                skipped=f"params + optimizer state alone are {memory.params + memory.opt_state:,} "
+                f"bytes per device > HBM {topo.hbm_per_device:,}",
+            )
     step = compiler.compile(cfg, model_cfg, topo, sizes)
     flops = step.cost.get("flops", -1)
-    return Attempt(changes, sizes, step.memory, _fits(step.memory, topo), step.seconds,
-                   flops if flops > 0 else None)
+    return Attempt(
+        changes, sizes, step.memory, _fits(step.memory, topo), step.seconds, flops if flops > 0 else None
+    )
 
 
-def _search(result: Plan, cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
-            compiler: StepCompiler, max_candidates: int, say: Callable[[str], None]):
+def _search(
+    result: Plan,
+    cfg,
+    model_cfg: ModelConfig,
+    topo: Topology,
+    sizes: dict[str, int],
+    compiler: StepCompiler,
+    max_candidates: int,
+    say: Callable[[str], None],
+):
     """Tries candidates until one fits (``result.suggestion``); returns its recipe, or None."""
     for changes in candidates(cfg, model_cfg, sizes):
         if len(result.tried) >= max_candidates:
@@ -146,8 +184,14 @@ def _search(result: Plan, cfg, model_cfg: ModelConfig, topo: Topology, sizes: di
     return None
 
 
-def _estimate(result: Plan, cfg, model_cfg: ModelConfig, topo: Topology, compiler: StepCompiler,
-              say: Callable[[str], None]) -> None:
+def _estimate(
+    result: Plan,
+    cfg,
+    model_cfg: ModelConfig,
+    topo: Topology,
+    compiler: StepCompiler,
+    say: Callable[[str], None],
+) -> None:
     """The compiler's step time estimate of the fitting step (``cfg``: its recipe, None: none fits)."""
     attempt = result.suggestion if result.suggestion else result.attempt
     if topo.platform == "gpu":
@@ -157,8 +201,9 @@ def _estimate(result: Plan, cfg, model_cfg: ModelConfig, topo: Topology, compile
     else:
         say("estimating the step time: compiling it with 1 and 2 layers, every loop unrolled ...")
         try:
-            attempt.step_time = estimate_step_time(cfg, model_cfg, topo, attempt.mesh, compiler,
-                                                   result.model_flops_per_step)
+            attempt.step_time = estimate_step_time(
+                cfg, model_cfg, topo, attempt.mesh, compiler, result.model_flops_per_step
+            )
         except EstimateUnavailable as e:
             result.step_time_unavailable = str(e)
 
@@ -170,24 +215,35 @@ def _fits(memory: Memory, topo: Topology) -> bool:
 def _platform_warnings(cfg, topo: Topology) -> list[str]:
     if topo.platform != "gpu":
         return []
-    warnings = ["GPU target: memory is an analytic ESTIMATE (CUDA ahead-of-time compilation needs a "
-                "GPU host); params/optimizer/gradient bytes are exact, activations approximate"]
+    warnings = [
+        "GPU target: memory is an analytic ESTIMATE (CUDA ahead-of-time compilation needs a "
+        "GPU host); params/optimizer/gradient bytes are exact, activations approximate"
+    ]
     if cfg.model.attention == "splash":
         warnings.append("attention 'splash' is a TPU kernel; on GPUs use cudnn or blockwise")
     return warnings
 
 
 def _model_summary(model_cfg: ModelConfig) -> dict:
-    return {"params": model_cfg.num_params(), "layers": model_cfg.num_hidden_layers,
-            "hidden_size": model_cfg.hidden_size, "vocab_size": model_cfg.vocab_size,
-            "max_position_embeddings": model_cfg.max_position_embeddings,
-            "rope": model_cfg.rope.rope_type}
+    return {
+        "params": model_cfg.num_params(),
+        "layers": model_cfg.num_hidden_layers,
+        "hidden_size": model_cfg.hidden_size,
+        "vocab_size": model_cfg.vocab_size,
+        "max_position_embeddings": model_cfg.max_position_embeddings,
+        "rope": model_cfg.rope.rope_type,
+    }
 
 
 def _train_summary(cfg) -> dict:
-    return {"seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
-            "micro_batches": cfg.train.micro_batches,
-            "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
-            "remat": cfg.model.remat, "attention": cfg.model.attention,
-            "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype,
-            "loss_chunk_size": cfg.train.loss_chunk_size}
+    return {
+        "seq_len": cfg.data.seq_len,
+        "batch_size": cfg.data.batch_size,
+        "micro_batches": cfg.train.micro_batches,
+        "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+        "remat": cfg.model.remat,
+        "attention": cfg.model.attention,
+        "param_dtype": cfg.model.param_dtype,
+        "dtype": cfg.model.dtype,
+        "loss_chunk_size": cfg.train.loss_chunk_size,
+    }

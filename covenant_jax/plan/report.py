@@ -27,9 +27,13 @@ def report(p: Plan) -> str:
     lines.append(f"  verdict: {({True: 'FITS', False: 'DOES NOT FIT', None: 'unknown'})[p.fits]}")
     lines += _flops_lines(p)
     if p.step_time:
-        lines += _step_time_lines(p.step_time, p.model["layers"], "" if p.attempt.step_time else "the suggestion's ")
+        lines += _step_time_lines(
+            p.step_time, p.model["layers"], "" if p.attempt.step_time else "the suggestion's "
+        )
     elif p.step_time_unavailable:
-        lines.append(f"  step time, ESTIMATE from the TPU compiler's cost model: n/a ({p.step_time_unavailable})")
+        lines.append(
+            f"  step time, ESTIMATE from the TPU compiler's cost model: n/a ({p.step_time_unavailable})"
+        )
     if p.attempt.compile_seconds:
         lines.append(f"  compile: {p.attempt.compile_seconds:.1f} s")
     lines += [f"  warning: {w}" for w in p.warnings]
@@ -41,7 +45,9 @@ def report(p: Plan) -> str:
         if p.suggestion:
             lines.append(f"  suggestion: {changes_text(p.suggestion.changes)}")
         else:
-            lines.append("  no candidate fits; use more chips, optim.mu_dtype=bfloat16, or a smaller batch / seq_len")
+            lines.append(
+                "  no candidate fits; use more chips, optim.mu_dtype=bfloat16, or a smaller batch / seq_len"
+            )
     return "\n".join(lines)
 
 
@@ -66,10 +72,13 @@ def _memory_lines(m: Memory, hbm: int) -> list[str]:
 
 def _flops_lines(p: Plan) -> list[str]:
     d = p.to_dict()["flops"]
-    flops = f"  flops:  model {d['model_flops_per_step']:.3e} per step ({d['model_flops_per_chip']:.3e} per chip)"
+    flops = (
+        f"  flops:  model {d['model_flops_per_step']:.3e} per step ({d['model_flops_per_chip']:.3e} per chip)"
+    )
     if d["compiled_flops_per_device"]:
-        flops += (f"; XLA cost analysis {d['compiled_flops_per_device']:.3e} per device "
-                  "(loop bodies counted once)")
+        flops += (
+            f"; XLA cost analysis {d['compiled_flops_per_device']:.3e} per device (loop bodies counted once)"
+        )
     lines = [flops]
     if d["step_seconds_at_100pct_mfu"]:
         lines.append(f"          >= {d['step_seconds_at_100pct_mfu']:.2f} s per step at 100% MFU")

@@ -14,7 +14,7 @@ def candidates(cfg, model_cfg: ModelConfig, sizes: dict[str, int]) -> Iterator[d
     """Stronger remat, more micro-batches, fsdp instead of data / more or less tensor, smaller loss
     chunks; each after the remat steps builds on the strongest remat."""
     current = cfg.model.remat if cfg.model.remat in REMAT_ORDER else "full"
-    for remat in REMAT_ORDER[REMAT_ORDER.index(current) + 1:]:
+    for remat in REMAT_ORDER[REMAT_ORDER.index(current) + 1 :]:
         yield {"model.remat": remat}
     base = {"model.remat": "full"} if cfg.model.remat not in ("full", "offload") else {}
     micro = micro_batch_counts(cfg, sizes)

@@ -31,9 +31,11 @@ from covenant_jax.train.metrics import attention_flops_per_token
 from covenant_jax.train.program import model_options
 
 MAX_LOSS_CHUNKS = 8  # per micro-batch, in the estimate's unrolled compiles (``few_loss_chunks``)
-SOURCE = ("libtpu's cost model (cost_analysis optimal_seconds) of the step with 1 and 2 layers, every "
-          "loop unrolled, extrapolated to all layers, plus the attention core at 100% of peak: an "
-          "ESTIMATE, not a measurement")
+SOURCE = (
+    "libtpu's cost model (cost_analysis optimal_seconds) of the step with 1 and 2 layers, every "
+    "loop unrolled, extrapolated to all layers, plus the attention core at 100% of peak: an "
+    "ESTIMATE, not a measurement"
+)
 
 
 @dataclasses.dataclass
@@ -56,38 +58,59 @@ class EstimateUnavailable(Exception):
     """The estimate's own compile was refused (its reason is the message)."""
 
 
-def estimate_step_time(cfg, model_cfg: ModelConfig, topo: Topology, sizes: dict[str, int],
-                       compiler: StepCompiler, model_flops_per_step: float) -> StepTimeEstimate:
+def estimate_step_time(
+    cfg,
+    model_cfg: ModelConfig,
+    topo: Topology,
+    sizes: dict[str, int],
+    compiler: StepCompiler,
+    model_flops_per_step: float,
+) -> StepTimeEstimate:
     """See the module docstring; ``EstimateUnavailable`` when the compiler refuses a program."""
     layers = model_cfg.num_hidden_layers
-    steps = [unrolled_step(cfg, model_cfg, n, topo, sizes, compiler) for n in ((1, 2) if layers > 1 else (1,))]
+    steps = [
+        unrolled_step(cfg, model_cfg, n, topo, sizes, compiler) for n in ((1, 2) if layers > 1 else (1,))
+    ]
     compiled = [compiled_seconds(s) for s in steps]
     if min(compiled) <= 0:
         raise EstimateUnavailable(f"the cost model returned a step time of {min(compiled):.3g} s")
     core_flops = attention_core_flops(cfg, model_cfg)
     seconds = extrapolate(compiled, layers) + core_flops / topo.peak_flops
     return StepTimeEstimate(
-        seconds=seconds, mfu=model_flops_per_step / (seconds * topo.peak_flops),
-        compiled_seconds=tuple(compiled), layers_seconds=extrapolate(compiled, layers),
+        seconds=seconds,
+        mfu=model_flops_per_step / (seconds * topo.peak_flops),
+        compiled_seconds=tuple(compiled),
+        layers_seconds=extrapolate(compiled, layers),
         attention_core_seconds=core_flops / topo.peak_flops,
         compiled_flops_per_device=extrapolate([s.cost["flops"] for s in steps], layers),
         attention_core_flops_per_device=core_flops / topo.num_devices,
-        compile_seconds=sum(s.seconds for s in steps))
+        compile_seconds=sum(s.seconds for s in steps),
+    )
 
 
-def unrolled_step(cfg, model_cfg: ModelConfig, layers: int, topo: Topology, sizes: dict[str, int],
-                  compiler: StepCompiler) -> CompiledStep:
+def unrolled_step(
+    cfg, model_cfg: ModelConfig, layers: int, topo: Topology, sizes: dict[str, int], compiler: StepCompiler
+) -> CompiledStep:
     """The step with ``layers`` layers, every loop unrolled, the attention core stood in;
     compiled in a child process, so that a compiler crash is a reason, not the end of plan."""
     options = dataclasses.replace(model_options(cfg), scan_unroll=True, attention=COST_MODEL_STAND_IN)
     try:
-        step = compiler.compile(few_loss_chunks(cfg), dataclasses.replace(model_cfg, num_hidden_layers=layers),
-                                topo, sizes, options, unroll=True, isolated=True)
+        step = compiler.compile(
+            few_loss_chunks(cfg),
+            dataclasses.replace(model_cfg, num_hidden_layers=layers),
+            topo,
+            sizes,
+            options,
+            unroll=True,
+            isolated=True,
+        )
     except CompileFailed as e:
         raise EstimateUnavailable(f"{layers}-layer unrolled compile failed: {e}") from None
     if step.refused or "optimal_seconds" not in step.cost:
-        raise EstimateUnavailable(f"{layers}-layer unrolled compile: "
-                                  f"{step.memory.note or 'the compiler reported no optimal_seconds'}")
+        raise EstimateUnavailable(
+            f"{layers}-layer unrolled compile: "
+            f"{step.memory.note or 'the compiler reported no optimal_seconds'}"
+        )
     return step
 
 

@@ -19,8 +19,14 @@ from jax.experimental import topologies
 from covenant_jax.errors import PlanError
 from covenant_jax.hardware import CHIPS
 
-ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e", "v5": "v5p",
-           "gpu": "h100"}  # "gpu:16": assumed H100 80GB
+ALIASES = {
+    "v5litepod": "v5e",
+    "v5lite": "v5e",
+    "v6litepod": "v6e",
+    "v6lite": "v6e",
+    "v5": "v5p",
+    "gpu": "h100",
+}  # "gpu:16": assumed H100 80GB
 EXAMPLES = "v5p-256, v5p:4x4x8, v5e-64, v5e:16x16, v6e-256, v4-128, h100:8"
 
 
@@ -45,8 +51,15 @@ class Topology:
         return self.peak_flops_per_chip * self.chips
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "platform": self.platform, "chip": self.kind, "libtpu_topology": self.spec,
-                "chips": self.chips, "devices": self.num_devices, "hbm_per_device": self.hbm_per_device}
+        return {
+            "name": self.name,
+            "platform": self.platform,
+            "chip": self.kind,
+            "libtpu_topology": self.spec,
+            "chips": self.chips,
+            "devices": self.num_devices,
+            "hbm_per_device": self.hbm_per_device,
+        }
 
 
 def parse_topology(name: str) -> tuple[str, str, str]:
@@ -57,8 +70,10 @@ def parse_topology(name: str) -> tuple[str, str, str]:
         raise PlanError(f"unknown topology {name!r}; examples: {EXAMPLES}")
     kind, size = ALIASES.get(m.group(1), m.group(1)), m.group(2)
     if kind not in CHIPS:
-        raise PlanError(f"unknown topology {name!r}: chip {m.group(1)!r} is not one of "
-                        f"{', '.join(sorted(CHIPS))}; examples: {EXAMPLES}")
+        raise PlanError(
+            f"unknown topology {name!r}: chip {m.group(1)!r} is not one of "
+            f"{', '.join(sorted(CHIPS))}; examples: {EXAMPLES}"
+        )
     chip = CHIPS[kind]
     if chip.platform == "gpu":
         if "x" in size or int(size) < 1:
@@ -68,8 +83,10 @@ def parse_topology(name: str) -> tuple[str, str, str]:
         return "tpu", kind, f"{kind}:{size}"
     count = int(size)
     if count % chip.cores_per_chip:
-        raise PlanError(f"{name!r}: {kind} slices are named by TensorCores ({chip.cores_per_chip} per "
-                        f"chip); {count} is not a multiple")
+        raise PlanError(
+            f"{name!r}: {kind} slices are named by TensorCores ({chip.cores_per_chip} per "
+            f"chip); {count} is not a multiple"
+        )
     return "tpu", kind, f"{kind}:{_torus(count // chip.cores_per_chip, chip.torus_dims)}"
 
 
@@ -87,25 +104,31 @@ def resolve_topology(name: str) -> Topology:
 
 def _tpu_devices(name: str, spec: str) -> list:
     if importlib.util.find_spec("libtpu") is None:
-        raise PlanError("TPU planning needs libtpu (the TPU compiler; no TPU needed): "
-                        "pip install -e '.[tpu]'")
+        raise PlanError(
+            "TPU planning needs libtpu (the TPU compiler; no TPU needed): pip install -e '.[tpu]'"
+        )
     _quiet_libtpu()
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=spec, **_host_bounds(spec)).devices)
+        return list(
+            topologies.get_topology_desc(platform="tpu", topology_name=spec, **_host_bounds(spec)).devices
+        )
     except RuntimeError as e:  # JaxRuntimeError
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "topology" not in msg.lower() and "tpu" not in msg.lower():
             raise
-        raise PlanError(f"libtpu does not accept topology {name!r} (as {spec!r}): {msg}; "
-                        f"examples: {EXAMPLES}") from None
+        raise PlanError(
+            f"libtpu does not accept topology {name!r} (as {spec!r}): {msg}; examples: {EXAMPLES}"
+        ) from None
 
 
 def _torus(chips: int, dims: int) -> str:
     """The usual Cloud TPU slice shape for a chip count: 128 v5p chips -> 4x4x8, 4 -> 2x2x1,
     64 v5e -> 8x8, 1 -> 1x1 (v5e-1, v6e-1: single-chip slices)."""
     if chips < 1 or chips & (chips - 1):
-        raise PlanError(f"{chips} chips: a named slice has a power of two of chips; give the shape "
-                        f"instead (e.g. v5p:4x4x8, v5e:8x16)")
+        raise PlanError(
+            f"{chips} chips: a named slice has a power of two of chips; give the shape "
+            f"instead (e.g. v5p:4x4x8, v5e:8x16)"
+        )
     shape = [1] * dims
     while math.prod(shape) < chips:
         smallest = min(shape)
@@ -125,10 +148,17 @@ def _host_bounds(spec: str) -> dict:
 def _quiet_libtpu() -> None:
     """On a host without TPUs libtpu logs errors while looking for TPU workers; give it a local
     single-host answer (only where nothing is set and no TPU device files exist)."""
-    if any(Path("/dev").glob("accel*")) or Path("/dev/vfio").exists() and any(Path("/dev/vfio").glob("[0-9]*")):
+    if (
+        any(Path("/dev").glob("accel*"))
+        or Path("/dev/vfio").exists()
+        and any(Path("/dev/vfio").glob("[0-9]*"))
+    ):
         return
-    for key, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-                       "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-                       # compile-only: several planning processes may load libtpu at once
-                       "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
+    for key, value in {
+        "TPU_SKIP_MDS_QUERY": "1",
+        "TPU_WORKER_HOSTNAMES": "localhost",
+        "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+        # compile-only: several planning processes may load libtpu at once
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    }.items():
         os.environ.setdefault(key, value)

@@ -35,8 +35,9 @@ from covenant_jax.train import integrity
 ITEMS = ("state", "data", "config", "integrity")
 DAMAGED_SUFFIX = ".damaged"
 # OS errors that mean "the storage refused the write", not a bug: reported in one line.
-_WRITE_FAILURES = tuple(os.strerror(code) for code in
-                        (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES))
+_WRITE_FAILURES = tuple(
+    os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+)
 
 
 class _Damaged(Exception):
@@ -121,10 +122,11 @@ def _on_every_process(fn: Callable[[], Any]) -> Any:
 
 
 class RunCheckpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True,
-                 create: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, create: bool = True):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=create,
             cleanup_tmp_directories=create,
         )
         self.directory = storage.path(directory)  # local or gs://: Orbax takes epath paths
@@ -178,12 +180,16 @@ class RunCheckpointer:
             self._saving = None
             self._remove_partial(step)
             latest = self.manager.latest_step()
-            kept = (f"the last complete checkpoint, step {latest}, is intact" if latest is not None
-                    else "no complete checkpoint exists yet")
+            kept = (
+                f"the last complete checkpoint, step {latest}, is intact"
+                if latest is not None
+                else "no complete checkpoint exists yet"
+            )
             raise CheckpointWriteError(
                 f"could not write checkpoint step {step} to {self.directory}: {reason}; {kept} and "
                 "the partial step was removed. Free space (or raise the quota) and rerun the same "
-                "command to resume") from None
+                "command to resume"
+            ) from None
 
     def _remove_partial(self, step: int | None) -> None:
         """Deletes what a failed save of ``step`` left (never a finalised step)."""
@@ -208,8 +214,9 @@ class RunCheckpointer:
                 continue
         return None
 
-    def restore_newest_intact(self, abstract_state: Any, data_iterator: Any,
-                              log: Callable[[str], None] = print) -> tuple[int | None, Any]:
+    def restore_newest_intact(
+        self, abstract_state: Any, data_iterator: Any, log: Callable[[str], None] = print
+    ) -> tuple[int | None, Any]:
         """(step, state) of the newest step that restores and verifies; (None, None) if none saved.
 
         The iterator is restored in place. Newer damaged steps are moved aside (``log`` says which
@@ -226,12 +233,15 @@ class RunCheckpointer:
                 self._set_aside([s for s, _ in skipped], log)
                 return step, state
             skipped.append((step, reason))
-            log(f"checkpoint step {step} in {self.directory} is damaged: {reason}; "
-                + (f"trying step {steps[len(skipped)]}" if len(skipped) < len(steps) else "no older step"))
+            log(
+                f"checkpoint step {step} in {self.directory} is damaged: {reason}; "
+                + (f"trying step {steps[len(skipped)]}" if len(skipped) < len(steps) else "no older step")
+            )
         listing = "; ".join(f"step {s}: {r}" for s, r in skipped)
         raise CheckpointError(
             f"no intact checkpoint in {self.directory} ({listing}); nothing was changed. Move the "
-            "folder away (or train into a new run_dir) to start afresh")
+            "folder away (or train into a new run_dir) to start afresh"
+        )
 
     def _restore_agreed(self, step, abstract_state, data_iterator, log) -> tuple[Any, str | None]:
         """(state, None) when ``step`` restores and verifies on every process, else (None, why)."""
@@ -243,8 +253,10 @@ class RunCheckpointer:
         except _Damaged as e:
             return None, str(e)
         if saved is None:
-            log(f"checkpoint step {step} carries no content digests (saved by an older covenant_jax): "
-                "restored without verifying them")
+            log(
+                f"checkpoint step {step} carries no content digests (saved by an older covenant_jax): "
+                "restored without verifying them"
+            )
         return state, None
 
     @staticmethod
@@ -264,8 +276,10 @@ class RunCheckpointer:
                 raise _Damaged(f"its {item!r} item ({step_dir / item}) is missing")
         mine = step_dir / "data" / self._iterator_file()
         if not mine.exists():
-            raise _Damaged(f"the data-iterator state {mine} is missing (Grain writes one file per "
-                           "process, and this process cannot resume its data order without it)")
+            raise _Damaged(
+                f"the data-iterator state {mine} is missing (Grain writes one file per "
+                "process, and this process cannot resume its data order without it)"
+            )
 
     def _read_integrity(self, step: int) -> dict | None:
         """The digests saved with ``step`` (None before they were recorded), once its files are there."""
@@ -280,10 +294,13 @@ class RunCheckpointer:
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-            ))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                ),
+            )
         except Exception as e:
             raise _Damaged(f"it cannot be read ({_root_cause(e)})") from e
         return restored.state
@@ -302,7 +319,8 @@ class RunCheckpointer:
             raise CheckpointError(
                 f"{self.directory / str(step)} was written by a different number of processes "
                 f"(data iterator states {found}); this run has {jax.process_count()}: resume with "
-                f"the same process count, or train into a new run_dir")
+                f"the same process count, or train into a new run_dir"
+            )
 
     def _set_aside(self, steps: list[int], log: Callable[[str], None]) -> None:
         """Renames damaged steps newer than the one resumed from, so new saves can take their place."""

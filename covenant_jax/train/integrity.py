@@ -78,8 +78,10 @@ def state_digests(state: Any) -> dict[str, str]:
     paths_leaves = jax.tree_util.tree_leaves_with_path(state)
     leaves = [x for _, x in paths_leaves]
     sums = np.asarray(jax.device_get(_digest_fn(_replicated(leaves))(leaves)))
-    return {jax.tree_util.keystr(path): f"{int(a):08x}{int(b):08x}"
-            for (path, _), (a, b) in zip(paths_leaves, sums)}
+    return {
+        jax.tree_util.keystr(path): f"{int(a):08x}{int(b):08x}"
+        for (path, _), (a, b) in zip(paths_leaves, sums)
+    }
 
 
 def iterator_digest(iterator: Any) -> str:
@@ -109,8 +111,11 @@ def record(state: Any, iterator: Any) -> dict:
 def mismatches(saved: dict, state: Any, iterator: Any) -> list[str]:
     """The parts of a restored (state, iterator) whose digests differ from ``saved``."""
     now = state_digests(state)
-    bad = [path for path in sorted(saved["state"].keys() | now.keys())
-           if saved["state"].get(path) != now.get(path)]
+    bad = [
+        path
+        for path in sorted(saved["state"].keys() | now.keys())
+        if saved["state"].get(path) != now.get(path)
+    ]
     if saved["data"][jax.process_index()] != iterator_digest(iterator):
         bad.append(f"data iterator of process {jax.process_index()}")
     return bad

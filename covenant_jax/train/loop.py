@@ -32,14 +32,28 @@ from jax.sharding import NamedSharding
 
 from covenant_jax import storage
 from covenant_jax.convert import peft_adapter
-from covenant_jax.convert.api import (check_adapter_shapes, export_adapter, export_merged, export_model, folder_config,
-                                     load_lora_model, load_model)
+from covenant_jax.convert.api import (
+    check_adapter_shapes,
+    export_adapter,
+    export_merged,
+    export_model,
+    folder_config,
+    load_lora_model,
+    load_model,
+)
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import NonFiniteLoss, UserError
 from covenant_jax.model.llama import Llama, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
-from covenant_jax.train import checkpoint, metrics as metrics_lib, optimizer, precompute, preemption, preference
+from covenant_jax.train import (
+    checkpoint,
+    metrics as metrics_lib,
+    optimizer,
+    precompute,
+    preemption,
+    preference,
+)
 from covenant_jax.train import program, recipe, resume, state as state_lib
 
 
@@ -167,8 +181,9 @@ def _check_resume(cfg: ml_collections.ConfigDict) -> None:
         reader.close()
 
 
-def _restore(cfg, ckpt: checkpoint.RunCheckpointer, state: dict, shardings: dict,
-             train_iter) -> tuple[int, dict]:
+def _restore(
+    cfg, ckpt: checkpoint.RunCheckpointer, state: dict, shardings: dict, train_iter
+) -> tuple[int, dict]:
     """(start step, state): the newest intact checkpoint's, or step 0 and the fresh state."""
     if not cfg.train.resume:
         return 0, state
@@ -209,8 +224,12 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     _check_vocab(tokenizer, model)
     graphdef, params, frozen, rest = state_lib.split_trained(model)
     reference = _reference_params(cfg, mesh, params)
-    data = data_pipeline.build_pipeline(cfg.data, tokenizer, cache_dir=data_cache_dir(cfg),
-                                        annotate=_annotate(cfg, graphdef, rest, reference, mesh, tokenizer))
+    data = data_pipeline.build_pipeline(
+        cfg.data,
+        tokenizer,
+        cache_dir=data_cache_dir(cfg),
+        annotate=_annotate(cfg, graphdef, rest, reference, mesh, tokenizer),
+    )
     if jax.process_index() == 0:
         print(data.report)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
@@ -222,15 +241,33 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     storage.makedirs(run_dir)
     if jax.process_index() == 0:  # one writer
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
-    ckpt = checkpoint.RunCheckpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints,
-                                      cfg.train.async_checkpoint)
+    ckpt = checkpoint.RunCheckpointer(
+        run_dir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoint
+    )
     train_iter = iter(data.train)
     start, state = _restore(cfg, ckpt, state, shardings, train_iter)
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
     flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, program.lora_config(cfg))
-    return Run(cfg, mesh, model, data, train_iter, state, shardings, train_step, eval_step,
-               batch_sharding, steps.eval_sharding, steps.objective, steps.fields, ckpt, writer, start, flops,
-               adapter)
+    return Run(
+        cfg,
+        mesh,
+        model,
+        data,
+        train_iter,
+        state,
+        shardings,
+        train_step,
+        eval_step,
+        batch_sharding,
+        steps.eval_sharding,
+        steps.objective,
+        steps.fields,
+        ckpt,
+        writer,
+        start,
+        flops,
+        adapter,
+    )
 
 
 def _annotate(cfg, graphdef, rest, reference, mesh, tokenizer):
@@ -238,8 +275,9 @@ def _annotate(cfg, graphdef, rest, reference, mesh, tokenizer):
     if not (program.is_dpo(cfg) and cfg.dpo.precompute_ref_log_probs):
         return None
     pad_id = cfg.data.pad_id if cfg.data.pad_id >= 0 else (tokenizer.pad_token_id or 0)
-    return precompute.annotate_fn(cfg, graphdef, rest, reference, mesh, cfg.data.batch_size // jax.process_count(),
-                                  pad_id, log=_print0)
+    return precompute.annotate_fn(
+        cfg, graphdef, rest, reference, mesh, cfg.data.batch_size // jax.process_count(), pad_id, log=_print0
+    )
 
 
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -268,8 +306,13 @@ def evaluate(run: Run, state: dict) -> dict[str, float] | None:
 
             if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
                 break
-            batch = program.padding_batch(run.data.rows_per_process, run.data.seq_len, run.data.pad_id,
-                                          run.fields) if batch is None else batch
+            batch = (
+                program.padding_batch(
+                    run.data.rows_per_process, run.data.seq_len, run.data.pad_id, run.fields
+                )
+                if batch is None
+                else batch
+            )
         elif batch is None:
             break
         sums, totals = _add(_eval_sums(run, state, batch), (sums, totals))
@@ -281,8 +324,11 @@ def evaluate(run: Run, state: dict) -> dict[str, float] | None:
 def _eval_sums(run: Run, state: dict, batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
     """The objective's (sums, totals) of one eval batch (this process's rows of it), as float64."""
     with activation_sharding(run.mesh):
-        out = run.eval_step(state["params"], state.get("frozen", {}),
-                            program.device_batch(_host_layout(run, batch), run.eval_sharding, None))
+        out = run.eval_step(
+            state["params"],
+            state.get("frozen", {}),
+            program.device_batch(_host_layout(run, batch), run.eval_sharding, None),
+        )
     return jax.tree.map(np.float64, out)
 
 
@@ -302,8 +348,9 @@ def _evaluate_like_trainer(run: Run, state: dict) -> float | None:
         sums, totals = None, None
         for b in batches:
             sums, totals = _add(_eval_sums(run, state, b), (sums, totals))
-        means.append(float(run.objective.report(sums, totals)["loss"]) if totals and totals["tokens"]
-                     else float("nan"))
+        means.append(
+            float(run.objective.report(sums, totals)["loss"]) if totals and totals["tokens"] else float("nan")
+        )
         weights.append(rows)
     if not means:
         return None
@@ -367,23 +414,32 @@ def _non_finite(run: Run, step: int, m: dict) -> NonFiniteLoss:
     """The error for a step whose loss, gradients or updated state are not finite."""
     run.checkpointer.wait()  # an in-flight save of an earlier (checked) step completes first
     latest = run.checkpointer.latest_step()
-    kept = (f"the last checkpoint ({latest}) is intact" if latest is not None
-            else "no checkpoint has been written")
+    kept = (
+        f"the last checkpoint ({latest}) is intact"
+        if latest is not None
+        else "no checkpoint has been written"
+    )
     values = f"loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}"
     if not m["finite"]:
         return NonFiniteLoss(
             f"non-finite loss or gradient at step {step}, on the run's batch #{step} ({values}); "
-            f"the update was skipped, {kept}. Lower optim.lr or check the data.")
+            f"the update was skipped, {kept}. Lower optim.lr or check the data."
+        )
     return NonFiniteLoss(
         f"non-finite parameters or optimizer state after the update of step {step} ({values}): "
-        f"the run stops and this state is not saved; {kept}. Lower optim.lr or set optim.clip_norm.")
+        f"the run stops and this state is not saved; {kept}. Lower optim.lr or set optim.clip_norm."
+    )
 
 
 def _stopped(run: Run, stop: preemption.StopRequest, step: int) -> None:
     if jax.process_index() == 0:
-        print(f"covenant-jax: stopped by {stop.describe()} after step {step}: checkpoint saved in "
-              f"{run.checkpointer.directory / str(step)}; rerun the same command to resume "
-              f"(exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        print(
+            f"covenant-jax: stopped by {stop.describe()} after step {step}: checkpoint saved in "
+            f"{run.checkpointer.directory / str(step)}; rerun the same command to resume "
+            f"(exit code {preemption.EXIT_PREEMPTED})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def train(cfg: ml_collections.ConfigDict) -> RunSummary:
@@ -425,11 +481,15 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
             run.writer.write(0, eval_scalars(evaluated))
             if jax.process_index() == 0:
                 accuracy = evaluated.get("rewards/accuracies")
-                print(f"eval loss before training: {last_eval:.4f}"
-                      + ("" if accuracy is None else f" (rewards/accuracies {accuracy:.3f})"))
+                print(
+                    f"eval loss before training: {last_eval:.4f}"
+                    + ("" if accuracy is None else f" (rewards/accuracies {accuracy:.3f})")
+                )
     try:
         for step in range(run.start_step + 1, t.steps + 1):
-            batch = program.device_batch(_host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches)
+            batch = program.device_batch(
+                _host_layout(run, next(run.train_iter)), run.batch_sharding, t.micro_batches
+            )
             with activation_sharding(run.mesh):
                 state, m = run.train_step(state, batch)
             if pending is not None:
@@ -457,11 +517,28 @@ def _train(cfg: ml_collections.ConfigDict, stop: preemption.StopRequest) -> RunS
         run.checkpointer.close()
     if stopped_at is not None:
         _stopped(run, stop, stopped_at)
-        return RunSummary(stopped_at - run.start_step, tokens, last_train, last_eval, time.time() - started,
-                          storage.path(t.run_dir), checkpoint_step, None, preempted=True)
+        return RunSummary(
+            stopped_at - run.start_step,
+            tokens,
+            last_train,
+            last_eval,
+            time.time() - started,
+            storage.path(t.run_dir),
+            checkpoint_step,
+            None,
+            preempted=True,
+        )
     exported = _export(run, state) if t.export else None
-    summary = RunSummary(t.steps - run.start_step, tokens, last_train, last_eval, time.time() - started,
-                         storage.path(t.run_dir), checkpoint_step, exported)
+    summary = RunSummary(
+        t.steps - run.start_step,
+        tokens,
+        last_train,
+        last_eval,
+        time.time() - started,
+        storage.path(t.run_dir),
+        checkpoint_step,
+        exported,
+    )
     if jax.process_index() == 0:
         print(summary)
     return summary
@@ -473,10 +550,26 @@ def _export(run: Run, state: dict) -> Path:
     graphdef, _, _, rest = state_lib.split_trained(run.model)
     model = state_lib.merge_trained(graphdef, state["params"], state.get("frozen"), rest)
     if model.options.lora is None:
-        return export_model(model, export_dir(cfg), dtype=cfg.train.export_dtype or None,
-                            aux_dir=cfg.model.path, overwrite=True)
+        return export_model(
+            model,
+            export_dir(cfg),
+            dtype=cfg.train.export_dtype or None,
+            aux_dir=cfg.model.path,
+            overwrite=True,
+        )
     if cfg.model.lora.export_merged:
-        export_merged(model, merged_dir(cfg), dtype=cfg.train.export_dtype or None, aux_dir=cfg.model.path,
-                      overwrite=True)
-    return export_adapter(model, export_dir(cfg), base=str(cfg.model.path), aux_dir=cfg.model.path,
-                          source_config=run.adapter.raw_config if run.adapter else None, overwrite=True)
+        export_merged(
+            model,
+            merged_dir(cfg),
+            dtype=cfg.train.export_dtype or None,
+            aux_dir=cfg.model.path,
+            overwrite=True,
+        )
+    return export_adapter(
+        model,
+        export_dir(cfg),
+        base=str(cfg.model.path),
+        aux_dir=cfg.model.path,
+        source_config=run.adapter.raw_config if run.adapter else None,
+        overwrite=True,
+    )

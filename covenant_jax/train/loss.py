@@ -48,8 +48,14 @@ def cross_entropy_sum(
     return jnp.sum(mask_BT * nll_BT), jnp.sum(mask_BT)
 
 
-def token_nll(hidden_BTD: jnp.ndarray, kernel_DV: jnp.ndarray, targets_BT: jnp.ndarray, *,
-              chunk_size: int = 4096, unroll: bool = False) -> jnp.ndarray:
+def token_nll(
+    hidden_BTD: jnp.ndarray,
+    kernel_DV: jnp.ndarray,
+    targets_BT: jnp.ndarray,
+    *,
+    chunk_size: int = 4096,
+    unroll: bool = False,
+) -> jnp.ndarray:
     """float32 ``-log p(target)`` of every token [B, T], logits only ever chunk_size x V.
 
     The one chunked-logits kernel: the SFT loss masks and sums it, preference losses sum it per
@@ -115,7 +121,9 @@ def _chunked_nll_bwd(unroll, residuals, g_JC):
         return dkernel_DV, dhidden_CD.astype(hidden_CD.dtype)
 
     dkernel_DV, dhidden_JCD = lax.scan(
-        chunk, jnp.zeros(kernel_DV.shape, jnp.float32), (hidden_JCD, targets_JC, lse_JC, g_JC),
+        chunk,
+        jnp.zeros(kernel_DV.shape, jnp.float32),
+        (hidden_JCD, targets_JC, lse_JC, g_JC),
         unroll=unroll,
     )
     return dhidden_JCD, dkernel_DV.astype(kernel_DV.dtype), None

@@ -91,8 +91,11 @@ class MetricsWriter:
 
         # The suffix keeps two runs started in the same second from sharing an event file name,
         # and orders them (TensorBoard reads a folder's event files in name order).
-        self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=start_step + 1 if start_step else 0,
-                                filename_suffix=f".{time.time_ns()}")
+        self.tb = SummaryWriter(
+            str(self.local / "tensorboard"),
+            purge_step=start_step + 1 if start_step else 0,
+            filename_suffix=f".{time.time_ns()}",
+        )
         self._upload()
 
     @property

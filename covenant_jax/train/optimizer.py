@@ -19,19 +19,35 @@ from covenant_jax import fields
 
 SCHEDULES = ("cosine", "linear", "constant")
 RULES = {
-    "lr": fields.at_least(0), "warmup_steps": fields.at_least(0), "schedule": fields.one_of(SCHEDULES),
-    "min_lr_ratio": fields.within(0, 1), "b1": fields.within(0, 1, high_open=True),
-    "b2": fields.within(0, 1, high_open=True), "eps": fields.at_least(0),
-    "weight_decay": fields.at_least(0), "clip_norm": fields.at_least(0),
+    "lr": fields.at_least(0),
+    "warmup_steps": fields.at_least(0),
+    "schedule": fields.one_of(SCHEDULES),
+    "min_lr_ratio": fields.within(0, 1),
+    "b1": fields.within(0, 1, high_open=True),
+    "b2": fields.within(0, 1, high_open=True),
+    "eps": fields.at_least(0),
+    "weight_decay": fields.at_least(0),
+    "clip_norm": fields.at_least(0),
     "mu_dtype": fields.one_of(("",) + fields.DTYPES),
 }
 
 
 def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        lr=2e-5, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.0, decay_exclude=("norm", "bias", "embed"), clip_norm=1.0, mu_dtype="",
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            lr=2e-5,
+            warmup_steps=0,
+            schedule="cosine",
+            min_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.0,
+            decay_exclude=("norm", "bias", "embed"),
+            clip_norm=1.0,
+            mu_dtype="",
+        )
+    )
 
 
 def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
@@ -51,6 +67,7 @@ def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
 
 def decay_mask(params: Any, exclude: tuple[str, ...]) -> Any:
     """True where weight decay applies: every path that contains none of ``exclude``."""
+
     def keep(path, _):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         return not any(part in name for part in exclude)
@@ -58,10 +75,16 @@ def decay_mask(params: Any, exclude: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    cfg: Mapping[str, Any], total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(
-        schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=cfg["weight_decay"],
+        schedule,
+        b1=cfg["b1"],
+        b2=cfg["b2"],
+        eps=cfg["eps"],
+        weight_decay=cfg["weight_decay"],
         mu_dtype=cfg["mu_dtype"] or None,
         mask=lambda params: decay_mask(params, tuple(cfg["decay_exclude"])),
     )

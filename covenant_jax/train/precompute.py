@@ -42,13 +42,16 @@ def _at_tokens(per_target_BT: np.ndarray) -> np.ndarray:
     return np.pad(per_target_BT[:, :-1], ((0, 0), (1, 0)))
 
 
-def annotate_fn(cfg, graphdef, rest, params: dict, mesh, rows: int, pad_id: int,
-                log: Callable[[str], None] = print) -> Callable[[Sequence[list]], None]:
+def annotate_fn(
+    cfg, graphdef, rest, params: dict, mesh, rows: int, pad_id: int, log: Callable[[str], None] = print
+) -> Callable[[Sequence[list]], None]:
     """``annotate(example_lists)`` for ``build_pipeline``: adds ``ref_logp`` to every pair, from
     the reference ``params`` (on ``mesh``)."""
     eval_sharding = program.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len, micro_batched=False)
-    fn = jax.jit(target_logps_fn(graphdef, rest, cfg.train.loss_chunk_size),
-                 in_shardings=(jax.tree.map(lambda x: x.sharding, params), eval_sharding))
+    fn = jax.jit(
+        target_logps_fn(graphdef, rest, cfg.train.loss_chunk_size),
+        in_shardings=(jax.tree.map(lambda x: x.sharding, params), eval_sharding),
+    )
 
     def annotate(example_lists: Sequence[list]) -> None:
         started = time.time()
@@ -61,24 +64,41 @@ def annotate_fn(cfg, graphdef, rest, params: dict, mesh, rows: int, pad_id: int,
     return annotate
 
 
-def _my_values(units: list[dict], fn, params, mesh, sharding, cfg, rows: int, pad_id: int) -> dict[int, np.ndarray]:
+def _my_values(
+    units: list[dict], fn, params, mesh, sharding, cfg, rows: int, pad_id: int
+) -> dict[int, np.ndarray]:
     """{index: per-token values} of this process's share of ``units`` (indices p, p + n, ...)."""
     mine = range(jax.process_index(), len(units), jax.process_count())
-    tagged = [{**{k: units[i][k] for k in pairs.UNIT_FIELDS}, "unit": np.full(len(units[i]["tokens"]), i, np.int32)}
-              for i in mine]
-    ds = grain.MapDataset.source(tagged).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    batches = iter(pairs.pack_pairs(
-        ds, seq_len=cfg.data.seq_len, rows=rows, pad_id=pad_id, bins=rows, seed=0, shuffle_bins=False,
-        pairs_per_row=program.pairs_per_row(cfg),
-        fields=pairs.UNIT_FIELDS + ("unit",)))
+    tagged = [
+        {**{k: units[i][k] for k in pairs.UNIT_FIELDS}, "unit": np.full(len(units[i]["tokens"]), i, np.int32)}
+        for i in mine
+    ]
+    ds = grain.MapDataset.source(tagged).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    )
+    batches = iter(
+        pairs.pack_pairs(
+            ds,
+            seq_len=cfg.data.seq_len,
+            rows=rows,
+            pad_id=pad_id,
+            bins=rows,
+            seed=0,
+            shuffle_bins=False,
+            pairs_per_row=program.pairs_per_row(cfg),
+            fields=pairs.UNIT_FIELDS + ("unit",),
+        )
+    )
     values: dict[int, np.ndarray] = {}
     while True:
         batch = next(batches, None)
         if not _any_process(batch is not None):  # all processes run the same (collective) steps
             break
         if batch is None:
-            batch = {**program.padding_batch(rows, cfg.data.seq_len, pad_id),
-                     "unit": np.full((rows, cfg.data.seq_len), -1, np.int32)}
+            batch = {
+                **program.padding_batch(rows, cfg.data.seq_len, pad_id),
+                "unit": np.full((rows, cfg.data.seq_len), -1, np.int32),
+            }
         host = program.host_layout(cfg, mesh, {k: batch[k] for k in program.BATCH_FIELDS})
         with activation_sharding(mesh):
             out = fn(params, program.device_batch(host, sharding, None))
@@ -118,13 +138,14 @@ def _all_processes(units: list[dict], mine: dict[int, np.ndarray]) -> list[np.nd
     sizes = [sum(len(units[i]["tokens"]) for i in share) for share in shares]
     flat = np.zeros(max(sizes), np.float32)
     flat[: sizes[jax.process_index()]] = np.concatenate(
-        [mine[i] for i in shares[jax.process_index()]] or [np.zeros(0, np.float32)])
+        [mine[i] for i in shares[jax.process_index()]] or [np.zeros(0, np.float32)]
+    )
     gathered = np.asarray(multihost_utils.process_allgather(flat)).reshape(n, -1)
     out: list = [None] * len(units)
     for p, share in enumerate(shares):
         offset = 0
         for i in share:
             length = len(units[i]["tokens"])
-            out[i] = gathered[p, offset: offset + length]
+            out[i] = gathered[p, offset : offset + length]
             offset += length
     return out

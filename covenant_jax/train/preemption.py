@@ -62,8 +62,11 @@ class StopRequest:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without saving
         self.signal_name = signal.Signals(signum).name
         # os.write: a print here could re-enter a print the main thread was in.
-        os.write(2, f"covenant-jax: {self.signal_name} received: saving a checkpoint after the "
-                    "current step, then stopping (Ctrl-C again stops at once)\n".encode())
+        os.write(
+            2,
+            f"covenant-jax: {self.signal_name} received: saving a checkpoint after the "
+            "current step, then stopping (Ctrl-C again stops at once)\n".encode(),
+        )
         if self._jax_service and signum == signal.SIGINT:
             signal.raise_signal(signal.SIGTERM)  # JAX's notifier passes it to every process
 
@@ -77,7 +80,9 @@ class StopRequest:
             return self.signal_name is not None
         from jax.experimental import multihost_utils
 
-        return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.signal_name is not None))).any())
+        return bool(
+            np.asarray(multihost_utils.process_allgather(np.int32(self.signal_name is not None))).any()
+        )
 
     def describe(self) -> str:
         return self.signal_name or "a preemption notice (SIGTERM)"

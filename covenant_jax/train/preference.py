@@ -49,8 +49,14 @@ from covenant_jax.train.step import Batch, Objective, Sums, mean
 
 PAIR_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair")
 LOSS_TYPES = PAIR_LOSSES + ("sft",)
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 RULES = {
     "beta": fields.positive(),
     "label_smoothing": fields.within(0, 1, high_open=True),
@@ -59,14 +65,19 @@ RULES = {
 
 def default_config() -> ml_collections.ConfigDict:
     """The ``dpo`` section (read when ``train.objective="dpo"``), TRL's names and defaults."""
-    return ml_collections.ConfigDict(dict(
-        beta=0.1, loss_type=("sigmoid",), loss_weights=(), label_smoothing=0.0,
-        # "": the starting model (model.path) is the reference; else another folder of the same shape
-        ref_model_path="",
-        # one pass before training stores each sequence's reference log-probs with the data,
-        # so the step holds one model
-        precompute_ref_log_probs=False,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            beta=0.1,
+            loss_type=("sigmoid",),
+            loss_weights=(),
+            label_smoothing=0.0,
+            # "": the starting model (model.path) is the reference; else another folder of the same shape
+            ref_model_path="",
+            # one pass before training stores each sequence's reference log-probs with the data,
+            # so the step holds one model
+            precompute_ref_log_probs=False,
+        )
+    )
 
 
 def check(section) -> None:
@@ -75,25 +86,40 @@ def check(section) -> None:
     loss_types, weights = tuple(section.loss_type), tuple(section.loss_weights)
     unknown = [t for t in loss_types if t not in LOSS_TYPES]
     if not loss_types or unknown or len(set(loss_types)) != len(loss_types):
-        raise RecipeError(f"dpo.loss_type={list(loss_types)}: each must be one of {', '.join(LOSS_TYPES)} "
-                          "(each at most once)")
+        raise RecipeError(
+            f"dpo.loss_type={list(loss_types)}: each must be one of {', '.join(LOSS_TYPES)} "
+            "(each at most once)"
+        )
     if weights and len(weights) != len(loss_types):
         raise RecipeError(f"dpo.loss_weights={list(weights)}: one weight per loss type {list(loss_types)}")
     eps = section.label_smoothing
     if "robust" in loss_types and not eps < 0.5:
         raise RecipeError(f"dpo.label_smoothing={eps}: the robust loss needs it in [0, 0.5)")
     if "exo_pair" in loss_types and not eps > 0:
-        raise RecipeError(f"dpo.label_smoothing={eps}: the exo_pair loss needs it in (0, 1) "
-                          "(the EXO paper recommends 1e-3)")
+        raise RecipeError(
+            f"dpo.label_smoothing={eps}: the exo_pair loss needs it in (0, 1) (the EXO paper recommends 1e-3)"
+        )
     if eps and not {"robust", "exo_pair"} & set(loss_types):
-        raise RecipeError(f"dpo.label_smoothing={eps} is read only by the robust and exo_pair losses "
-                          f"(TRL 1.16), not by {list(loss_types)}: use dpo.loss_type=robust for "
-                          "conservative DPO")
+        raise RecipeError(
+            f"dpo.label_smoothing={eps} is read only by the robust and exo_pair losses "
+            f"(TRL 1.16), not by {list(loss_types)}: use dpo.loss_type=robust for "
+            "conservative DPO"
+        )
 
 
 # What the reference must share with the policy for its log-probs to score the same tokens.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+)
 
 
 def check_reference(policy_path: str, reference_path: str) -> None:
@@ -103,22 +129,36 @@ def check_reference(policy_path: str, reference_path: str) -> None:
     for path in (policy_path, reference_path):
         config_json = storage.path(path) / "config.json"
         if not config_json.is_file():
-            raise RecipeError(f"{'dpo.ref_model_path' if path == reference_path else 'model.path'}={path}: "
-                              f"no config.json there")
+            raise RecipeError(
+                f"{'dpo.ref_model_path' if path == reference_path else 'model.path'}={path}: "
+                f"no config.json there"
+            )
         configs.append(ModelConfig.from_json_file(config_json))
     policy, reference = configs
-    differ = [f"{k} {getattr(reference, k)} (the policy's: {getattr(policy, k)})" for k in SHAPE_FIELDS
-              if getattr(reference, k) != getattr(policy, k)]
+    differ = [
+        f"{k} {getattr(reference, k)} (the policy's: {getattr(policy, k)})"
+        for k in SHAPE_FIELDS
+        if getattr(reference, k) != getattr(policy, k)
+    ]
     if differ:
-        raise RecipeError(f"dpo.ref_model_path={reference_path}: the reference disagrees with the policy "
-                          f"(model.path) in {', '.join(differ)}; it must be the same model shape and vocabulary")
+        raise RecipeError(
+            f"dpo.ref_model_path={reference_path}: the reference disagrees with the policy "
+            f"(model.path) in {', '.join(differ)}; it must be the same model shape and vocabulary"
+        )
 
 
 # ---- per-pair losses and metrics ----------------------------------------------------------------
 
 
-def pair_loss(kind: str, chosen_logratio_P, rejected_logratio_P, chosen_tokens_P, rejected_tokens_P,
-              beta: float, label_smoothing: float) -> jnp.ndarray:
+def pair_loss(
+    kind: str,
+    chosen_logratio_P,
+    rejected_logratio_P,
+    chosen_tokens_P,
+    rejected_tokens_P,
+    beta: float,
+    label_smoothing: float,
+) -> jnp.ndarray:
     """Per-pair loss [P] of one of ``PAIR_LOSSES``."""
     delta_P = chosen_logratio_P - rejected_logratio_P
     eps = label_smoothing
@@ -127,8 +167,9 @@ def pair_loss(kind: str, chosen_logratio_P, rejected_logratio_P, chosen_tokens_P
     if kind == "hinge":
         return jax.nn.relu(1.0 - beta * delta_P)
     if kind == "ipo":
-        per_token_P = (chosen_logratio_P / jnp.maximum(chosen_tokens_P, 1.0)
-                       - rejected_logratio_P / jnp.maximum(rejected_tokens_P, 1.0))
+        per_token_P = chosen_logratio_P / jnp.maximum(
+            chosen_tokens_P, 1.0
+        ) - rejected_logratio_P / jnp.maximum(rejected_tokens_P, 1.0)
         return (per_token_P - 1.0 / (2.0 * beta)) ** 2
     if kind == "robust":
         clean_P = -(1.0 - eps) * jax.nn.log_sigmoid(beta * delta_P)
@@ -136,13 +177,15 @@ def pair_loss(kind: str, chosen_logratio_P, rejected_logratio_P, chosen_tokens_P
         return (clean_P - flipped_P) / (1.0 - 2.0 * eps)
     if kind == "exo_pair":
         log_qw_P, log_ql_P = jax.nn.log_sigmoid(beta * delta_P), jax.nn.log_sigmoid(-beta * delta_P)
-        return (jnp.exp(log_qw_P) * (log_qw_P - jnp.log1p(-eps))
-                + jnp.exp(log_ql_P) * (log_ql_P - jnp.log(eps)))
+        return jnp.exp(log_qw_P) * (log_qw_P - jnp.log1p(-eps)) + jnp.exp(log_ql_P) * (
+            log_ql_P - jnp.log(eps)
+        )
     raise RecipeError(f"unknown preference loss {kind!r}; one of {PAIR_LOSSES}")
 
 
-def metric_sums(chosen_logps_P, rejected_logps_P, chosen_logratio_P, rejected_logratio_P, pair_mask_P,
-                beta: float) -> Mapping[str, jnp.ndarray]:
+def metric_sums(
+    chosen_logps_P, rejected_logps_P, chosen_logratio_P, rejected_logratio_P, pair_mask_P, beta: float
+) -> Mapping[str, jnp.ndarray]:
     """Per-pair metrics summed over valid pairs (divide by the pair count for TRL's means)."""
     chosen_rewards_P = beta * chosen_logratio_P
     rejected_rewards_P = beta * rejected_logratio_P
@@ -160,7 +203,9 @@ def metric_sums(chosen_logps_P, rejected_logps_P, chosen_logratio_P, rejected_lo
 # ---- per-sequence sums over packed pairs --------------------------------------------------------
 
 
-def sequence_sums(values_BT: jnp.ndarray, batch: Batch, pairs_per_row: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+def sequence_sums(
+    values_BT: jnp.ndarray, batch: Batch, pairs_per_row: int
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(chosen [P], rejected [P]) sums of ``values_BT * loss_mask`` per pair, P = rows x K.
 
     Each row sums its own tokens into 2K slots (slot 2k: pair k's chosen answer, 2k + 1: its
@@ -182,8 +227,11 @@ def pair_totals(batch: Batch, pairs_per_row: int) -> Sums:
     ones_BT = jnp.ones(rows["loss_mask"].shape, jnp.float32)
     chosen_tokens_P, rejected_tokens_P = sequence_sums(ones_BT, rows, pairs_per_row)
     valid_P = ((chosen_tokens_P > 0) & (rejected_tokens_P > 0)).astype(jnp.float32)
-    return {"pairs": jnp.sum(valid_P), "chosen_tokens": jnp.sum(valid_P * chosen_tokens_P),
-            "tokens": jnp.sum(valid_P * (chosen_tokens_P + rejected_tokens_P))}
+    return {
+        "pairs": jnp.sum(valid_P),
+        "chosen_tokens": jnp.sum(valid_P * chosen_tokens_P),
+        "tokens": jnp.sum(valid_P * (chosen_tokens_P + rejected_tokens_P)),
+    }
 
 
 # ---- where the reference log-probs come from ----------------------------------------------------
@@ -192,8 +240,9 @@ def pair_totals(batch: Batch, pairs_per_row: int) -> Sums:
 Reference = Callable[[dict, dict, Batch], jnp.ndarray]
 
 
-def frozen_model_reference(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int,
-                           unroll: bool = False) -> Reference:
+def frozen_model_reference(
+    graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int, unroll: bool = False
+) -> Reference:
     """The frozen copy in ``state["frozen"]["ref_params"]``, run in the step on the same mesh."""
 
     def reference(params, frozen, batch):
@@ -212,7 +261,9 @@ def precomputed_reference(params, frozen, batch) -> jnp.ndarray:
 
 def policy_token_nll(model, batch: Batch, chunk_size: int, unroll: bool = False) -> jnp.ndarray:
     hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return token_nll(hidden_BTD, model.output_kernel(), batch["targets"], chunk_size=chunk_size, unroll=unroll)
+    return token_nll(
+        hidden_BTD, model.output_kernel(), batch["targets"], chunk_size=chunk_size, unroll=unroll
+    )
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -224,8 +275,16 @@ def loss_weights(section) -> dict[str, float]:
     return dict(zip(tuple(section.loss_type), map(float, weights), strict=True))
 
 
-def dpo_objective(graphdef: nnx.GraphDef, rest: nnx.State, section, *, chunk_size: int,
-                  pairs_per_row: int, reference: Reference, unroll: bool = False) -> Objective:
+def dpo_objective(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    section,
+    *,
+    chunk_size: int,
+    pairs_per_row: int,
+    reference: Reference,
+    unroll: bool = False,
+) -> Objective:
     """DPO on packed pairs: ``section`` is the recipe's ``dpo`` section (checked)."""
     weights = loss_weights(section)
     beta, eps = float(section.beta), float(section.label_smoothing)
@@ -256,8 +315,11 @@ def dpo_objective(graphdef: nnx.GraphDef, rest: nnx.State, section, *, chunk_siz
 
     def report(sums, totals):
         parts = {k: mean(sums[f"loss/{k}"], _denominator(k, totals)) for k in weights}
-        out = {"loss": sum(weights[k] * parts[k] for k in parts), "tokens": totals["tokens"],
-               "pairs": totals["pairs"]}
+        out = {
+            "loss": sum(weights[k] * parts[k] for k in parts),
+            "tokens": totals["tokens"],
+            "pairs": totals["pairs"],
+        }
         out.update({name: mean(sums[name], totals["pairs"]) for name in METRICS})
         if len(parts) > 1:
             out.update({f"loss/{k}": v for k, v in parts.items()})

@@ -35,8 +35,13 @@ from covenant_jax.model import lora as lora_lib
 from covenant_jax.train import optimizer, preference, state as state_lib, step as step_lib
 
 OBJECTIVES = ("sft", "dpo")  # train.objective
-BATCH_FIELDS = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32,
-                "segment_ids": np.int32, "positions": np.int32}
+BATCH_FIELDS = {
+    "tokens": np.int32,
+    "targets": np.int32,
+    "loss_mask": np.float32,
+    "segment_ids": np.int32,
+    "positions": np.int32,
+}
 PAIR_FIELDS = {"pair_slot": np.int32, "chosen": np.int32}
 REF_FIELDS = {"ref_logp": np.float32}
 _PAD = {"pair_slot": -1}  # padding values other than 0 (tokens and targets: the pad id)
@@ -70,16 +75,26 @@ def lora_config(cfg) -> lora_lib.LoraConfig | None:
     section = cfg.model.lora
     if not section.enabled:
         return None
-    return lora_lib.LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
-                               targets=tuple(section.targets), rslora=section.rslora,
-                               base_dtype=section.base_dtype)
+    return lora_lib.LoraConfig(
+        rank=section.rank,
+        alpha=section.alpha,
+        dropout=section.dropout,
+        targets=tuple(section.targets),
+        rslora=section.rslora,
+        base_dtype=section.base_dtype,
+    )
 
 
 def model_options(cfg) -> ModelOptions:
     """How the recipe runs the model (``model.*`` and the packed-row bound)."""
-    return ModelOptions(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                        remat=cfg.model.remat, attention=cfg.model.attention,
-                        max_samples_per_row=cfg.data.max_samples_per_row, lora=lora_config(cfg))
+    return ModelOptions(
+        param_dtype=cfg.model.param_dtype,
+        dtype=cfg.model.dtype,
+        remat=cfg.model.remat,
+        attention=cfg.model.attention,
+        max_samples_per_row=cfg.data.max_samples_per_row,
+        lora=lora_config(cfg),
+    )
 
 
 # ---- the batch ----------------------------------------------------------------------------------
@@ -91,8 +106,9 @@ def batch_sharding(mesh: Mesh, rows: int, seq_len: int, micro_batched: bool) -> 
     return NamedSharding(mesh, P(None, *spec) if micro_batched else spec)
 
 
-def abstract_batch(rows: int, seq_len: int, micro_batches: int, sharding: NamedSharding,
-                   fields: dict | None = None) -> dict:
+def abstract_batch(
+    rows: int, seq_len: int, micro_batches: int, sharding: NamedSharding, fields: dict | None = None
+) -> dict:
     """The [A, rows / A, T] train batch (``fields``: :func:`batch_fields`, SFT's by default) as
     ShapeDtypeStructs on ``sharding``."""
     shape = (micro_batches, rows // micro_batches, seq_len)
@@ -125,6 +141,7 @@ def token_order(cfg, mesh: Mesh, x_BT: np.ndarray) -> np.ndarray:
 
 def device_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, micro_batches: int | None) -> dict:
     """This process's host rows [rows, T] -> global arrays, [A, b, T] when micro-batched."""
+
     def put(x):
         if micro_batches is not None:
             x = x.reshape(micro_batches, -1, *x.shape[1:])
@@ -150,8 +167,9 @@ class AbstractState:
     shardings: dict
 
 
-def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh,
-                   options: ModelOptions | None = None) -> AbstractState:
+def abstract_state(
+    cfg, model_cfg: ModelConfig, mesh: Mesh, options: ModelOptions | None = None
+) -> AbstractState:
     """What ``plan`` compiles and a restore targets: params, optimizer state and step on ``mesh``
     (``options``: how the model runs, the recipe's by default), and with LoRA the frozen base
     (``state["frozen"]``: no optimizer state)."""
@@ -162,8 +180,11 @@ def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh,
     if in_step_reference(cfg):  # DPO's reference: a frozen copy of the starting weights
         frozen = {**(frozen or {}), "ref_params": params}
     shardings = state_lib.state_shardings(params, tx, mesh, frozen)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-             "opt_state": jax.eval_shape(tx.init, params)}
+    state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, params),
+    }
     if frozen is not None:
         state["frozen"] = frozen
     return AbstractState(graphdef, rest, tx, schedule, state_lib.abstract_like(state, shardings), shardings)
@@ -172,11 +193,17 @@ def abstract_state(cfg, model_cfg: ModelConfig, mesh: Mesh,
 def _placed(model, params: dict, frozen: dict | None, mesh: Mesh) -> tuple[dict, dict | None]:
     """(params, frozen) of :func:`state.split_trained` on an abstract ``model`` as
     ShapeDtypeStructs with each weight's sharding."""
-    shardings = traverse_util.flatten_dict(nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh)))
+    shardings = traverse_util.flatten_dict(
+        nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh))
+    )
 
     def placed(tree):
-        return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shardings[path])
-                                             for path, p in traverse_util.flatten_dict(tree).items()})
+        return traverse_util.unflatten_dict(
+            {
+                path: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shardings[path])
+                for path, p in traverse_util.flatten_dict(tree).items()
+            }
+        )
 
     return placed(params), None if frozen is None else {k: placed(v) for k, v in frozen.items()}
 
@@ -200,14 +227,23 @@ def make_objective(cfg, graphdef, rest, unroll: bool = False) -> step_lib.Object
     chunk = cfg.train.loss_chunk_size
     if not is_dpo(cfg):
         return step_lib.sft_objective(step_lib.make_loss_fn(graphdef, rest, chunk, unroll))
-    reference = (preference.frozen_model_reference(graphdef, rest, chunk, unroll) if in_step_reference(cfg)
-                 else preference.precomputed_reference)
-    return preference.dpo_objective(graphdef, rest, cfg.dpo, chunk_size=chunk, pairs_per_row=pairs_per_row(cfg),
-                                    reference=reference, unroll=unroll)
+    reference = (
+        preference.frozen_model_reference(graphdef, rest, chunk, unroll)
+        if in_step_reference(cfg)
+        else preference.precomputed_reference
+    )
+    return preference.dpo_objective(
+        graphdef,
+        rest,
+        cfg.dpo,
+        chunk_size=chunk,
+        pairs_per_row=pairs_per_row(cfg),
+        reference=reference,
+        unroll=unroll,
+    )
 
 
-def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh,
-               unroll: bool = False) -> Steps:
+def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh, unroll: bool = False) -> Steps:
     """The jitted steps with explicit shardings and donation (the frozen weights, when there are
     any, pass through the donated state unchanged: their buffers are aliased, not copied).
     ``unroll``: the micro-batch and loss-chunk loops unrolled (``plan``'s step time estimate; the
@@ -218,9 +254,14 @@ def make_steps(cfg, graphdef, rest, tx, schedule, shardings: dict, mesh: Mesh,
     eval_sharding = batch_sharding(mesh, cfg.data.batch_size, seq_len, micro_batched=False)
     lora = lora_config(cfg)
     dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
-    train_step = jax.jit(step_lib.make_train_step(objective, tx, schedule, unroll, dropout_seed=dropout_seed),
-                         in_shardings=(shardings, train_sharding),
-                         out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(objective),
-                        in_shardings=(shardings["params"], shardings.get("frozen", {}), eval_sharding))
+    train_step = jax.jit(
+        step_lib.make_train_step(objective, tx, schedule, unroll, dropout_seed=dropout_seed),
+        in_shardings=(shardings, train_sharding),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        step_lib.make_eval_step(objective),
+        in_shardings=(shardings["params"], shardings.get("frozen", {}), eval_sharding),
+    )
     return Steps(train_step, eval_step, train_sharding, eval_sharding, objective, batch_fields(cfg))

@@ -29,8 +29,10 @@ from covenant_jax.train import optimizer, preference, program
 
 RULES = {
     "model": {
-        "param_dtype": fields.one_of(fields.DTYPES), "dtype": fields.one_of(fields.DTYPES),
-        "remat": fields.one_of(llama.REMAT_POLICIES), "attention": fields.one_of(attention.backend_names()),
+        "param_dtype": fields.one_of(fields.DTYPES),
+        "dtype": fields.one_of(fields.DTYPES),
+        "remat": fields.one_of(llama.REMAT_POLICIES),
+        "attention": fields.one_of(attention.backend_names()),
         "max_position_embeddings": fields.at_least(0),
     },
     "mesh": {axis: fields.mesh_size() for axis in MESH_AXES},
@@ -38,10 +40,15 @@ RULES = {
     "optim": optimizer.RULES,
     "train": {
         "objective": fields.one_of(program.OBJECTIVES),
-        "steps": fields.at_least(1), "micro_batches": fields.at_least(1), "log_every": fields.at_least(1),
-        "eval_every": fields.at_least(0), "eval_batches": fields.at_least(0),
-        "checkpoint_every": fields.at_least(1), "keep_checkpoints": fields.at_least(1),
-        "loss_chunk_size": fields.at_least(1), "export_dtype": fields.one_of(("",) + fields.DTYPES),
+        "steps": fields.at_least(1),
+        "micro_batches": fields.at_least(1),
+        "log_every": fields.at_least(1),
+        "eval_every": fields.at_least(0),
+        "eval_batches": fields.at_least(0),
+        "checkpoint_every": fields.at_least(1),
+        "keep_checkpoints": fields.at_least(1),
+        "loss_chunk_size": fields.at_least(1),
+        "export_dtype": fields.one_of(("",) + fields.DTYPES),
         "peak_tflops_per_device": fields.at_least(0),
     },
 }
@@ -49,24 +56,44 @@ RULES = {
 
 def default_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    cfg.model = ml_collections.ConfigDict(dict(
-        path="", param_dtype="float32", dtype="float32", remat="none", attention="naive",
-        rope=rope_section(),
-        max_position_embeddings=0,
-        lora=lora_section(),
-    ))
+    cfg.model = ml_collections.ConfigDict(
+        dict(
+            path="",
+            param_dtype="float32",
+            dtype="float32",
+            remat="none",
+            attention="naive",
+            rope=rope_section(),
+            max_position_embeddings=0,
+            lora=lora_section(),
+        )
+    )
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
     cfg.data = data_pipeline.default_config()
     cfg.optim = optimizer.default_config()
     cfg.dpo = preference.default_config()
-    cfg.train = ml_collections.ConfigDict(dict(
-        objective="sft",  # "sft" (token cross-entropy) | "dpo" (preference pairs; the dpo section)
-        steps=100, micro_batches=1, seed=0, run_dir="runs/default", resume=True,
-        log_every=10, eval_every=50, eval_batches=0, checkpoint_every=50, keep_checkpoints=3,
-        async_checkpoint=True, loss_chunk_size=4096, export=True, export_dtype="",
-        peak_tflops_per_device=0.0, progress=True,
-        allow_recipe_change=False,  # resume a run_dir whose checkpoint has another recipe (train/resume.py)
-    ))
+    cfg.train = ml_collections.ConfigDict(
+        dict(
+            objective="sft",  # "sft" (token cross-entropy) | "dpo" (preference pairs; the dpo section)
+            steps=100,
+            micro_batches=1,
+            seed=0,
+            run_dir="runs/default",
+            resume=True,
+            log_every=10,
+            eval_every=50,
+            eval_batches=0,
+            checkpoint_every=50,
+            keep_checkpoints=3,
+            async_checkpoint=True,
+            loss_chunk_size=4096,
+            export=True,
+            export_dtype="",
+            peak_tflops_per_device=0.0,
+            progress=True,
+            allow_recipe_change=False,  # resume a run_dir whose checkpoint has another recipe (train/resume.py)
+        )
+    )
     return cfg
 
 
@@ -76,10 +103,19 @@ def lora_section() -> ml_collections.ConfigDict:
     always in model.param_dtype); ``adapter`` continues a PEFT adapter folder; the run exports the
     adapter to RUN_DIR/export, and with ``export_merged`` also the merged weights to
     RUN_DIR/export_merged."""
-    return ml_collections.ConfigDict(dict(
-        enabled=False, rank=8, alpha=16.0, dropout=0.0, targets=lora_lib.TARGETS, rslora=False,
-        base_dtype="", adapter="", export_merged=False,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            rank=8,
+            alpha=16.0,
+            dropout=0.0,
+            targets=lora_lib.TARGETS,
+            rslora=False,
+            base_dtype="",
+            adapter="",
+            export_merged=False,
+        )
+    )
 
 
 def from_file(path: str | Path, variant: str = "") -> ml_collections.ConfigDict:
@@ -95,8 +131,10 @@ def check_variant(variant: str, *known: str) -> str:
     """A recipe's ``get_config(variant)`` calls this first, so a mistyped ``FILE:variant`` is an
     error rather than the default run."""
     if variant not in ("",) + known:
-        raise RecipeError(f"recipe variant {variant!r} does not exist; this recipe has: "
-                          f"{', '.join(known) or 'no variants'} (or none)")
+        raise RecipeError(
+            f"recipe variant {variant!r} does not exist; this recipe has: "
+            f"{', '.join(known) or 'no variants'} (or none)"
+        )
     return variant
 
 
@@ -104,9 +142,12 @@ def rope_section() -> ml_collections.ConfigDict:
     """``model.rope``: every knob transformers reads, as transformers spells it; None = not set
     (transformers' default), any other value -- 0 and False included -- is passed on as given.
     ``rope_type`` "" keeps the checkpoint's RoPE (knobs set then change just those knobs)."""
-    knobs = {k: config_dict.placeholder(float) for k in ("rope_theta",) + ROPE_KNOBS["yarn"] + ROPE_KNOBS["llama3"]}
-    knobs.update(original_max_position_embeddings=config_dict.placeholder(int),
-                 truncate=config_dict.placeholder(bool))
+    knobs = {
+        k: config_dict.placeholder(float) for k in ("rope_theta",) + ROPE_KNOBS["yarn"] + ROPE_KNOBS["llama3"]
+    }
+    knobs.update(
+        original_max_position_embeddings=config_dict.placeholder(int), truncate=config_dict.placeholder(bool)
+    )
     return ml_collections.ConfigDict(dict(rope_type="", **knobs))
 
 
@@ -134,8 +175,10 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
     for section, rules in RULES.items():
         fields.check(section, cfg[section], rules)
     if program.lora_config(cfg) is not None and cfg.train.objective == "dpo":
-        raise RecipeError("model.lora with train.objective='dpo' is not supported yet (its reference, the "
-                          "base with the adapters off, is not wired in): train DPO without LoRA")
+        raise RecipeError(
+            "model.lora with train.objective='dpo' is not supported yet (its reference, the "
+            "base with the adapters off, is not wired in): train DPO without LoRA"
+        )
     check_objective(cfg)
 
 
@@ -148,8 +191,10 @@ def check_objective(cfg: ml_collections.ConfigDict) -> None:
     sources = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in cfg.data.sources]
     if sources and pairs.is_pair_data(sources) != dpo:
         raise RecipeError(
-            "train.objective='dpo' needs preference pairs: data sources of format 'dpo'" if dpo else
-            "data sources of format 'dpo' are preference pairs: set train.objective='dpo'")
+            "train.objective='dpo' needs preference pairs: data sources of format 'dpo'"
+            if dpo
+            else "data sources of format 'dpo' are preference pairs: set train.objective='dpo'"
+        )
 
 
 def bound_samples_per_row(cfg: ml_collections.ConfigDict) -> None:
@@ -169,17 +214,23 @@ def recipe_rope(model_cfg: ModelConfig, section) -> RopeConfig:
     if not section.rope_type:
         base = model_cfg.rope
     elif section.rope_type not in ROPE_TYPES:
-        raise UserError(f"model.rope.rope_type={section.rope_type!r} is not supported; "
-                        f"supported: {', '.join(ROPE_TYPES)} ('' keeps the checkpoint's)")
+        raise UserError(
+            f"model.rope.rope_type={section.rope_type!r} is not supported; "
+            f"supported: {', '.join(ROPE_TYPES)} ('' keeps the checkpoint's)"
+        )
     else:
         base = RopeConfig(section.rope_type, theta=model_cfg.rope.theta)
         if "original_max_position_embeddings" in ROPE_KNOBS[base.rope_type]:
-            base = dataclasses.replace(base, original_max_position_embeddings=model_cfg.max_position_embeddings)
+            base = dataclasses.replace(
+                base, original_max_position_embeddings=model_cfg.max_position_embeddings
+            )
     read = ROPE_KNOBS[base.rope_type]
     for k in knobs:
         if k != "theta" and k not in read:
-            raise UserError(f"model.rope.{k} is not read by rope_type {base.rope_type!r}, which reads: "
-                            f"{', '.join(('rope_theta',) + read)}")
+            raise UserError(
+                f"model.rope.{k} is not read by rope_type {base.rope_type!r}, which reads: "
+                f"{', '.join(('rope_theta',) + read)}"
+            )
     rope = dataclasses.replace(base, **knobs)
     for k in REQUIRED_ROPE_KNOBS.get(rope.rope_type, ()):
         if getattr(rope, k) is None:
@@ -187,8 +238,9 @@ def recipe_rope(model_cfg: ModelConfig, section) -> RopeConfig:
     return rope
 
 
-def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int,
-             context: int = 1) -> None:
+def validate(
+    cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_shards: int, context: int = 1
+) -> None:
     """Mistakes that would otherwise surface as a failed compile or a silent wrong run."""
     check_fields(cfg)
     t, d = cfg.train, cfg.data
@@ -198,7 +250,9 @@ def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_sh
             f"{model_cfg.max_position_embeddings}; shorten it or extend the context with model.rope"
         )
     if d.batch_size % t.micro_batches:
-        raise UserError(f"data.batch_size={d.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
+        raise UserError(
+            f"data.batch_size={d.batch_size} is not divisible by train.micro_batches={t.micro_batches}"
+        )
     micro = d.batch_size // t.micro_batches
     if micro % num_data_shards:
         raise UserError(
@@ -211,4 +265,3 @@ def validate(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, num_data_sh
             f"data.seq_len={d.seq_len} must be divisible by {chunks} "
             f"({'2 x ' if chunks != context else ''}mesh.context={context})"
         )
-

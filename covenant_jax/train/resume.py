@@ -20,12 +20,29 @@ from covenant_jax.errors import ResumeError
 
 # Dotted keys (or section prefixes ending in ".") a resumed run may change.
 MAY_CHANGE = (
-    "mesh.", "model.remat", "model.attention", "model.lora.export_merged", "dpo.precompute_ref_log_probs",
-    "train.steps", "train.run_dir", "train.resume", "train.allow_recipe_change",
-    "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.async_checkpoint", "train.loss_chunk_size", "train.export",
-    "train.export_dtype", "train.peak_tflops_per_device", "train.progress",
-    "data.cache_dir", "data.workers", "data.shard_rows",  # Where / how samples are prepared.
+    "mesh.",
+    "model.remat",
+    "model.attention",
+    "model.lora.export_merged",
+    "dpo.precompute_ref_log_probs",
+    "train.steps",
+    "train.run_dir",
+    "train.resume",
+    "train.allow_recipe_change",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.async_checkpoint",
+    "train.loss_chunk_size",
+    "train.export",
+    "train.export_dtype",
+    "train.peak_tflops_per_device",
+    "train.progress",
+    "data.cache_dir",
+    "data.workers",
+    "data.shard_rows",  # Where / how samples are prepared.
 )
 
 
@@ -54,23 +71,28 @@ def recipe_changes(saved: dict, current: dict) -> list[str]:
     only one side has (a recipe field added or removed between versions) are not compared.
     """
     old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
-    return [f"{key} {_short(old[key])} -> {_short(new[key])}"
-            for key in sorted(old.keys() & new.keys())
-            if old[key] != new[key] and not _may_change(key)]
+    return [
+        f"{key} {_short(old[key])} -> {_short(new[key])}"
+        for key in sorted(old.keys() & new.keys())
+        if old[key] != new[key] and not _may_change(key)
+    ]
 
 
-def check(cfg: ml_collections.ConfigDict, saved: tuple[int, dict] | None, latest: int | None,
-          directory: Any) -> None:
+def check(
+    cfg: ml_collections.ConfigDict, saved: tuple[int, dict] | None, latest: int | None, directory: Any
+) -> None:
     """Refuses a resume that would not continue the run saved in ``directory``."""
     if not cfg.train.resume and latest is not None:
         raise ResumeError(
             f"train.resume=False, but {directory} holds checkpoints up to step {latest}, which a "
             "fresh run would not replace (Orbax skips steps it already has): train into a new "
-            "run_dir, or move that folder away")
+            "run_dir, or move that folder away"
+        )
     if latest is not None and cfg.train.steps < latest:
         raise ResumeError(
             f"train.steps={cfg.train.steps} is below the latest checkpoint in {directory} "
-            f"(step {latest}): raise train.steps to continue that run, or train into a new run_dir")
+            f"(step {latest}): raise train.steps to continue that run, or train into a new run_dir"
+        )
     if saved is None or cfg.train.allow_recipe_change:
         return
     step, recipe = saved
@@ -79,4 +101,5 @@ def check(cfg: ml_collections.ConfigDict, saved: tuple[int, dict] | None, latest
         raise ResumeError(
             f"{directory} holds a run trained with a different recipe (checkpoint step {step}); "
             f"resuming it would not continue that run: {'; '.join(changes)}. Restore those values, "
-            "train into a new run_dir, or pass --config.train.allow_recipe_change=True to resume anyway")
+            "train into a new run_dir, or pass --config.train.allow_recipe_change=True to resume anyway"
+        )

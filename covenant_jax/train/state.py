@@ -52,13 +52,17 @@ def merge_trained(graphdef: nnx.GraphDef, params: dict, frozen: dict | None, res
     return nnx.merge(graphdef, params, rest) if base is None else nnx.merge(graphdef, params, base, rest)
 
 
-def state_shardings(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
-                    frozen: dict | None = None) -> dict:
+def state_shardings(
+    params: dict, tx: optax.GradientTransformation, mesh: Mesh, frozen: dict | None = None
+) -> dict:
     replicated = NamedSharding(mesh, P())
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+        tx,
+        lambda _, sharding: sharding,
+        abstract_opt,
+        param_shardings,
         transform_non_params=lambda _: replicated,
     )
     shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
@@ -67,8 +71,9 @@ def state_shardings(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
     return shardings
 
 
-def create_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
-                 frozen: dict | None = None) -> tuple[dict, dict]:
+def create_state(
+    params: dict, tx: optax.GradientTransformation, mesh: Mesh, frozen: dict | None = None
+) -> tuple[dict, dict]:
     """(state, its shardings); the optimizer state is initialised on its shardings, for
     ``params`` only (``frozen`` has none). ``frozen`` must not share buffers with ``params``
     (the step donates both)."""

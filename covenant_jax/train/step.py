@@ -66,18 +66,24 @@ class Objective:
     report: Callable[[Sums, Sums], dict]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int,
-                 unroll: bool = False) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int, unroll: bool = False) -> Callable:
     """loss(params, batch[b, T], frozen) -> (summed token loss, trained token count); a batch
     field ``dropout_key`` (:func:`with_dropout_keys`) turns adapter dropout on. ``unroll``: the
     loss chunks as an unrolled loop (for the compiler's cost model, which counts a loop body once)."""
 
     def loss_fn(params: dict, batch: Batch, frozen: dict | None = None) -> tuple[jax.Array, jax.Array]:
         model = state_lib.merge_trained(graphdef, params, frozen, rest)
-        hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                         dropout_key=batch.get(DROPOUT_KEY))
-        return cross_entropy_sum(hidden_BTD, model.output_kernel(), batch["targets"],
-                                 batch["loss_mask"], chunk_size=chunk_size, unroll=unroll)
+        hidden_BTD = model.hidden_states(
+            batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=batch.get(DROPOUT_KEY)
+        )
+        return cross_entropy_sum(
+            hidden_BTD,
+            model.output_kernel(),
+            batch["targets"],
+            batch["loss_mask"],
+            chunk_size=chunk_size,
+            unroll=unroll,
+        )
 
     return loss_fn
 
@@ -88,7 +94,10 @@ def with_dropout_keys(batch_A: Batch, seed: int | None, step: jax.Array) -> Batc
     if seed is None:
         return batch_A
     micro_batches = jax.tree.leaves(batch_A)[0].shape[0]
-    return {**batch_A, DROPOUT_KEY: jax.random.split(jax.random.fold_in(jax.random.key(seed), step), micro_batches)}
+    return {
+        **batch_A,
+        DROPOUT_KEY: jax.random.split(jax.random.fold_in(jax.random.key(seed), step), micro_batches),
+    }
 
 
 def sft_objective(loss_fn: Callable) -> Objective:
@@ -112,8 +121,9 @@ def as_objective(objective: Objective | Callable) -> Objective:
     return objective if isinstance(objective, Objective) else sft_objective(objective)
 
 
-def accumulate_gradients(objective: Objective, params: dict, frozen: dict, batch_A: Batch,
-                         totals: Sums, unroll: bool = False) -> tuple[Any, Sums]:
+def accumulate_gradients(
+    objective: Objective, params: dict, frozen: dict, batch_A: Batch, totals: Sums, unroll: bool = False
+) -> tuple[Any, Sums]:
     """float32 gradients (of ``params`` only: ``frozen`` is read) of the loss and its sums,
     added over the A micro-batches (``unroll``: as an unrolled loop)."""
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
@@ -138,8 +148,13 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
-def make_train_step(objective: Objective | Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, unroll: bool = False, dropout_seed: int | None = None):
+def make_train_step(
+    objective: Objective | Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    unroll: bool = False,
+    dropout_seed: int | None = None,
+):
     """``train_step(state, batch[A, b, T]) -> (state, metrics)``; ``objective`` may be a plain
     SFT ``loss_fn``; ``unroll``: the micro-batch loop unrolled (plan's cost model);
     ``dropout_seed`` None: no dropout (the model has none, or its rate is 0)."""
@@ -154,10 +169,17 @@ def make_train_step(objective: Objective | Callable, tx: optax.GradientTransform
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         metrics = dict(objective.report(sums, totals))
         grad_norm = optax.tree.norm(grads)
-        metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]),
-                       finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm))
-        new_state = {**state, "step": state["step"] + 1,
-                     "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=schedule(state["step"]),
+            finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm),
+        )
+        new_state = {
+            **state,
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
         metrics["state_finite"] = all_finite((new_state["params"], opt_state))
         return new_state, metrics
 

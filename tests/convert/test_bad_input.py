@@ -42,12 +42,23 @@ def _assert_nothing_written(out):
     assert not list(out.parent.glob(f".{out.name}*"))
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
-    (lambda t: t.__setitem__("model.extra.weight", t["model.norm.weight"].clone()), "unexpected tensor 'model.extra.weight'"),
-    (lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"][:10].clone()),
-     "tensor 'model.norm.weight' has shape [10] but config.json implies [64]"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (
+            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+            "missing tensor 'model.layers.1.mlp.up_proj.weight'",
+        ),
+        (
+            lambda t: t.__setitem__("model.extra.weight", t["model.norm.weight"].clone()),
+            "unexpected tensor 'model.extra.weight'",
+        ),
+        (
+            lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"][:10].clone()),
+            "tensor 'model.norm.weight' has shape [10] but config.json implies [64]",
+        ),
+    ],
+)
 def test_weight_problems_are_named(capsys, tmp_path, hf_dir, edit, expected):
     _edit_weights(hf_dir, edit)
     code, err = _convert(capsys, hf_dir, tmp_path / "out")
@@ -85,29 +96,51 @@ def test_missing_shard_of_index(capsys, tmp_path):
     assert code == 2 and "model-00002-of-" in err and "missing" in err
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (lambda c: c.update(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel' is not supported"),
-    (lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
-     "rope_parameters.rope_type='longrope' is not supported"),
-    (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
-     "rope_parameters.low_freq_factor is required"),
-    (lambda c: c.update(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
-    (lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}),
-     "rope_scaling.type='dynamic' is not supported"),
-    (lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": "2", "rope_theta": 1e4}),
-     "rope_parameters.factor must be a number, got str '2'"),
-    (lambda c: c.update(rope_parameters={**_YARN, "truncate": "false"}),
-     "rope_parameters.truncate must be true, false or null, got 'false'"),
-    # issue #12: types are checked as transformers' LlamaConfig does
-    (lambda c: c.update(tie_word_embeddings="false"),
-     "'tie_word_embeddings' is str 'false', but transformers' LlamaConfig needs bool"),
-    (lambda c: c.update(max_position_embeddings="128"),
-     "'max_position_embeddings' is str '128', but transformers' LlamaConfig needs int"),
-    (lambda c: c.update(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
-    (lambda c: c.update(quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"}),
-     "the checkpoint is quantized (fp8, quantization_config); covenant_jax reads unquantized weights only: "
-     "dequantize it with transformers first"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (
+            lambda c: c.update(architectures=["GPT2LMHeadModel"]),
+            "architecture 'GPT2LMHeadModel' is not supported",
+        ),
+        (
+            lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+            "rope_parameters.rope_type='longrope' is not supported",
+        ),
+        (
+            lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
+            "rope_parameters.low_freq_factor is required",
+        ),
+        (lambda c: c.update(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
+        (
+            lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}),
+            "rope_scaling.type='dynamic' is not supported",
+        ),
+        (
+            lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": "2", "rope_theta": 1e4}),
+            "rope_parameters.factor must be a number, got str '2'",
+        ),
+        (
+            lambda c: c.update(rope_parameters={**_YARN, "truncate": "false"}),
+            "rope_parameters.truncate must be true, false or null, got 'false'",
+        ),
+        # issue #12: types are checked as transformers' LlamaConfig does
+        (
+            lambda c: c.update(tie_word_embeddings="false"),
+            "'tie_word_embeddings' is str 'false', but transformers' LlamaConfig needs bool",
+        ),
+        (
+            lambda c: c.update(max_position_embeddings="128"),
+            "'max_position_embeddings' is str '128', but transformers' LlamaConfig needs int",
+        ),
+        (lambda c: c.update(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+        (
+            lambda c: c.update(quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"}),
+            "the checkpoint is quantized (fp8, quantization_config); covenant_jax reads unquantized weights only: "
+            "dequantize it with transformers first",
+        ),
+    ],
+)
 def test_config_problems_are_named(capsys, tmp_path, hf_dir, edit, expected):
     _edit_config(hf_dir, edit)
     code, err = _convert(capsys, hf_dir, tmp_path / "out")
@@ -120,12 +153,16 @@ _YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
 
 def test_mistral_default_sliding_window_is_refused(capsys, tmp_path):
     """transformers' MistralConfig reads an absent sliding_window as 4096: not full attention."""
-    src = helpers.save_hf(helpers.hf_model(architecture="mistral", max_position_embeddings=8192), tmp_path / "hf")
+    src = helpers.save_hf(
+        helpers.hf_model(architecture="mistral", max_position_embeddings=8192), tmp_path / "hf"
+    )
     _edit_config(src, lambda c: c.pop("sliding_window"))
     code, err = _convert(capsys, src, tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert ("sliding_window=4096 (absent: transformers' MistralConfig default) is less than "
-            "max_position_embeddings=8192: sliding-window attention is not supported") in err
+    assert (
+        "sliding_window=4096 (absent: transformers' MistralConfig default) is less than "
+        "max_position_embeddings=8192: sliding-window attention is not supported"
+    ) in err
     _assert_nothing_written(tmp_path / "out")
 
 
@@ -161,16 +198,35 @@ def _int8_plain(t):
 _LINEAR_WEIGHTS = tuple(f"{name}.weight" for name in _LINEAR)
 
 
-@pytest.mark.parametrize("weights,config,expected", [
-    (_int8_bitsandbytes, {"quant_method": "bitsandbytes", "load_in_8bit": True},
-     r"quantized \(bitsandbytes, quantization_config\)"),
-    (_gptq, {"quant_method": "gptq", "bits": 4, "group_size": 128}, r"quantized \(gptq, quantization_config\)"),
-    (_gptq, None, r"quantized: tensor 'model\.layers\.\d+\.\w+\.\w+\.(qweight|qzeros|g_idx|scales)' is "
-                  r"(int32|float16) \(GPTQ/AWQ\)"),
-    (_int8_bitsandbytes, None, r"quantized: tensor '.*\.(weight' is int8|SCB' is float32 \(bitsandbytes int8\))"),
-    (_int8_plain, None, r"quantized: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' is int8;"),
-    (_fp8, None, r"quantized: tensor '.*_proj\.weight' is float8_e4m3fn;"),
-], ids=["int8+bitsandbytes", "gptq+config", "gptq_tensors", "int8+SCB", "int8", "fp8_tensors"])
+@pytest.mark.parametrize(
+    "weights,config,expected",
+    [
+        (
+            _int8_bitsandbytes,
+            {"quant_method": "bitsandbytes", "load_in_8bit": True},
+            r"quantized \(bitsandbytes, quantization_config\)",
+        ),
+        (
+            _gptq,
+            {"quant_method": "gptq", "bits": 4, "group_size": 128},
+            r"quantized \(gptq, quantization_config\)",
+        ),
+        (
+            _gptq,
+            None,
+            r"quantized: tensor 'model\.layers\.\d+\.\w+\.\w+\.(qweight|qzeros|g_idx|scales)' is "
+            r"(int32|float16) \(GPTQ/AWQ\)",
+        ),
+        (
+            _int8_bitsandbytes,
+            None,
+            r"quantized: tensor '.*\.(weight' is int8|SCB' is float32 \(bitsandbytes int8\))",
+        ),
+        (_int8_plain, None, r"quantized: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' is int8;"),
+        (_fp8, None, r"quantized: tensor '.*_proj\.weight' is float8_e4m3fn;"),
+    ],
+    ids=["int8+bitsandbytes", "gptq+config", "gptq_tensors", "int8+SCB", "int8", "fp8_tensors"],
+)
 def test_quantized_checkpoints_are_refused(capsys, tmp_path, hf_dir, weights, config, expected):
     """Never a silent cast: one line saying quantized, which method, and what to do."""
     _edit_weights(hf_dir, weights)
@@ -186,7 +242,9 @@ def test_fp8_in_a_pytorch_file_is_refused(capsys, tmp_path):
     """numpy has no float8: the tensor is still named as quantized, not a traceback."""
     src = helpers.save_hf(helpers.hf_model(), tmp_path / "bin", torch_bin=True)
     state = torch.load(src / "pytorch_model.bin")
-    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(
+        torch.float8_e4m3fn
+    )
     torch.save(state, src / "pytorch_model.bin")
     code, err = _convert(capsys, src, tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -217,7 +275,6 @@ def test_bad_mesh(capsys, tmp_path, hf_dir):
     assert code == 2 and "has 3 devices but 8 are present" in err
 
 
-
 def _hide_torch(monkeypatch):
     """As on a TPU VM's install: importing torch fails (the test's own models are built first)."""
     monkeypatch.setitem(sys.modules, "torch", None)
@@ -228,9 +285,11 @@ def test_pytorch_file_without_torch_names_the_install(capsys, monkeypatch, tmp_p
     _hide_torch(monkeypatch)
     code, err = _convert(capsys, bin_dir, tmp_path / "out")
     assert code == 2
-    assert err.strip() == ("covenant-jax: error: reading the PyTorch file pytorch_model.bin needs torch, "
-                           "which is not installed: pip install 'covenant_jax[torch]' (or the torch "
-                           "build for your platform)")
+    assert err.strip() == (
+        "covenant-jax: error: reading the PyTorch file pytorch_model.bin needs torch, "
+        "which is not installed: pip install 'covenant_jax[torch]' (or the torch "
+        "build for your platform)"
+    )
     _assert_nothing_written(tmp_path / "out")
 
 
@@ -239,7 +298,10 @@ def test_verify_without_torch_names_the_install(capsys, monkeypatch, hf_dir):
     capsys.readouterr()  # the fixture's save_pretrained progress bar
     assert cli.main(["verify", str(hf_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "verify (transformers' PyTorch model is the reference) needs torch" in err
+    assert (
+        len(err.splitlines()) == 1
+        and "verify (transformers' PyTorch model is the reference) needs torch" in err
+    )
 
 
 def _refused(capsys, src, out):
@@ -255,28 +317,38 @@ def _edit_header(path, edit):
     """Rewrites a safetensors file's JSON header by hand (the library's writer refuses bad ones)."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
 
 
 def _move_offsets(name, to):
     return lambda h: h[name].__setitem__("data_offsets", to(h))
 
 
-@pytest.mark.parametrize("edit,expected", [
-    # model.norm.weight is 64 float32 = 256 bytes; [-256, 0] would read the header's last bytes.
-    (_move_offsets("model.norm.weight", lambda h: [-256, 0]),
-     "tensor 'model.norm.weight' has data_offsets [-256, 0]: expected two non-negative integers"),
-    # Another tensor's bytes (same size): converted as the wrong weights before.
-    (_move_offsets("model.norm.weight", lambda h: h["model.layers.0.input_layernorm.weight"]["data_offsets"]),
-     "overlaps tensor 'model.layers.0.input_layernorm.weight'"),
-    (lambda h: h["model.norm.weight"].__setitem__("shape", [-64]),
-     "tensor 'model.norm.weight' has shape [-64]: expected a list of non-negative integers"),
-    (lambda h: h.__setitem__("__metadata__", {"format": 1}),
-     "__metadata__ must map strings to strings"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        # model.norm.weight is 64 float32 = 256 bytes; [-256, 0] would read the header's last bytes.
+        (
+            _move_offsets("model.norm.weight", lambda h: [-256, 0]),
+            "tensor 'model.norm.weight' has data_offsets [-256, 0]: expected two non-negative integers",
+        ),
+        # Another tensor's bytes (same size): converted as the wrong weights before.
+        (
+            _move_offsets(
+                "model.norm.weight", lambda h: h["model.layers.0.input_layernorm.weight"]["data_offsets"]
+            ),
+            "overlaps tensor 'model.layers.0.input_layernorm.weight'",
+        ),
+        (
+            lambda h: h["model.norm.weight"].__setitem__("shape", [-64]),
+            "tensor 'model.norm.weight' has shape [-64]: expected a list of non-negative integers",
+        ),
+        (lambda h: h.__setitem__("__metadata__", {"format": 1}), "__metadata__ must map strings to strings"),
+    ],
+)
 def test_header_layout_problems_are_named(capsys, tmp_path, hf_dir, edit, expected):
     _edit_header(hf_dir / "model.safetensors", edit)
     err = _refused(capsys, hf_dir, tmp_path / "out")
@@ -326,11 +398,19 @@ def _list_in_first_shard(weight_map):
     weight_map[_first_of(weight_map, "model-00002")] = first_shard
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (_list_in_first_shard, "lists tensor {key!r} in model-00001-of-00006.safetensors, which does not hold it"),
-    (lambda m: m.pop(_first_of(m, "model-00002")),
-     "model-00002-of-00006.safetensors holds tensor {key!r}, which the index does not list there"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (
+            _list_in_first_shard,
+            "lists tensor {key!r} in model-00001-of-00006.safetensors, which does not hold it",
+        ),
+        (
+            lambda m: m.pop(_first_of(m, "model-00002")),
+            "model-00002-of-00006.safetensors holds tensor {key!r}, which the index does not list there",
+        ),
+    ],
+)
 def test_index_agrees_with_its_shards(capsys, tmp_path, sharded_dir, edit, expected):
     index = json.loads((sharded_dir / "model.safetensors.index.json").read_text())
     key = _first_of(index["weight_map"], "model-00002")

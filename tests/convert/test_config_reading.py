@@ -54,11 +54,21 @@ CASES = {
     # falsy beta_fast / mscale mean transformers' defaults (32; the plain 0.1 ln(s) + 1)
     "yarn_falsy_knobs": ("llama", {}, _yarn_with(beta_fast=0, beta_slow=0.0, mscale=0, mscale_all_dim=1.0)),
     # both spellings: transformers takes rope_scaling (and rope_theta beside it)
-    "both_rope_keys": ("llama", {}, lambda cfg: cfg.update(
-        rope_scaling={"type": "linear", "factor": 3.0}, rope_theta=5000.0,
-        rope_parameters={**YARN, "rope_theta": 20000.0})),
+    "both_rope_keys": (
+        "llama",
+        {},
+        lambda cfg: cfg.update(
+            rope_scaling={"type": "linear", "factor": 3.0},
+            rope_theta=5000.0,
+            rope_parameters={**YARN, "rope_theta": 20000.0},
+        ),
+    ),
     # a top-level original_max_position_embeddings wins over the dict's
-    "top_level_original": ("llama", {}, lambda cfg: (_yarn_with()(cfg), cfg.update(original_max_position_embeddings=16))),
+    "top_level_original": (
+        "llama",
+        {},
+        lambda cfg: (_yarn_with()(cfg), cfg.update(original_max_position_embeddings=16)),
+    ),
 }
 
 
@@ -74,10 +84,14 @@ def test_logits_equal_transformers_reading_the_same_config(tmp_path, case):
 def test_both_rope_keys_warn_naming_both(tmp_path):
     folder = helpers.save_hf(helpers.hf_model(), tmp_path / "hf")
     _edit_config(folder, CASES["both_rope_keys"][2])
-    with pytest.warns(UserWarning, match=r"both rope_scaling=.*'linear'.* and rope_parameters=.*'yarn'.*rope_scaling"):
+    with pytest.warns(
+        UserWarning, match=r"both rope_scaling=.*'linear'.* and rope_parameters=.*'yarn'.*rope_scaling"
+    ):
         ModelConfig.from_json_file(folder / "config.json")
-    _edit_config(folder, lambda cfg: cfg.update(rope_parameters={"rope_type": "linear", "factor": 3.0,
-                                                                 "rope_theta": 5000.0}))
+    _edit_config(
+        folder,
+        lambda cfg: cfg.update(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 5000.0}),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # agreeing spellings: no warning
         ModelConfig.from_json_file(folder / "config.json")

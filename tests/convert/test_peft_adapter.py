@@ -28,7 +28,9 @@ def peft_adapter_dir(tmp_path, hf_dtype="float32", seed=0, hidden_size=64, num_h
     """(base HF folder, PEFT adapter folder, the PEFT model) with random A and B."""
     from peft import LoraConfig, get_peft_model
 
-    hf = helpers.hf_model(seed=seed, dtype=hf_dtype, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+    hf = helpers.hf_model(
+        seed=seed, dtype=hf_dtype, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers
+    )
     base = helpers.save_hf(hf, tmp_path / "hf")
     torch.manual_seed(seed + 1)
     config = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
@@ -41,21 +43,27 @@ def ours(base, adapter_dir, mesh=None, base_dtype=""):
     adapter = peft_adapter.read_adapter(adapter_dir, helpers.TINY["num_hidden_layers"])
     import dataclasses
 
-    opts = ModelOptions(param_dtype="float32", dtype="float32",
-                        lora=dataclasses.replace(adapter.lora, base_dtype=base_dtype))
+    opts = ModelOptions(
+        param_dtype="float32", dtype="float32", lora=dataclasses.replace(adapter.lora, base_dtype=base_dtype)
+    )
     return load_lora_model(base, opts, mesh or make_mesh({"fsdp": 4, "tensor": 2}), adapter=adapter), adapter
 
 
-@pytest.mark.parametrize("lora", [dict(), dict(r=8, lora_alpha=3, use_rslora=True, target_modules=["v_proj", "up_proj"])])
+@pytest.mark.parametrize(
+    "lora", [dict(), dict(r=8, lora_alpha=3, use_rslora=True, target_modules=["v_proj", "up_proj"])]
+)
 def test_peft_round_trip_is_bit_identical(tmp_path, lora):
     base, adapter_dir, _ = peft_adapter_dir(tmp_path, **lora)
     model, adapter = ours(base, adapter_dir)
     out = export_adapter(model, tmp_path / "out", base="tiny", aux_dir=base, source_config=adapter.raw_config)
     assert (out / peft_adapter.WEIGHTS).read_bytes() == (adapter_dir / peft_adapter.WEIGHTS).read_bytes()
-    _assert_bit_identical(load_file(adapter_dir / peft_adapter.WEIGHTS), load_file(out / peft_adapter.WEIGHTS))
+    _assert_bit_identical(
+        load_file(adapter_dir / peft_adapter.WEIGHTS), load_file(out / peft_adapter.WEIGHTS)
+    )
     source, written = (json.loads((d / peft_adapter.CONFIG).read_text()) for d in (adapter_dir, out))
-    assert {k: v for k, v in written.items() if k != "base_model_name_or_path"} == \
-        {k: v for k, v in source.items() if k != "base_model_name_or_path"}
+    assert {k: v for k, v in written.items() if k != "base_model_name_or_path"} == {
+        k: v for k, v in source.items() if k != "base_model_name_or_path"
+    }
 
 
 def test_our_adapter_loads_in_peft_and_vllm_fields(tmp_path):
@@ -79,11 +87,20 @@ def test_our_adapter_loads_in_peft_and_vllm_fields(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     peft = PeftModel.from_pretrained(hf, out).eval()
     tokens = helpers.random_tokens(helpers.TINY["vocab_size"])
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), helpers.reference_logits(peft, tokens),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(tokens))), helpers.reference_logits(peft, tokens), atol=1e-4, rtol=0
+    )
     config = json.loads((out / peft_adapter.CONFIG).read_text())
-    assert {k: config[k] for k in ("r", "lora_alpha", "use_rslora", "bias", "modules_to_save", "use_dora")} == \
-        {"r": 4, "lora_alpha": 16, "use_rslora": True, "bias": "none", "modules_to_save": None, "use_dora": False}
+    assert {
+        k: config[k] for k in ("r", "lora_alpha", "use_rslora", "bias", "modules_to_save", "use_dora")
+    } == {
+        "r": 4,
+        "lora_alpha": 16,
+        "use_rslora": True,
+        "bias": "none",
+        "modules_to_save": None,
+        "use_dora": False,
+    }
     assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     assert (out / "tokenizer_config.json").exists() == (base / "tokenizer_config.json").exists()
 
@@ -101,8 +118,11 @@ def test_merged_export_equals_peft_merge_and_unload(tmp_path, hf_dtype):
         if hasattr(module, "lora_A"):
             a, b = module.lora_A["default"].weight.double(), module.lora_B["default"].weight.double()
             w = state[f"{name}.base_layer.weight"].double()
-            bounds[f"{name}.weight"] = 2 * torch.finfo(getattr(torch, hf_dtype)).eps * (
-                w.abs() + module.scaling["default"] * (b.abs() @ a.abs()))
+            bounds[f"{name}.weight"] = (
+                2
+                * torch.finfo(getattr(torch, hf_dtype)).eps
+                * (w.abs() + module.scaling["default"] * (b.abs() @ a.abs()))
+            )
     expected = {k: v.contiguous() for k, v in peft.merge_and_unload().state_dict().items()}
     got = _all_tensors(merge_adapter(base, adapter_dir, tmp_path / "merged"))
     assert sorted(got) == sorted(expected) and len(bounds) == 7 * helpers.TINY["num_hidden_layers"]
@@ -122,15 +142,18 @@ def _edit_config(folder, **fields):
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
-@pytest.mark.parametrize("fields,cause", [
-    (dict(use_dora=True), "DoRA (use_dora)"),
-    (dict(bias="all"), "trained biases (bias='all')"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save=['lm_head']"),
-    (dict(rank_pattern={"q_proj": 2}), "per-module ranks (rank_pattern)"),
-    (dict(layers_to_transform=[0]), "adapters on some layers only (layers_to_transform)"),
-    (dict(peft_type="IA3"), "peft_type 'IA3': only LoRA adapters are supported"),
-    (dict(r=8), "adapter_config.json says r=8 but the weights have rank 4"),
-])
+@pytest.mark.parametrize(
+    "fields,cause",
+    [
+        (dict(use_dora=True), "DoRA (use_dora)"),
+        (dict(bias="all"), "trained biases (bias='all')"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save=['lm_head']"),
+        (dict(rank_pattern={"q_proj": 2}), "per-module ranks (rank_pattern)"),
+        (dict(layers_to_transform=[0]), "adapters on some layers only (layers_to_transform)"),
+        (dict(peft_type="IA3"), "peft_type 'IA3': only LoRA adapters are supported"),
+        (dict(r=8), "adapter_config.json says r=8 but the weights have rank 4"),
+    ],
+)
 def test_unsupported_peft_features_are_named(tmp_path, fields, cause):
     _, adapter_dir, _ = peft_adapter_dir(tmp_path)
     _edit_config(adapter_dir, **fields)
@@ -143,14 +166,20 @@ def test_adapter_of_another_base_is_refused(tmp_path):
     lm_head: the tensor is named. Nothing is loaded."""
     wide, _, _ = peft_adapter_dir(tmp_path / "a")
     _, narrow_adapter, _ = peft_adapter_dir(tmp_path / "b", hidden_size=32)
-    with pytest.raises(AdapterError, match=r"_proj.lora_A.weight' has shape \[4, 32\] but this model's needs "
-                                           r"\[4, 64\]: the adapter was trained on another base model"):
+    with pytest.raises(
+        AdapterError,
+        match=r"_proj.lora_A.weight' has shape \[4, 32\] but this model's needs "
+        r"\[4, 64\]: the adapter was trained on another base model",
+    ):
         ours(wide, narrow_adapter)
     _, deep_adapter, _ = peft_adapter_dir(tmp_path / "c", num_hidden_layers=3)
     with pytest.raises(AdapterError, match=r"layers \[2\] do not exist in the model \(2 layers\)"):
         peft_adapter.read_adapter(deep_adapter, 2)
     _, head_adapter, _ = peft_adapter_dir(tmp_path / "d", target_modules=["q_proj", "lm_head"])
-    with pytest.raises(AdapterError, match=r"tensor 'base_model.model.lm_head.[a-z_.]*' is not a LoRA A/B weight of q/k/v/o_proj"):
+    with pytest.raises(
+        AdapterError,
+        match=r"tensor 'base_model.model.lm_head.[a-z_.]*' is not a LoRA A/B weight of q/k/v/o_proj",
+    ):
         peft_adapter.read_adapter(head_adapter, 2)
 
 

@@ -26,13 +26,20 @@ def _assert_bit_identical(a, b):
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key].view(torch.uint8) if a[key].dtype == torch.bfloat16 else a[key],
-                           b[key].view(torch.uint8) if b[key].dtype == torch.bfloat16 else b[key]), key
+        assert torch.equal(
+            a[key].view(torch.uint8) if a[key].dtype == torch.bfloat16 else a[key],
+            b[key].view(torch.uint8) if b[key].dtype == torch.bfloat16 else b[key],
+        ), key
 
 
 @pytest.mark.parametrize(
     "dtype,shard,tied",
-    [("float32", None, False), ("bfloat16", "60KB", True), ("float32", "60KB", True), ("bfloat16", None, False)],
+    [
+        ("float32", None, False),
+        ("bfloat16", "60KB", True),
+        ("float32", "60KB", True),
+        ("bfloat16", None, False),
+    ],
 )
 def test_round_trip_is_bit_identical(tmp_path, dtype, shard, tied):
     hf = helpers.hf_model(dtype=dtype, tie_word_embeddings=tied)
@@ -42,14 +49,21 @@ def test_round_trip_is_bit_identical(tmp_path, dtype, shard, tied):
     _assert_bit_identical(_all_tensors(src), _all_tensors(out))
     assert (out / "model.safetensors.index.json").exists() == (shard is not None)
     assert "lm_head.weight" not in _all_tensors(out) if tied else True
-    src_cfg, out_cfg = json.loads((src / "config.json").read_text()), json.loads((out / "config.json").read_text())
-    assert {k: v for k, v in out_cfg.items()} == {**src_cfg, **{k: out_cfg[k] for k in out_cfg if k not in src_cfg}}
+    src_cfg, out_cfg = (
+        json.loads((src / "config.json").read_text()),
+        json.loads((out / "config.json").read_text()),
+    )
+    assert {k: v for k, v in out_cfg.items()} == {
+        **src_cfg,
+        **{k: out_cfg[k] for k in out_cfg if k not in src_cfg},
+    }
 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = helpers.random_tokens(hf.config.vocab_size)
     original = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    np.testing.assert_array_equal(helpers.reference_logits(reloaded, tokens),
-                                  helpers.reference_logits(original, tokens))
+    np.testing.assert_array_equal(
+        helpers.reference_logits(reloaded, tokens), helpers.reference_logits(original, tokens)
+    )
     if tied:
         assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
@@ -92,7 +106,9 @@ def test_yarn_fields_survive_export_in_both_spellings(tmp_path):
             assert out_cfg == {**src_cfg, "dtype": "float32"}
         else:
             assert {k: v for k, v in out_cfg.items() if k not in _ROPE_KEYS} == {
-                **{k: v for k, v in src_cfg.items() if k not in _ROPE_KEYS}, "dtype": "float32"}
+                **{k: v for k, v in src_cfg.items() if k not in _ROPE_KEYS},
+                "dtype": "float32",
+            }
             assert out_cfg["rope_scaling"]["type"] == out_cfg["rope_parameters"]["rope_type"] == "yarn"
         source_rope = ModelConfig.from_hf_dict(src_cfg).rope
         assert all(r == source_rope for r in _rope_as_each_reader_sees_it(out_cfg))
@@ -121,8 +137,13 @@ def test_export_after_context_extension(tmp_path, v4):
     assert tokenizer_config == {"model_max_length": 128, "eos_token": "</s>"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["max_position_embeddings"] == 128 and cfg["rope_theta"] == 10000.0
-    assert cfg["rope_scaling"] == {"rope_type": "yarn", "type": "yarn", "factor": 4.0,
-                                   "original_max_position_embeddings": 32, "truncate": False}
+    assert cfg["rope_scaling"] == {
+        "rope_type": "yarn",
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "truncate": False,
+    }
     assert ("rope_parameters" in cfg) == (not v4)
     assert all(r == model.config.rope for r in _rope_as_each_reader_sees_it(cfg))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -130,8 +151,9 @@ def test_export_after_context_extension(tmp_path, v4):
     assert reloaded.config.rope_parameters["truncate"] is False
     relong = load_model(out, ModelOptions(), helpers.one_device_mesh())
     tokens = helpers.random_tokens(96, length=100)
-    np.testing.assert_allclose(np.asarray(relong(jnp.asarray(tokens))),
-                               helpers.reference_logits(reloaded, tokens), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(relong(jnp.asarray(tokens))), helpers.reference_logits(reloaded, tokens), atol=1e-4
+    )
 
 
 def test_dtype_cast_on_export(tmp_path):
@@ -141,5 +163,9 @@ def test_dtype_cast_on_export(tmp_path):
     tensors = _all_tensors(out)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    torch.testing.assert_close(tensors["model.embed_tokens.weight"],
-                               hf.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(
+        tensors["model.embed_tokens.weight"],
+        hf.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16),
+        rtol=0,
+        atol=0,
+    )

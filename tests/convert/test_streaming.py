@@ -59,7 +59,9 @@ def test_dtype_cast_while_streaming(tmp_path, tiny_units):
     hf_to_jax(src, tmp_path / "ckpt", dtype="bfloat16")
     assert json.loads((tmp_path / "ckpt" / "covenant.json").read_text())["param_dtype"] == "bfloat16"
     restored = _params(load_model(tmp_path / "ckpt", mesh=helpers.one_device_mesh()))
-    direct = _params(load_model(src, ModelOptions(param_dtype="float32", dtype="float32"), helpers.one_device_mesh()))
+    direct = _params(
+        load_model(src, ModelOptions(param_dtype="float32", dtype="float32"), helpers.one_device_mesh())
+    )
     for path, value in direct.items():
         assert restored[path].dtype == np.dtype("bfloat16")
         np.testing.assert_array_equal(restored[path], value.astype("bfloat16"), err_msg=str(path))
@@ -97,12 +99,23 @@ def test_conversion_memory_is_a_few_units_not_the_model(tmp_path):
     """~200 MB checkpoint, 1 MB units: each direction's peak RSS grows by under 25% of it
     (holding the model, as transformers does, would be over 100%). Measured: ~15% / ~5%."""
     warm = helpers.save_hf(helpers.hf_model(), tmp_path / "warm")
-    hf = helpers.hf_model(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, vocab_size=32768,
-                          num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    hf = helpers.hf_model(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        vocab_size=32768,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     src = helpers.save_hf(hf, tmp_path / "hf")
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(tmp_path), str(warm)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(src), str(tmp_path), str(warm)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     to_jax, to_hf = map(int, out.stdout.split())
     assert to_jax < 0.25 * size and to_hf < 0.25 * size, (size, to_jax / size, to_hf / size)
     _assert_bit_identical(_all_tensors(src), _all_tensors(tmp_path / "out"))
@@ -113,8 +126,11 @@ def test_export_reuses_a_read_buffer_only_after_its_piece_is_written(tiny_units)
     still hold what was read into it when the writer takes it."""
     cfg = ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama"})
     layers = cfg.num_hidden_layers
-    shard = [(m.hf_name(layer), layer, m, np.dtype(np.float32)) for m in keymap.tensor_maps(cfg)
-             for layer in (range(layers) if m.stacked else [None])]
+    shard = [
+        (m.hf_name(layer), layer, m, np.dtype(np.float32))
+        for m in keymap.tensor_maps(cfg)
+        for layer in (range(layers) if m.stacked else [None])
+    ]
     slots, count = set(), iter(range(10**6))
 
     def read(m, index, scratch):
@@ -127,7 +143,9 @@ def test_export_reuses_a_read_buffer_only_after_its_piece_is_written(tiny_units)
         piece[...] = next(count)
         return lambda: piece
 
-    taken = [np.unique(piece).tolist() for pieces in jax_to_hf_lib._shard_tensors(read, shard) for piece in pieces]
+    taken = [
+        np.unique(piece).tolist() for pieces in jax_to_hf_lib._shard_tensors(read, shard) for piece in pieces
+    ]
     assert taken == [[n] for n in range(len(taken))]
     assert len(taken) > 50 and len(slots) == jax_to_hf_lib.READ_AHEAD + 1
 

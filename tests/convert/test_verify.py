@@ -19,7 +19,11 @@ def test_healthy_model_passes_and_reports_both_distances(capsys, hf_dir, dtype):
     assert cli.main(["verify", str(hf_dir), "--dtype", dtype, "--seq-len", "96"]) == 0
     report = capsys.readouterr().out
     assert report.startswith(f"{dtype}: mean |Δlogits| from transformers float64: ours ")
-    assert ", transformers " in report and "(2 x transformers + " in report and ": OK  [max |Δlogits| ours " in report
+    assert (
+        ", transformers " in report
+        and "(2 x transformers + " in report
+        and ": OK  [max |Δlogits| ours " in report
+    )
 
 
 def test_one_weight_off_by_1e_3_fails(tmp_path, hf_dir):
@@ -42,7 +46,9 @@ def test_limit_is_factor_times_transformers_mean_plus_floor():
     theirs, ours = exact + 1e-3, exact + 2.5e-3
     ours[0, 0, 0] += 1.0  # one outlier moves the mean by 1/32
     parity = verify_lib.compare(exact, theirs, ours, "float32")
-    assert parity.transformers.mean == pytest.approx(1e-3) and parity.ours.mean == pytest.approx(2.5e-3 + 1 / 32)
+    assert parity.transformers.mean == pytest.approx(1e-3) and parity.ours.mean == pytest.approx(
+        2.5e-3 + 1 / 32
+    )
     assert parity.ours.max == pytest.approx(1.0025) and parity.transformers.max == pytest.approx(1e-3)
     assert parity.limit == pytest.approx(2 * 1e-3 + 1e-7 * 2.0) and not parity.ok
     assert verify_lib.compare(exact, theirs, exact + 1.9e-3, "float32").ok

@@ -49,9 +49,7 @@ BOS = {"chatml": "<bos>", "llama3": "<|begin_of_text|>", "gemma": "<bos>", "toke
 
 def word_tokenizer(bos: str = "<bos>", chat_template: str | None = ZEPHYR):
     """WordLevel tokenizer: one token per word, every special token atomic."""
-    tok = Tokenizer(
-        models.WordLevel({t: i for i, t in enumerate(SPECIAL + WORDS)}, unk_token="<unk>")
-    )
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     out = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
@@ -113,7 +111,8 @@ def source_samples(cfg: dict, tokenizer) -> tuple[list[dict], list[dict], "objec
 
     cfg = pipeline._with_defaults(cfg)
     worker = prepare.Worker.create(tokenizer, cfg["sources"], cfg)
-    prepared = prepare.prepare_sources(cfg["sources"][:1], cfg, worker, cache_dir="", process_index=0,
-                                       process_count=1)[0]
+    prepared = prepare.prepare_sources(
+        cfg["sources"][:1], cfg, worker, cache_dir="", process_index=0, process_count=1
+    )[0]
     split = pipeline.split_source(prepared, 0, cfg)
     return [prepared.samples[i] for i in split.train], [prepared.samples[i] for i in split.eval], split.report

@@ -20,8 +20,11 @@ def _chat_file(path, n=120, bad_every=37):
     """Chat rows of varied lengths (some over SEQ), a broken line every `bad_every` rows."""
     with open(path, "w") as f:
         for i in range(n):
-            f.write("{not json\n" if i % bad_every == 5 else json.dumps(
-                common.chat_row(i, n_user=1 + (i * 7) % 25, n_asst=1 + (i * 5) % 13)) + "\n")
+            f.write(
+                "{not json\n"
+                if i % bad_every == 5
+                else json.dumps(common.chat_row(i, n_user=1 + (i * 7) % 25, n_asst=1 + (i * 5) % 13)) + "\n"
+            )
     return str(path)
 
 
@@ -38,13 +41,24 @@ def _cfg(tmp_path, **kw):
         {"path": _text_file(tmp_path / "docs.jsonl"), "format": "text"},
         {"dataset": [common.chat_row(1000 + i) for i in range(10)]},  # In memory: never cached.
     ]
-    return dict(sources=sources, template="chatml", seq_len=SEQ, batch_size=4, epochs=1,
-                eval_fraction=0.2, overlength="split", shard_rows=16, workers=1, **kw)
+    return dict(
+        sources=sources,
+        template="chatml",
+        seq_len=SEQ,
+        batch_size=4,
+        epochs=1,
+        eval_fraction=0.2,
+        overlength="split",
+        shard_rows=16,
+        workers=1,
+        **kw,
+    )
 
 
 def _build(cfg, cache_dir=None, index=0, count=1):
-    return pipeline.build_pipeline(cfg, common.word_tokenizer(), process_index=index,
-                                   process_count=count, cache_dir=cache_dir)
+    return pipeline.build_pipeline(
+        cfg, common.word_tokenizer(), process_index=index, process_count=count, cache_dir=cache_dir
+    )
 
 
 def _assert_same_batches(a, b, at_least=4):
@@ -139,8 +153,9 @@ def test_preparation_resumes_at_the_missing_shards(tmp_path, monkeypatch):
 def test_the_key_follows_what_shapes_the_samples(tmp_path):
     cfg = _cfg(tmp_path)
     where = _build(cfg, tmp_path / "cache").cache_locations[:2]
-    same = dict(cfg, batch_size=8, seed=3, eval_fraction=0.1, epochs=2, packing_bins=3,
-                eval_mode="trainer", workers=2)
+    same = dict(
+        cfg, batch_size=8, seed=3, eval_fraction=0.1, epochs=2, packing_bins=3, eval_mode="trainer", workers=2
+    )
     assert _build(same, tmp_path / "cache").cache_locations[:2] == where
     assert _build(dict(cfg, seq_len=SEQ + 1), tmp_path / "cache").cache_locations[0] != where[0]
     chat = tmp_path / "chat.jsonl"
@@ -158,8 +173,12 @@ def test_the_key_follows_what_shapes_the_samples(tmp_path):
     # What changes a conversation's tokens or mask changes its entry (the template: only its).
     moved = _build(dict(cfg, template="llama3"), tmp_path / "cache").cache_locations[:2]
     assert moved[0] != changed[0] and moved[1] == changed[1]
-    for change in (dict(roles_to_train=["user", "assistant"]), dict(train_on_eos="none"),
-                   dict(role_order="any"), dict(loss_on="all")):
+    for change in (
+        dict(roles_to_train=["user", "assistant"]),
+        dict(train_on_eos="none"),
+        dict(role_order="any"),
+        dict(loss_on="all"),
+    ):
         assert _build(dict(cfg, **change), tmp_path / "cache").cache_locations[0] != changed[0], change
 
 
@@ -168,8 +187,11 @@ def test_processes_prepare_like_one(tmp_path, monkeypatch):
     cfg = dict(_cfg(tmp_path), sources=[{"path": _chat_file(tmp_path / "c.jsonl", n=3 * prepare.TASK_ROWS)}])
     one = _build(cfg)
     started = []
-    monkeypatch.setattr(prepare.Pool, "_start", lambda self, real=prepare.Pool._start: started.append(
-        self.processes) or real(self))
+    monkeypatch.setattr(
+        prepare.Pool,
+        "_start",
+        lambda self, real=prepare.Pool._start: started.append(self.processes) or real(self),
+    )
     two = _build(dict(cfg, workers=2))
     assert started and started[0] == 2
     _assert_same_batches(one.train, two.train)
@@ -187,7 +209,8 @@ def test_data_prepare_verb_fills_the_cache_training_reads(tmp_path, capsys, monk
     recipe.write_text(
         "from pathlib import Path\nfrom tests.train import common\n\ndef get_config():\n"
         f"    c = common.tiny_recipe(Path({str(tmp_path)!r}), Path({str(model)!r}), Path({data!r}))\n"
-        "    c.data.template = 'chatml'\n    return c\n")
+        "    c.data.template = 'chatml'\n    return c\n"
+    )
     assert cli.main(["data", "prepare", str(recipe), "--config.data.workers=1"]) == 0
     out = capsys.readouterr().out
     cfg = cli.load_recipe(str(recipe), [])
@@ -198,8 +221,13 @@ def test_data_prepare_verb_fills_the_cache_training_reads(tmp_path, capsys, monk
         raise AssertionError("training prepared again")
 
     monkeypatch.setattr(prepare.Worker, "samples", no_work)  # the run reads the cache
-    data = pipeline.build_pipeline(cfg.data, common.word_tokenizer(), process_index=0, process_count=1,
-                                   cache_dir=loop.data_cache_dir(cfg))
+    data = pipeline.build_pipeline(
+        cfg.data,
+        common.word_tokenizer(),
+        process_index=0,
+        process_count=1,
+        cache_dir=loop.data_cache_dir(cfg),
+    )
     assert data.cache_locations == [where] and str(data.report) in out
 
 
@@ -215,9 +243,17 @@ def test_a_cache_on_an_object_store_is_read_through_one_local_copy(tmp_path):
 
         fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
         try:
-            remote = [pipeline.build_pipeline(cfg, common.word_tokenizer(), process_index=0, process_count=1,
-                                              cache_dir="gs://bucket/cache", local_cache_dir=str(tmp_path / "local"))
-                      for _ in range(2)]  # cold (written to the bucket), then warm
+            remote = [
+                pipeline.build_pipeline(
+                    cfg,
+                    common.word_tokenizer(),
+                    process_index=0,
+                    process_count=1,
+                    cache_dir="gs://bucket/cache",
+                    local_cache_dir=str(tmp_path / "local"),
+                )
+                for _ in range(2)
+            ]  # cold (written to the bucket), then warm
             assert remote[0].cache_locations[0].startswith("gs://bucket/cache/chat-")
             assert storage.path(remote[0].cache_locations[0] + "/" + cache.MANIFEST).exists()
         finally:

@@ -78,7 +78,9 @@ def test_invalid_rows_pickle():
     """Worker processes hand skipped rows back pickled."""
     e = pickle.loads(pickle.dumps(formats.InvalidRow("template_error", "roles must alternate")))
     assert (e.reason, e.detail, str(e)) == (
-        "template_error", "roles must alternate", "template_error: roles must alternate"
+        "template_error",
+        "roles must alternate",
+        "template_error: roles must alternate",
     )
 
 

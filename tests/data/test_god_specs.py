@@ -73,8 +73,7 @@ def test_god_instruct_spec_from_csv_renders_axolotls_text(tmp_path):
         b',"Name a color",,"Blue, or red."\n'  # Empty system and input cells.
     )
     (tmp_path / "task.jsonl").write_text(json.dumps({"question": "Hi", "answer": "Hello"}))
-    other_task = {k: v for k, v in INSTRUCT_SPEC.items() if k not in ("field_system",
-                                                                      "field_input")}
+    other_task = {k: v for k, v in INSTRUCT_SPEC.items() if k not in ("field_system", "field_input")}
     tok = _tokenizer()
     report, samples = _samples(
         dict(sources=[

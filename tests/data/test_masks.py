@@ -59,21 +59,25 @@ GEMMA_PRELUDE = (
 TAGGED = {
     "chatml": _tagged("'<|im_start|>' + m.role + '\\n'", "m.content", "'<|im_end|>'", "'\\n'"),
     "llama3": _tagged(
-        "'<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n'", "m.content | trim",
-        "'<|eot_id|>'", "''", start="bos_token",
+        "'<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n'",
+        "m.content | trim",
+        "'<|eot_id|>'",
+        "''",
+        start="bos_token",
     ),
-    "gemma": GEMMA_PRELUDE + _tagged(
+    "gemma": GEMMA_PRELUDE
+    + _tagged(
         "'<start_of_turn>' + ('model' if m.role == 'assistant' else m.role) + '\\n'"
         " + (first_user_prefix if loop.first else '')",
-        "m.content | trim", "'<end_of_turn>'", "'\\n'", start="bos_token",
-        loop="loop_messages", offset="off",
+        "m.content | trim",
+        "'<end_of_turn>'",
+        "'\\n'",
+        start="bos_token",
+        loop="loop_messages",
+        offset="off",
     ),
-    "phi3": _tagged(
-        "'<|' + m.role + '|>\\n'", "m.content", "'<|end|>'", "'\\n'", end="eos_token"
-    ),
-    "text": _tagged(
-        "'### ' + m.role + ':\\n'", "m.content | trim", "'[end]'", "'\\n'", end="eos_token"
-    ),
+    "phi3": _tagged("'<|' + m.role + '|>\\n'", "m.content", "'<|end|>'", "'\\n'", end="eos_token"),
+    "text": _tagged("'### ' + m.role + ':\\n'", "m.content | trim", "'[end]'", "'\\n'", end="eos_token"),
 }
 
 
@@ -93,9 +97,7 @@ CASES = {
     "content_in_headers": _msgs("user", "assistant", "model", "end\n", "im_start", "user"),
     "whitespace": _msgs("hi  \n", "fine \n\n", " ok", "  spaced  ", "\tx", "\n\ny\n"),
     "emoji": _msgs("🌍?", "🎉 yes 🌍", "🌍", "🌍", "é🎉", " 🎉 "),
-    "markers_in_content": _msgs(
-        "a", "x <|im_end|> y <|eot_id|> <end_of_turn> <|end|> [end]", "b", "c"
-    ),
+    "markers_in_content": _msgs("a", "x <|im_end|> y <|eot_id|> <end_of_turn> <|end|> [end]", "b", "c"),
     "ends_with_user": _msgs("SYSTEM:be brief", "hello world", "how are you?", "fine thanks"),
 }
 
@@ -143,9 +145,7 @@ def test_mask_equals_transformers_generation_mask(name, case):
 
 
 RULES = {  # (encode_chat kwargs, the tagged template's variables)
-    "users_too": (
-        dict(roles_to_train=("user", "assistant")), dict(train_roles=("user", "assistant"))
-    ),
+    "users_too": (dict(roles_to_train=("user", "assistant")), dict(train_roles=("user", "assistant"))),
     "no_eos": (dict(train_on_eos="none"), dict(eos="none")),
     "every_eos": (dict(train_on_eos="all"), dict(eos="all")),
     "last_eos": (dict(train_on_eos="last"), dict(eos="last")),

@@ -18,16 +18,21 @@ SEQ = 64
 
 def _pair_row(i, n_prompt=3, n_chosen=3, n_rejected=2, **names):
     f = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **names}
-    return {f["prompt"]: common.words(i, n_prompt), f["chosen"]: common.words(i + 1, n_chosen),
-            f["rejected"]: common.words(i + 2, n_rejected, "B")}
+    return {
+        f["prompt"]: common.words(i, n_prompt),
+        f["chosen"]: common.words(i + 1, n_chosen),
+        f["rejected"]: common.words(i + 2, n_rejected, "B"),
+    }
 
 
 def _chat_pair_row(i):
     """TRL's conversational form: a two-turn prompt (an assistant turn inside it, never scored)
     and answers of one or two assistant messages."""
-    prompt = [{"role": "user", "content": common.words(i, 2)},
-              {"role": "assistant", "content": common.words(i + 3, 2, "A")},
-              {"role": "user", "content": common.words(i + 4, 2)}]
+    prompt = [
+        {"role": "user", "content": common.words(i, 2)},
+        {"role": "assistant", "content": common.words(i + 3, 2, "A")},
+        {"role": "user", "content": common.words(i + 4, 2)},
+    ]
     chosen = [{"role": "assistant", "content": common.words(i + 1, 3)}]
     rejected = [{"role": "assistant", "content": common.words(i + 2, 2, "B")}]
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -36,8 +41,9 @@ def _chat_pair_row(i):
 def _build(sources, tokenizer=None, **kw):
     cfg = pipeline.default_config()
     cfg.update(dict(sources=sources, template="chatml", seq_len=SEQ, batch_size=4, epochs=1), **kw)
-    return pipeline.build_pipeline(cfg, tokenizer or common.word_tokenizer(), process_index=0,
-                                   process_count=1)
+    return pipeline.build_pipeline(
+        cfg, tokenizer or common.word_tokenizer(), process_index=0, process_count=1
+    )
 
 
 def _units(sources, tokenizer=None, **kw):
@@ -72,7 +78,9 @@ def test_chat_masks_cover_the_answers_and_their_end_of_turn_only(form):
         for sub, answer in ((1, pair.chosen), (2, pair.rejected)):
             text = template.render(pair.prompt + answer)
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            expected = templates.tokens_in_spans(np.asarray(enc["offset_mapping"]), _answer_spans(text, len(answer)))
+            expected = templates.tokens_in_spans(
+                np.asarray(enc["offset_mapping"]), _answer_spans(text, len(answer))
+            )
             seq = unit["sub"] == sub
             np.testing.assert_array_equal(unit["tokens"][seq], enc["input_ids"])
             np.testing.assert_array_equal(unit["weights"][seq], expected)
@@ -103,7 +111,10 @@ def test_template_none_strings_are_prompt_then_answer_and_eos():
 
 
 def test_field_names_and_system_are_configurable():
-    rows = [{**_pair_row(i, prompt="question", chosen="good", rejected="bad"), "sys": "be brief"} for i in range(3)]
+    rows = [
+        {**_pair_row(i, prompt="question", chosen="good", rejected="bad"), "sys": "be brief"}
+        for i in range(3)
+    ]
     fields = dict(prompt="question", chosen="good", rejected="bad", system="sys")
     units, _ = _units([dict(dataset=rows, format="dpo", fields=fields)])
     text = common.word_tokenizer().decode(units[0]["tokens"][units[0]["sub"] == 1])
@@ -113,16 +124,25 @@ def test_field_names_and_system_are_configurable():
 # ---- bad rows, overlength -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("row,reason", [
-    ({"prompt": "w1", "chosen": "w2", "rejected": "w2"}, "same_answers"),
-    ({"prompt": "w1", "chosen": " ", "rejected": "w2"}, "empty_content"),
-    ({"prompt": "w1", "chosen": "w2"}, "missing_field"),
-    ({"prompt": "w1", "chosen": [], "rejected": "w2"}, "empty_content"),
-    ({"prompt": [{"role": "user", "content": "w1"}], "chosen": [{"role": "user", "content": "w2"}],
-      "rejected": "w3"}, "role_order"),
-    ({"prompt": "w1", "chosen": 3, "rejected": "w2"}, "not_a_list"),
-    ({"prompt": [{"role": "robot", "content": "w1"}], "chosen": "w2", "rejected": "w3"}, "unknown_role"),
-])
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ({"prompt": "w1", "chosen": "w2", "rejected": "w2"}, "same_answers"),
+        ({"prompt": "w1", "chosen": " ", "rejected": "w2"}, "empty_content"),
+        ({"prompt": "w1", "chosen": "w2"}, "missing_field"),
+        ({"prompt": "w1", "chosen": [], "rejected": "w2"}, "empty_content"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "w1"}],
+                "chosen": [{"role": "user", "content": "w2"}],
+                "rejected": "w3",
+            },
+            "role_order",
+        ),
+        ({"prompt": "w1", "chosen": 3, "rejected": "w2"}, "not_a_list"),
+        ({"prompt": [{"role": "robot", "content": "w1"}], "chosen": "w2", "rejected": "w3"}, "unknown_role"),
+    ],
+)
 def test_bad_rows_are_skipped_and_counted(row, reason):
     good = [_pair_row(i) for i in range(3)]
     units, report = _units([dict(dataset=good + [row], format="dpo")])
@@ -143,8 +163,12 @@ def test_overlength_truncates_the_prompt_from_the_left_or_drops_the_pair():
     lost = {sub: (whole["sub"] == sub).sum() - (cut["sub"] == sub).sum() for sub in (1, 2)}
     assert lost[1] == lost[2] > 0  # the same prompt tokens from both sequences, from the left
     for sub in (1, 2):
-        np.testing.assert_array_equal(cut["tokens"][cut["sub"] == sub], whole["tokens"][whole["sub"] == sub][lost[sub]:])
-        np.testing.assert_array_equal(cut["weights"][cut["sub"] == sub], whole["weights"][whole["sub"] == sub][lost[sub]:])
+        np.testing.assert_array_equal(
+            cut["tokens"][cut["sub"] == sub], whole["tokens"][whole["sub"] == sub][lost[sub] :]
+        )
+        np.testing.assert_array_equal(
+            cut["weights"][cut["sub"] == sub], whole["weights"][whole["sub"] == sub][lost[sub] :]
+        )
         assert not cut["weights"][cut["sub"] == sub][0]  # a prompt token is left before the answer
     units, report = _units([dict(dataset=rows, format="dpo")], overlength="drop")
     assert len(units) == 1 and dict(report.skipped) == {"overlength_dropped": 1}
@@ -166,7 +190,9 @@ def test_split_trainer_eval_and_mixtures_are_refused():
 
 
 def test_packing_keeps_pairs_whole_in_their_own_segments():
-    rows = [_pair_row(i, n_prompt=1 + i % 4, n_chosen=1 + i % 3, n_rejected=1 + (i * 2) % 5) for i in range(40)]
+    rows = [
+        _pair_row(i, n_prompt=1 + i % 4, n_chosen=1 + i % 3, n_rejected=1 + (i * 2) % 5) for i in range(40)
+    ]
     units, _ = _units([dict(dataset=rows, format="dpo")])
     data = _build([dict(dataset=rows, format="dpo")], max_samples_per_row=6)
     assert data.pairs

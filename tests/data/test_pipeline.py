@@ -24,8 +24,7 @@ KEYS = {
 
 def _rows(n, tag="", start=0):
     return [
-        common.chat_row(i, n_user=1 + i % 5, n_asst=1 + (i * 3) % 7, tag=tag)
-        for i in range(start, start + n)
+        common.chat_row(i, n_user=1 + i % 5, n_asst=1 + (i * 3) % 7, tag=tag) for i in range(start, start + n)
     ]
 
 
@@ -173,9 +172,7 @@ def test_processes_get_disjoint_shards_covering_the_data():
     shards = [_build([{"dataset": rows}], i, 2) for i in range(2)]
     assert all(s.rows_per_process == 2 for s in shards)
     got = [[s[0] for s in _samples(d.train)] for d in shards]
-    assert collections.Counter(got[0] + got[1]) == collections.Counter(
-        e[0] for e in _expected(rows)
-    )
+    assert collections.Counter(got[0] + got[1]) == collections.Counter(e[0] for e in _expected(rows))
     assert len(got[0]) == len(got[1]) == 20
     with pytest.raises(ValueError, match="not divisible"):
         _build([{"dataset": rows}], 0, 3)
@@ -184,9 +181,7 @@ def test_processes_get_disjoint_shards_covering_the_data():
 def test_text_source_trains_every_token_and_mixes_with_chat():
     docs = [{"body": common.words(i, 5 + i % 9)} for i in range(8)]
     chat = _rows(4)
-    data = _build(
-        [{"dataset": docs, "format": "text", "fields": {"text": "body"}}, {"dataset": chat}]
-    )
+    data = _build([{"dataset": docs, "format": "text", "fields": {"text": "body"}}, {"dataset": chat}])
     samples = _samples(data.train)
     text_samples = [s for s in samples if s[0][0] == 2 and s[0][-1] == 3]
     # One "epoch" of the mixture = 12 draws, half from each source at equal weights.
@@ -270,34 +265,29 @@ def test_split_chat_rows_keep_each_pieces_trained_mask():
     tpl = templates.ChatTemplate(common.word_tokenizer(), "chatml")
     ids, trained = templates.encode_chat(tpl, long_user["messages"])
     pieces = [(ids[s : s + SEQ], trained[s : s + SEQ]) for s in range(0, len(ids), SEQ)]
-    kept = [
-        (tuple(i.tolist()), tuple(t[1:].astype(float).tolist()))
-        for i, t in pieces
-        if t[1:].any()
-    ]
+    kept = [(tuple(i.tolist()), tuple(t[1:].astype(float).tolist())) for i, t in pieces if t[1:].any()]
     assert 0 < len(kept) < len(pieces)  # The user-only pieces are dropped.
     s = data.report.sources[0]
     assert (s.split, s.pieces, s.pieces_dropped) == (1, len(kept), len(pieces) - len(kept))
-    assert collections.Counter(_samples(data.train)) == collections.Counter(
-        _expected(_rows(5)) + kept
-    )
+    assert collections.Counter(_samples(data.train)) == collections.Counter(_expected(_rows(5)) + kept)
 
 
 @pytest.mark.parametrize("make", [common.bpe_tokenizer, common.word_tokenizer])
 def test_long_text_is_tokenised_in_exact_chunks(make, monkeypatch):
     tok = make()
-    text = " ".join(
-        f"hello world,  how are you?\n\nfine thanks {i}. the answer is forty two w{i % 300}"
-        for i in range(60)
-    ) + " héllo  wörld 日本語"
+    text = (
+        " ".join(
+            f"hello world,  how are you?\n\nfine thanks {i}. the answer is forty two w{i % 300}"
+            for i in range(60)
+        )
+        + " héllo  wörld 日本語"
+    )
     whole = templates.encode_texts(tok, [text], chunk_chars=10**9)[0][0]
     parts = templates._cut_text(tok, text, 200)  # pylint: disable=protected-access
     assert len(parts) > 10 and "".join(parts) == text
     calls = []
     real = templates._encode_batch  # pylint: disable=protected-access
-    monkeypatch.setattr(
-        templates, "_encode_batch", lambda t, x, **k: calls.append(x) or real(t, x, **k)
-    )
+    monkeypatch.setattr(templates, "_encode_batch", lambda t, x, **k: calls.append(x) or real(t, x, **k))
     chunked, trained = templates.encode_texts(tok, [text, "hello"], chunk_chars=200)[0]
     assert len(calls[0]) > 10, "the pieces were encoded as a batch"
     np.testing.assert_array_equal(chunked, whole)

@@ -43,7 +43,7 @@ def test_bom_json_trains_through_the_pipeline(tmp_path):
 def test_csv_quoting_empty_cells_extra_cells_and_bad_bytes(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes(
-        b'instruction,input,output\n'
+        b"instruction,input,output\n"
         b'"two\nlines, quoted",,"say ""hi"""\n'  # Record on lines 2-3; an empty cell.
         b"\n"  # A blank line is no record.
         b"a,b,c,EXTRA\n"  # Line 5: more cells than the header.
@@ -72,8 +72,7 @@ def test_rows_know_their_line_and_the_report_names_the_first_few(tmp_path):
 
     lines = [ROWS[0], b"", b"{bad"] + [chat("user")] * 5 + [chat("assistant", "user")]
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode()
-                                for x in lines))
+    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines))
     rows = sources.read_rows(path)
     assert [rows.where(i) for i in (0, 1, 2)] == [f"{path}:1", f"{path}:3", f"{path}:4"]
     report = pipeline.build_pipeline(
@@ -84,9 +83,7 @@ def test_rows_know_their_line_and_the_report_names_the_first_few(tmp_path):
     assert dict(s.skipped) == {"invalid_json": 1, "no_assistant": 5, "role_order": 1}
     assert s.located["no_assistant"] == [f"{path}:{n}: no_assistant" for n in (4, 5, 6)]
     assert s.located["invalid_json"][0].startswith(f"{path}:3: invalid_json (Expecting")
-    assert s.located["role_order"] == [
-        f"{path}:9: role_order (message 0 is assistant (roles: assistant))"
-    ]
+    assert s.located["role_order"] == [f"{path}:9: role_order (message 0 is assistant (roles: assistant))"]
     text = str(report)
     assert f"{path}:6: no_assistant" in text and f"{path}:7: no_assistant" not in text
     in_memory = pipeline.build_pipeline(
@@ -139,12 +136,16 @@ def test_iter_rows_streams_what_read_rows_reads(tmp_path):
     assert [w for w, _ in streamed] == [f"{path}:{n}" for n in (1, 2, 5, 6, 7, 8)]
     assert [r.reason for _, r in streamed[2:5]] == ["invalid_json", "invalid_json", "non_utf8"]
     assert list(sources.iter_rows(path, max_rows=3, select=lambda i: i != 1)) == [
-        streamed[0], (streamed[1][0], None), streamed[2]]
+        streamed[0],
+        (streamed[1][0], None),
+        streamed[2],
+    ]
     csv_path = tmp_path / "c.csv"
     csv_path.write_bytes(b"instruction,output\nhello,world\n\nbye,now\n")
     assert list(sources.iter_rows(csv_path)) == [
         (f"{csv_path}:2", {"instruction": "hello", "output": "world"}),
-        (f"{csv_path}:4", {"instruction": "bye", "output": "now"})]
+        (f"{csv_path}:4", {"instruction": "bye", "output": "now"}),
+    ]
     assert list(sources.iter_rows(ROWS[:1])) == [("row 1", ROWS[0])]
     utf16 = tmp_path / "u.jsonl"
     utf16.write_bytes(_jsonl(ROWS).decode().encode("utf-16"))

@@ -119,10 +119,7 @@ def test_byte_level_bpe_trains_content_and_marker_only(template_name):
     ]
     ids, trained = templates.encode_chat(templates.ChatTemplate(tok, template_name), msgs)
     eot = templates.END_OF_TURN[template_name]
-    assert (
-        tok.decode(ids[trained])
-        == f"how are you, wörld 🌍? fine thanks.{eot}日本語 the answer{eot}"
-    )
+    assert tok.decode(ids[trained]) == f"how are you, wörld 🌍? fine thanks.{eot}日本語 the answer{eot}"
 
 
 def test_template_errors():

@@ -31,9 +31,16 @@ def tiny_tokenizer():
 
 def tiny_config(vocab_size: int = 128, **overrides) -> ModelConfig:
     hf = dict(
-        architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=32,
-        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
         initializer_range=0.5,  # large weights: confident, position-dependent predictions
     )
     return ModelConfig.from_hf_dict({**hf, **overrides})

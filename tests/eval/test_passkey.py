@@ -28,10 +28,14 @@ def test_prompt_length_depth_and_needle(tok, length, depth):
     sentence = max_sentence(tok)
     assert abs(p.prompt_length - length) <= sentence // 2 + 1
     needle = encode(tok, " " + pk.NEEDLE.format(key="40213"))
-    assert list(p.tokens[p.needle_start:p.needle_start + p.needle_length]) == needle
+    assert list(p.tokens[p.needle_start : p.needle_start + p.needle_length]) == needle
     question = encode(tok, " " + pk.QUESTION)
-    assert list(p.tokens[p.prompt_length - len(question):p.prompt_length]) == question
-    assert list(p.tokens[p.prompt_length:]) == list(p.answer) == [int(tok.convert_tokens_to_ids(c)) for c in "40213"]
+    assert list(p.tokens[p.prompt_length - len(question) : p.prompt_length]) == question
+    assert (
+        list(p.tokens[p.prompt_length :])
+        == list(p.answer)
+        == [int(tok.convert_tokens_to_ids(c)) for c in "40213"]
+    )
     head = 1 + len(encode(tok, pk.TASK))  # BOS + task
     assert p.tokens[0] == tok.bos_token_id
     filler = p.prompt_length - head - len(needle) - len(question)
@@ -107,7 +111,7 @@ def test_model_predictor_is_argmax_of_full_logits(tok):
     tokens = np.zeros((2, width), np.int32)
     positions = np.zeros((2, 5), np.int32)
     for b, p in enumerate(prompts):
-        tokens[b, :len(p.tokens)] = p.tokens
+        tokens[b, : len(p.tokens)] = p.tokens
         positions[b] = np.arange(p.prompt_length - 1, len(p.tokens) - 1)
     got = pk.model_predictor(model)(tokens, positions)
     full = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens)).argmax(-1)

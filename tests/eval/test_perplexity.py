@@ -137,11 +137,14 @@ def test_from_jsonl_tokenises_and_concatenates(model, tmp_path):
     assert per_doc.rows == expected.rows
     assert per_doc.rows[0].skipped_documents == 1  # "Here we go ." x2 + BOS = 9 tokens
     joined = ppl_lib.perplexity_from_jsonl(model, tok, path, [16], concatenate=True, **KW)
-    picked = ppl_lib.perplexity_from_jsonl(model, tok, path, LENGTHS, max_documents=1, common_documents=True, **KW)
+    picked = ppl_lib.perplexity_from_jsonl(
+        model, tok, path, LENGTHS, max_documents=1, common_documents=True, **KW
+    )
     assert picked.rows == ppl_lib.perplexity(model, expected_docs[:1], LENGTHS, **KW).rows
     assert picked.meta["rows_too_short"] == 2  # only the first row has 32 tokens
     assert joined.rows[0].documents == 1 and joined.meta["input_tokens"] == 1 + sum(
-        len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts
+    )
 
 
 def test_with_rope_equals_model_built_with_that_rope(model):

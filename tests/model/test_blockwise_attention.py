@@ -22,8 +22,10 @@ SPLASH_MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 
 def _inputs(b=2, t=37, n=4, k=2, h=8, dtype=jnp.float32, seed=0):
     rng = np.random.default_rng(seed)
-    q, key, v, w = (jnp.asarray(rng.normal(size=s), dtype) for s in
-                    [(b, t, n, h), (b, t, k, h), (b, t, k, h), (b, t, n, h)])
+    q, key, v, w = (
+        jnp.asarray(rng.normal(size=s), dtype)
+        for s in [(b, t, n, h), (b, t, k, h), (b, t, k, h), (b, t, n, h)]
+    )
     # row 0: two packed samples then padding (id 0); row 1: two samples, no padding
     cut1, cut2 = t // 4, (2 * t) // 3
     seg = np.zeros((b, t), np.int32)
@@ -74,8 +76,12 @@ T_LONG = 4096
 
 def _abstract(t, n=2, k=1, h=16):
     f32 = jnp.float32
-    return (jax.ShapeDtypeStruct((1, t, n, h), f32), jax.ShapeDtypeStruct((1, t, k, h), f32),
-            jax.ShapeDtypeStruct((1, t, k, h), f32), jax.ShapeDtypeStruct((1, t), jnp.int32))
+    return (
+        jax.ShapeDtypeStruct((1, t, n, h), f32),
+        jax.ShapeDtypeStruct((1, t, k, h), f32),
+        jax.ShapeDtypeStruct((1, t, k, h), f32),
+        jax.ShapeDtypeStruct((1, t), jnp.int32),
+    )
 
 
 def _fwd_and_grad(fn):
@@ -194,7 +200,7 @@ def _short_samples(counts, t):
     """Rows of 3-token samples (the worst case for a per-row bound), then padding."""
     seg = np.zeros((len(counts), t), np.int32)
     for row, n in enumerate(counts):
-        seg[row, :3 * n] = np.repeat(np.arange(1, n + 1), 3)
+        seg[row, : 3 * n] = np.repeat(np.arange(1, n + 1), 3)
     return jnp.asarray(seg)
 
 
@@ -247,17 +253,22 @@ def test_splash_refuses_off_tpu(mesh_shape):
     devices from a CPU host and passes it), else the default backend's."""
     q, key, v, seg, _ = _inputs()
     with activation_sharding(make_mesh(mesh_shape) if mesh_shape else None):
-        with pytest.raises(gpu_attention.AttentionBackendError,
-                           match="attention backend 'splash' needs a TPU; use 'blockwise' "
-                                 "\\(the devices in use are 'cpu'\\)"):
+        with pytest.raises(
+            gpu_attention.AttentionBackendError,
+            match="attention backend 'splash' needs a TPU; use 'blockwise' "
+            "\\(the devices in use are 'cpu'\\)",
+        ):
             jax.jit(_backend("splash")).lower(q, key, v, seg)
 
 
 def _shard_map_outputs(fn, *args):
     """The per-device output shapes of the shard_maps in fn's jaxpr."""
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return [tuple(eqn.params["jaxpr"].outvars[0].aval.shape)
-            for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map"]
+    return [
+        tuple(eqn.params["jaxpr"].outvars[0].aval.shape)
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "shard_map"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -284,8 +295,10 @@ def test_splash_interpreted_matches_naive(mesh_shape, devices, local_out):
 
 @pytest.mark.parametrize(
     "mesh_shape,heads,match",
-    [({"context": 2, "fsdp": 4}, (4, 2), "splits it 2 ways \\(context axis\\); use attention 'context'"),
-     ({"tensor": 2, "fsdp": 4}, (4, 1), "4 query heads split over \\('tensor',\\) but 1 kv heads do not")],
+    [
+        ({"context": 2, "fsdp": 4}, (4, 2), "splits it 2 ways \\(context axis\\); use attention 'context'"),
+        ({"tensor": 2, "fsdp": 4}, (4, 1), "4 query heads split over \\('tensor',\\) but 1 kv heads do not"),
+    ],
     ids=["context", "kv_heads_not_divisible"],
 )
 def test_splash_refuses_meshes_it_cannot_use(mesh_shape, heads, match):

@@ -65,8 +65,10 @@ def test_zigzag_order():
 
 @pytest.mark.parametrize(
     "mesh_shape,heads,layout",
-    [({"context": 4, "fsdp": 2}, (4, 2), "contiguous"),
-     ({"context": 2, "tensor": 2, "fsdp": 2}, (4, 1), "zigzag")],
+    [
+        ({"context": 4, "fsdp": 2}, (4, 2), "contiguous"),
+        ({"context": 2, "tensor": 2, "fsdp": 2}, (4, 1), "zigzag"),
+    ],
     ids=["context4_fsdp2_gqa", "context2_tensor2_mqa_zigzag"],
 )
 def test_attention_matches_single_device(mesh_shape, heads, layout):
@@ -79,7 +81,8 @@ def test_attention_matches_single_device(mesh_shape, heads, layout):
     inverse = np.argsort(order)
     with activation_sharding(mesh):
         out, grads = _attn_value_and_grads(
-            cp.make_context_attention(layout, block_q=4, block_kv=4), *(x[:, order] for x in (q, k, v, seg, w))
+            cp.make_context_attention(layout, block_q=4, block_kv=4),
+            *(x[:, order] for x in (q, k, v, seg, w)),
         )
     np.testing.assert_allclose(out[:, inverse], ref_out, atol=1e-5, rtol=0)
     for name, got, want in zip("qkv", grads, ref_grads):
@@ -132,7 +135,9 @@ def params():
 
 
 def _model_loss_fn(backend):
-    graphdef = nnx.split(nnx.eval_shape(lambda: Llama(CFG, ModelOptions(attention=backend), rngs=nnx.Rngs(0))))[0]
+    graphdef = nnx.split(
+        nnx.eval_shape(lambda: Llama(CFG, ModelOptions(attention=backend), rngs=nnx.Rngs(0)))
+    )[0]
 
     def loss(params, batch):
         logits = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"], batch["segment_ids"])
@@ -149,8 +154,13 @@ def _batch():
     tokens = rng.integers(0, helpers.TINY["vocab_size"], (2, T)).astype(np.int32)
     targets = np.roll(tokens, -1, axis=1)
     mask = ((seg != 0) & (seg == np.roll(seg, -1, axis=1))).astype(np.float32)
-    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "segment_ids": seg,
-            "positions": _positions(seg)}
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": mask,
+        "segment_ids": seg,
+        "positions": _positions(seg),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +174,9 @@ def _check(reference, loss, logits, grads):
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-5, rtol=0)
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(got), want, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_llama_context4_equals_single_device_and_is_t_sharded(reference, params):
@@ -185,8 +197,11 @@ def test_llama_context4_equals_single_device_and_is_t_sharded(reference, params)
         r"f32\[1,32,2,16\]\S* all-gather\(.*replica_groups=\{\{0,1,2,3\},\{4,5,6,7\}\}, dimensions=\{1\}", hlo
     )
     assert len(gathers) >= 2, "K and V all-gathered along T over context"
-    forward_proj = [re.search(r"= f32\[(\d+),\d+\]", line).group(1) for line in hlo.splitlines()
-                    if " dot(" in line and "BTD,DNH->BTNH" in line and "transpose(" not in line]
+    forward_proj = [
+        re.search(r"= f32\[(\d+),\d+\]", line).group(1)
+        for line in hlo.splitlines()
+        if " dot(" in line and "BTD,DNH->BTNH" in line and "transpose(" not in line
+    ]
     assert forward_proj and set(forward_proj) == {"8"}, forward_proj
 
 

@@ -22,8 +22,9 @@ FP32 = ModelOptions(param_dtype="float32", dtype="float32")
 CASES = {
     "all_r8_a16": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "qv_r4_a8": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "mlp_r3_a5_rslora": dict(r=3, lora_alpha=5, target_modules=["gate_proj", "up_proj", "down_proj"],
-                             use_rslora=True),
+    "mlp_r3_a5_rslora": dict(
+        r=3, lora_alpha=5, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True
+    ),
     "ko_r16_a7_rslora": dict(r=16, lora_alpha=7, target_modules=["k_proj", "o_proj"], use_rslora=True),
 }
 
@@ -62,8 +63,9 @@ def test_logits_match_peft(tmp_path, case, mesh_shape):
     with peft.disable_adapter():
         base_expected = helpers.reference_logits(peft, tokens)
     assert np.abs(expected - base_expected).max() > 1e-2
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens), adapters=False)), base_expected,
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(tokens), adapters=False)), base_expected, atol=1e-4, rtol=0
+    )
 
 
 def _spec(sharding, ndim):
@@ -76,7 +78,9 @@ def test_adapters_are_sharded_as_their_weights_with_rank_replicated():
     in base_dtype, the adapters in param_dtype."""
     from covenant_jax.config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict({**helpers.TINY, "architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    cfg = ModelConfig.from_hf_dict(
+        {**helpers.TINY, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    )
     lora = lora_lib.LoraConfig(rank=4, alpha=8.0, base_dtype="bfloat16")
     model = abstract_model(cfg, ModelOptions(param_dtype="float32", lora=lora))
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
@@ -96,9 +100,13 @@ def test_adapters_are_sharded_as_their_weights_with_rank_replicated():
     assert len(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))) == 2 * len(lora_lib.TARGETS)
 
 
-@pytest.mark.parametrize("names,expected", [
-    (("q_proj", "v"), ("q", "v")), ("all-linear", lora_lib.TARGETS),
-    (["down_proj", "gate", "up_proj", "up"], ("gate", "up", "down")),
-])
+@pytest.mark.parametrize(
+    "names,expected",
+    [
+        (("q_proj", "v"), ("q", "v")),
+        ("all-linear", lora_lib.TARGETS),
+        (["down_proj", "gate", "up_proj", "up"], ("gate", "up", "down")),
+    ],
+)
 def test_target_names(names, expected):
     assert lora_lib.normalize_targets(names) == expected

@@ -16,14 +16,36 @@ CASES = {
     "tied_mha": dict(tie_word_embeddings=True, num_key_value_heads=4),
     "head_dim_override_bias": dict(head_dim=24, attention_bias=True, mlp_bias=True),
     "linear": dict(rope_scaling={"type": "linear", "factor": 3.0}),
-    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
-                                 "high_freq_factor": 8.0, "original_max_position_embeddings": 32}),
-    "yarn_knobs": dict(max_position_embeddings=256, rope_scaling={
-        "type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16.0,
-        "beta_slow": 2.0, "mscale": 0.9, "mscale_all_dim": 0.5, "truncate": False}),
-    "yarn_attention_factor": dict(rope_scaling={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-        "attention_factor": 1.3}),
+    "llama3": dict(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 32,
+        }
+    ),
+    "yarn_knobs": dict(
+        max_position_embeddings=256,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "mscale": 0.9,
+            "mscale_all_dim": 0.5,
+            "truncate": False,
+        },
+    ),
+    "yarn_attention_factor": dict(
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "attention_factor": 1.3,
+        }
+    ),
     "mistral": dict(architecture="mistral", sliding_window=None),
 }
 
@@ -44,7 +66,9 @@ def test_logits_match_transformers(tmp_path, case, mesh_shape):
 
 
 def test_v4_rope_spelling_reads_the_same(tmp_path):
-    hf = helpers.hf_model(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    hf = helpers.hf_model(
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    )
     v5 = load_model(helpers.save_hf(hf, tmp_path / "v5"), FP32, helpers.one_device_mesh())
     v4 = load_model(helpers.save_hf(hf, tmp_path / "v4", v4_rope=True), FP32, helpers.one_device_mesh())
     assert v4.config.rope == v5.config.rope

@@ -18,8 +18,11 @@ def main() -> int:
         started = time.time()
         rc = cli.main(args)
         cpu = resource.getrusage(resource.RUSAGE_SELF)
-        print(f"[worker] {' '.join(args[-4:])}: rc {rc}, {time.time() - started:.1f}s wall, "
-              f"process cpu so far {cpu.ru_utime + cpu.ru_stime:.1f}s", flush=True)
+        print(
+            f"[worker] {' '.join(args[-4:])}: rc {rc}, {time.time() - started:.1f}s wall, "
+            f"process cpu so far {cpu.ru_utime + cpu.ru_stime:.1f}s",
+            flush=True,
+        )
         if rc:
             return rc
     return 0

@@ -36,8 +36,13 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COVENANT_", "XLA_FLAGS"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO),
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -51,11 +56,29 @@ def _run_job(calls: list[list[str]], log_dir: Path, n: int = 2, timeout: float =
     port = _free_port()
     procs = []
     for i in range(n):
-        flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i),
-                 "--init-timeout", "60"]
+        flags = [
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(n),
+            "--process-id",
+            str(i),
+            "--init-timeout",
+            "60",
+        ]
         log = open(log_dir / f"proc{i}-{port}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), json.dumps([flags + c for c in calls])],
-                                       env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), json.dumps([flags + c for c in calls])],
+                    env=env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     deadline = time.time() + timeout
     try:
         while any(p.poll() is None for p, _ in procs) and time.time() < deadline:
@@ -70,8 +93,10 @@ def _run_job(calls: list[list[str]], log_dir: Path, n: int = 2, timeout: float =
             log.close()
     codes = [p.returncode for p, _ in procs]
     if codes != [0] * n:
-        tails = "\n".join(f"--- process {i} (rc {c}):\n" + "".join(open(log.name).readlines()[-30:])
-                          for i, ((_, log), c) in enumerate(zip(procs, codes)))
+        tails = "\n".join(
+            f"--- process {i} (rc {c}):\n" + "".join(open(log.name).readlines()[-30:])
+            for i, ((_, log), c) in enumerate(zip(procs, codes))
+        )
         pytest.fail(f"multi-process job failed {codes}:\n{tails}")
 
 
@@ -139,7 +164,11 @@ def _two_virtual_processes(monkeypatch):
         return pipeline.DataPipeline(
             _Joined([s.train for s in shards], pad),
             _Joined([s.eval for s in shards], pad) if shards[0].eval is not None else None,
-            shards[0].report, 2 * shards[0].rows_per_process, shards[0].seq_len, shards[0].pad_id)
+            shards[0].report,
+            2 * shards[0].rows_per_process,
+            shards[0].seq_len,
+            shards[0].pad_id,
+        )
 
     monkeypatch.setattr(loop.data_pipeline, "build_pipeline", build)
 
@@ -170,10 +199,15 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
     # resumes from that checkpoint (a new CheckpointManager reading the folder) to 6 steps and
     # exports. (Fresh processes would only add start-up time: the resume reads everything
     # from disk either way.)
-    _run_job([["convert", "hf-to-jax", str(hf), str(mp / "conv")],
-              ["convert", "jax-to-hf", str(mp / "conv"), str(mp / "roundtrip")],
-              ["train", str(recipe), "--config.train.steps=3"],
-              ["train", str(recipe), "--config.train.export=True"]], tmp_path)
+    _run_job(
+        [
+            ["convert", "hf-to-jax", str(hf), str(mp / "conv")],
+            ["convert", "jax-to-hf", str(mp / "conv"), str(mp / "roundtrip")],
+            ["train", str(recipe), "--config.train.steps=3"],
+            ["train", str(recipe), "--config.train.export=True"],
+        ],
+        tmp_path,
+    )
 
     # Conversion: the round trip is bit-identical to the source, so is the 1-process one.
     source = _tensors(hf)
@@ -195,11 +229,14 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
     for step in want:
         for key in ("loss", "grad_norm", "eval_loss", "lr"):
             if key in want[step]:
-                np.testing.assert_allclose(got[step][key], want[step][key], rtol=2e-5, atol=1e-6,
-                                           err_msg=f"{key} at step {step}")
+                np.testing.assert_allclose(
+                    got[step][key], want[step][key], rtol=2e-5, atol=1e-6, err_msg=f"{key} at step {step}"
+                )
     assert {3, 6} <= {int(p.name) for p in (mp / "run" / "checkpoints").iterdir() if p.name.isdigit()}
     assert sorted(p.name for p in (mp / "run" / "checkpoints" / "3" / "data").glob("process_*")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
     exported, reference = _tensors(mp / "run" / "export"), _tensors(ref / "run" / "export")
     assert exported.keys() == reference.keys() == source.keys()
@@ -219,12 +256,29 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
 def test_missing_peer_fails_within_timeout(tmp_path):
     """Process 0 of 2 alone: a clear error and exit code 2 at the timeout, not a hang."""
     env = _env(4)
-    env.update(COVENANT_COORDINATOR=f"127.0.0.1:{_free_port()}", COVENANT_NUM_PROCESSES="2",
-               COVENANT_PROCESS_ID="0", COVENANT_INIT_TIMEOUT="5")
+    env.update(
+        COVENANT_COORDINATOR=f"127.0.0.1:{_free_port()}",
+        COVENANT_NUM_PROCESSES="2",
+        COVENANT_PROCESS_ID="0",
+        COVENANT_INIT_TIMEOUT="5",
+    )
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "covenant_jax.cli", "convert", "hf-to-jax",
-                           str(tmp_path / "hf"), str(tmp_path / "out")],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "covenant_jax.cli",
+            "convert",
+            "hf-to-jax",
+            str(tmp_path / "hf"),
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.time() - started
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "process 0 of 2 could not join the job at coordinator 127.0.0.1:" in proc.stderr
@@ -240,18 +294,39 @@ def _train_pair_until_a_checkpoint(tmp_path, heartbeat_s: int, step: int) -> lis
     data = common.chat_jsonl(tmp_path)
     hf_to_jax(hf, tmp_path / "conv")
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(RECIPE.format(repo=str(REPO), root=str(tmp_path), model=str(tmp_path / "conv"),
-                                    data=str(data)))
+    recipe.write_text(
+        RECIPE.format(repo=str(REPO), root=str(tmp_path), model=str(tmp_path / "conv"), data=str(data))
+    )
     env, port = _env(4), _free_port()
     procs = []
     for i in range(2):
-        args = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                "--init-timeout", "60", "--heartbeat-timeout", str(heartbeat_s), "train", str(recipe),
-                "--config.train.steps=10000", "--config.train.checkpoint_every=2",
-                "--config.train.eval_every=10000"]
+        args = [
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            "--init-timeout",
+            "60",
+            "--heartbeat-timeout",
+            str(heartbeat_s),
+            "train",
+            str(recipe),
+            "--config.train.steps=10000",
+            "--config.train.checkpoint_every=2",
+            "--config.train.eval_every=10000",
+        ]
         log = open(tmp_path / f"proc{i}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", *args], env=env, cwd=REPO,
-                                      stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "covenant_jax.cli", *args],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 300
     while not any(p.name.isdigit() and int(p.name) >= step for p in checkpoints.glob("*")):
@@ -321,7 +396,9 @@ def test_hung_peer_stops_the_survivor_with_the_same_clear_message(tmp_path):
     assert rc == 1, log[-3000:]
     assert survived_s < heartbeat_s + 5, (survived_s, log[-3000:])
     errors = [line for line in log.splitlines() if line.startswith("covenant-jax: error:")]
-    assert errors == [f"covenant-jax: error: process 0: process 1 has not responded for {heartbeat_s} s; "
-                      "it has probably died or hung. Completed checkpoints are intact: restart every "
-                      "process to resume."], log[-3000:]
+    assert errors == [
+        f"covenant-jax: error: process 0: process 1 has not responded for {heartbeat_s} s; "
+        "it has probably died or hung. Completed checkpoints are intact: restart every "
+        "process to resume."
+    ], log[-3000:]
     assert "Check failure" not in log and "Terminating process" not in log, log[-3000:]

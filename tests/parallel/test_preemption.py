@@ -16,17 +16,38 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     env, port = _env(4), _free_port()
     procs, logs = [], []
     for i in range(2):
-        args = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                "--init-timeout", "60", "train", str(recipe), "--config.train.steps=10000",
-                "--config.train.checkpoint_every=10000", "--config.train.eval_every=0"]
+        args = [
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            "--init-timeout",
+            "60",
+            "train",
+            str(recipe),
+            "--config.train.steps=10000",
+            "--config.train.checkpoint_every=10000",
+            "--config.train.eval_every=0",
+        ]
         logs.append(tmp_path / f"proc{i}.log")
-        procs.append(subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", *args], env=env, cwd=REPO,
-                                      stdout=open(logs[i], "w"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "covenant_jax.cli", *args],
+                env=env,
+                cwd=REPO,
+                stdout=open(logs[i], "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.time() + 300
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[
+                -3000:
+            ]
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGTERM)  # JAX's preemption service tells process 0
         codes = [p.wait(timeout=120) for p in procs]
@@ -40,7 +61,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     steps = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()]
     assert len(steps) == 1 and steps[0] >= 3, steps
     step_dir = tmp_path / "run" / "checkpoints" / str(steps[0])
-    assert f"covenant-jax: stopped by a preemption notice (SIGTERM) after step {steps[0]}: checkpoint " \
-           f"saved in {step_dir}" in out[0]
+    assert (
+        f"covenant-jax: stopped by a preemption notice (SIGTERM) after step {steps[0]}: checkpoint "
+        f"saved in {step_dir}" in out[0]
+    )
     assert sorted(p.name for p in (step_dir / "data").iterdir() if p.name.startswith("process_")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]

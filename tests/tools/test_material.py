@@ -34,18 +34,31 @@ def test_iter_json_array_truncated_and_complete():
 
 
 def test_normalise_conversation():
-    ok = {"id": "x", "conversations": [{"from": "human", "value": "hi", "extra": 1}, {"from": "gpt", "value": "yo"}]}
+    ok = {
+        "id": "x",
+        "conversations": [{"from": "human", "value": "hi", "extra": 1}, {"from": "gpt", "value": "yo"}],
+    }
     assert material.normalise_conversation(ok) == {
         "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
     }
-    for bad in ({"conversations": []}, {"conversations": [{"from": "human"}]}, {"x": 1}, [1],
-                {"conversations": [{"from": "human", "value": None}]}):
+    for bad in (
+        {"conversations": []},
+        {"conversations": [{"from": "human"}]},
+        {"x": 1},
+        [1],
+        {"conversations": [{"from": "human", "value": None}]},
+    ):
         assert material.normalise_conversation(bad) is None
 
 
 def test_fetch_sharegpt_from_truncated_file(tmp_path, monkeypatch):
-    rows = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
-            for i in range(5)] + [{"id": "empty", "conversations": []}]
+    rows = [
+        {
+            "id": str(i),
+            "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}],
+        }
+        for i in range(5)
+    ] + [{"id": "empty", "conversations": []}]
     rows.append(rows[0])
     src = tmp_path / "data.json"
     text = json.dumps(rows, indent=2)
@@ -64,23 +77,31 @@ def test_sharegpt_pairs_reject_another_conversations_reply(tmp_path):
     """The DPO demo's pairs: each exchange's real reply chosen, the reply of the exchange half the
     list away rejected; conversations not opening user -> assistant, too long or mostly non-ASCII
     are not used, and a pair whose replies are equal is left out."""
+
     def conv(q, a, first="human"):
         return {"conversations": [{"from": first, "value": q}, {"from": "gpt", "value": a}]}
 
     convs = [conv(f"question number {i}?", f"the answer to question {i}.") for i in range(4)]
-    convs += [conv("question ignored?", "an answer to nothing.", first="gpt"),  # opens with gpt
-              conv("question long?", "x" * 400),  # reply too long
-              conv("вопрос на русском?", "ответ на русском языке.")]  # not ASCII
+    convs += [
+        conv("question ignored?", "an answer to nothing.", first="gpt"),  # opens with gpt
+        conv("question long?", "x" * 400),  # reply too long
+        conv("вопрос на русском?", "ответ на русском языке."),
+    ]  # not ASCII
     convs[3] = conv("question repeated?", "the answer to question 0.")  # pair 3's rejected reply is its own
     convs.append(conv("question number 7?", "the answer to question 7."))
     with open(tmp_path / material.SHAREGPT_FILENAME, "w") as f:
         f.writelines(json.dumps(c) + "\n" for c in convs)
     out = material.fetch_sharegpt_pairs(tmp_path)
     pairs = [json.loads(x) for x in out.read_text().splitlines()]
-    exchanges = [(c["conversations"][0]["value"], c["conversations"][1]["value"]) for c in convs[:4] + convs[7:]]
+    exchanges = [
+        (c["conversations"][0]["value"], c["conversations"][1]["value"]) for c in convs[:4] + convs[7:]
+    ]
     n = len(exchanges)
-    want = [(q, a, exchanges[(i + n // 2) % n][1]) for i, (q, a) in enumerate(exchanges)
-            if exchanges[(i + n // 2) % n][1] != a]
+    want = [
+        (q, a, exchanges[(i + n // 2) % n][1])
+        for i, (q, a) in enumerate(exchanges)
+        if exchanges[(i + n // 2) % n][1] != a
+    ]
     got = [(p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs]
     assert got == want and len(got) == n - 1  # pair 3 (rejected == chosen) left out
     assert {p["prompt"][0]["role"] for p in pairs} == {"user"}
@@ -88,9 +109,11 @@ def test_sharegpt_pairs_reject_another_conversations_reply(tmp_path):
 
 
 def test_strip_wikitext():
-    raw = ("'''Foo''' (1775{{ndash}}1783) is a [[bar (thing)|bar]] and [[baz]].{{cite web|x={{y|z}}}}"
-           "<ref name=a>r</ref><ref name=b/><!-- c -->\n[[File:X.jpg|thumb|a [[link]] here]]\n"
-           "{| class=t\n| cell\n|}\nSee [http://example.com example].")
+    raw = (
+        "'''Foo''' (1775{{ndash}}1783) is a [[bar (thing)|bar]] and [[baz]].{{cite web|x={{y|z}}}}"
+        "<ref name=a>r</ref><ref name=b/><!-- c -->\n[[File:X.jpg|thumb|a [[link]] here]]\n"
+        "{| class=t\n| cell\n|}\nSee [http://example.com example]."
+    )
     assert material.strip_wikitext(raw) == "Foo (1775\u20131783) is a bar and baz.\n\nSee example."
 
 

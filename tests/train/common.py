@@ -37,17 +37,30 @@ def tiny_recipe(root: Path, model_dir: Path, data_path: Path, **train):
     cfg.data.eval_count = 8
     cfg.optim.lr = 3e-3
     cfg.optim.warmup_steps = 2
-    cfg.train.update(dict(steps=6, run_dir=str(root / "run"), log_every=1, eval_every=3,
-                          checkpoint_every=3, async_checkpoint=False, progress=False,
-                          loss_chunk_size=16, export=False))
+    cfg.train.update(
+        dict(
+            steps=6,
+            run_dir=str(root / "run"),
+            log_every=1,
+            eval_every=3,
+            checkpoint_every=3,
+            async_checkpoint=False,
+            progress=False,
+            loss_chunk_size=16,
+            export=False,
+        )
+    )
     cfg.train.update(train)
     return cfg
 
 
 def pair_row(i: int) -> dict:
     """A preference row of the word tokenizer's words; the rejected answer is tagged "B"."""
-    return {"prompt": data_common.words(i, 2 + i % 3), "chosen": data_common.words(i + 1, 1 + i % 4),
-            "rejected": data_common.words(i + 5, 1 + (i * 2) % 5, "B")}
+    return {
+        "prompt": data_common.words(i, 2 + i % 3),
+        "chosen": data_common.words(i + 1, 1 + i % 4),
+        "rejected": data_common.words(i + 5, 1 + (i * 2) % 5, "B"),
+    }
 
 
 def pairs_jsonl(root: Path, rows: int = 48) -> Path:

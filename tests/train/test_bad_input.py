@@ -99,10 +99,16 @@ def get_config():
 def test_kill_mid_run_then_resume(tmp_path, dirs):
     _, model_dir, data = dirs
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data))))
+    recipe.write_text(
+        textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data)))
+    )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt_dir = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and len([p for p in ckpt_dir.glob("[0-9]*")]) < 3:
@@ -111,7 +117,9 @@ def test_kill_mid_run_then_resume(tmp_path, dirs):
     proc.wait()
     latest = RunCheckpointer(ckpt_dir).latest_step()
     assert latest is not None and latest >= 4
-    code = cli.main(["train", str(recipe), f"--config.train.steps={latest + 2}", "--config.train.async_checkpoint=False"])
+    code = cli.main(
+        ["train", str(recipe), f"--config.train.steps={latest + 2}", "--config.train.async_checkpoint=False"]
+    )
     assert code == 0
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[-1]["step"] == latest + 2

@@ -51,7 +51,7 @@ def _flip_bytes(folder):
     for path in _data_files(folder / "6"):
         data = bytearray(path.read_bytes())
         middle = len(data) // 2
-        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
         path.write_bytes(bytes(data))
 
 
@@ -73,13 +73,24 @@ def _empty(folder):
 
 DAMAGE = {
     # Inverted bytes in a zstd frame may fail to decompress or decompress to other numbers.
-    "flipped bytes": (_flip_bytes, r"cannot be read \(ValueError: .*(ZSTD|Error reading)|content digests differ"),
-    "another step's state": (_other_steps_state, r"content digests differ from those saved for \['opt_state'\]|\['params'\]"),
+    "flipped bytes": (
+        _flip_bytes,
+        r"cannot be read \(ValueError: .*(ZSTD|Error reading)|content digests differ",
+    ),
+    "another step's state": (
+        _other_steps_state,
+        r"content digests differ from those saved for \['opt_state'\]|\['params'\]",
+    ),
     "truncated data file": (_truncate, r"cannot be read \(ValueError: OUT_OF_RANGE: Error reading"),
-    "missing manifest": (lambda f: (f / "6" / "state" / "manifest.ocdbt").unlink(), r"cannot be read \(ValueError: NOT_FOUND: .* does not exist"),
+    "missing manifest": (
+        lambda f: (f / "6" / "state" / "manifest.ocdbt").unlink(),
+        r"cannot be read \(ValueError: NOT_FOUND: .* does not exist",
+    ),
     "emptied step folder": (_empty, r"its folder .*/6 is empty"),
-    "deleted iterator file": (lambda f: (f / "6" / "data" / "process_0-of-1.json").unlink(),
-                              r"the data-iterator state .*/6/data/process_0-of-1.json is missing"),
+    "deleted iterator file": (
+        lambda f: (f / "6" / "data" / "process_0-of-1.json").unlink(),
+        r"the data-iterator state .*/6/data/process_0-of-1.json is missing",
+    ),
 }
 
 
@@ -112,14 +123,19 @@ def test_damaged_latest_step_falls_back_to_the_newest_intact(kind, trained, tmp_
 
     lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line or "moved" in line]
     assert len(lines) == 3, lines
-    assert lines[0].startswith(f"checkpoint step 6 in {folder} is damaged: ") and lines[0].endswith("trying step 3")
+    assert lines[0].startswith(f"checkpoint step 6 in {folder} is damaged: ") and lines[0].endswith(
+        "trying step 3"
+    )
     assert re.search(reason, lines[0]), lines[0]
-    assert lines[1] == (f"moved the damaged step 6 to {folder / '6.damaged'} (kept for inspection; "
-                        "delete it when done)")
+    assert lines[1] == (
+        f"moved the damaged step 6 to {folder / '6.damaged'} (kept for inspection; delete it when done)"
+    )
     assert lines[2] == f"resumed from {folder} at step 3"
     assert run.start_step == 3
     _assert_same_state(run.state, RunCheckpointer(checkpoints).read_state(3))
-    assert run.train_iter.get_state() == json.loads((checkpoints / "3" / "data" / "process_0-of-1.json").read_text())
+    assert run.train_iter.get_state() == json.loads(
+        (checkpoints / "3" / "data" / "process_0-of-1.json").read_text()
+    )
     # Nothing deleted: the damaged step is kept beside the others, out of Orbax's way.
     assert sorted(p.name for p in folder.iterdir()) == ["3", "6.damaged"]
     assert RunCheckpointer(folder).all_steps() == [3]
@@ -130,8 +146,11 @@ def test_every_step_damaged_is_refused_naming_each(trained, tmp_path):
     folder = _copy(checkpoints, tmp_path / "run")
     (folder / "6" / "data" / "process_0-of-1.json").unlink()
     (folder / "3" / "data" / "process_0-of-1.json").unlink()
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*\(step 6: the data-iterator state "
-                                              r".* is missing .*; step 3: the data-iterator state"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no intact checkpoint in .*\(step 6: the data-iterator state "
+        r".* is missing .*; step 3: the data-iterator state",
+    ):
         _resume(trained, tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["3", "6"]  # nothing moved
 
@@ -158,8 +177,10 @@ def test_silently_changed_latest_step_resumes_from_the_one_before(trained, tmp_p
     assert "checkpoint step 6 in" in out and "is damaged: content digests differ" in out
     assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step 3" in out
     assert summary.steps == 3 and summary.checkpoint_step == 6
-    _assert_same_state(RunCheckpointer(tmp_path / "run" / "checkpoints").read_state(6),
-                       RunCheckpointer(checkpoints).read_state(6))
+    _assert_same_state(
+        RunCheckpointer(tmp_path / "run" / "checkpoints").read_state(6),
+        RunCheckpointer(checkpoints).read_state(6),
+    )
     assert (tmp_path / "run" / "checkpoints" / "6.damaged").is_dir()
 
 
@@ -167,7 +188,11 @@ def test_digests_do_not_depend_on_sharding_and_see_one_bit():
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     x = np.random.default_rng(0).normal(size=(16, 24)).astype(np.float32)
     put = lambda value, spec: jax.device_put(value, NamedSharding(mesh, spec))  # noqa: E731
-    tree = {"w": put(x, P("a", "b")), "h": put(x.astype(jax.numpy.bfloat16), P()), "step": put(np.int32(3), P())}
+    tree = {
+        "w": put(x, P("a", "b")),
+        "h": put(x.astype(jax.numpy.bfloat16), P()),
+        "step": put(np.int32(3), P()),
+    }
     resharded = {**tree, "w": put(x, P(None, "a"))}
     assert integrity.state_digests(tree) == integrity.state_digests(resharded)
     flipped = x.copy()
@@ -185,9 +210,11 @@ def test_nan_on_a_checkpoint_step_is_never_saved(trained, tmp_path):
     _, model_dir, data, _ = trained
     cfg = common.tiny_recipe(tmp_path, model_dir, data, steps=4, checkpoint_every=1, eval_every=0)
     cfg.optim.update(dict(lr=1e25, weight_decay=1e25, decay_exclude=(), clip_norm=0.0, warmup_steps=2))
-    with pytest.raises(loop.NonFiniteLoss,
-                       match=r"non-finite parameters or optimizer state after the update of step 2 .*"
-                             r"this state is not saved; the last checkpoint \(1\) is intact"):
+    with pytest.raises(
+        loop.NonFiniteLoss,
+        match=r"non-finite parameters or optimizer state after the update of step 2 .*"
+        r"this state is not saved; the last checkpoint \(1\) is intact",
+    ):
         loop.train(cfg)
     ckpt = RunCheckpointer(tmp_path / "run" / "checkpoints")
     assert ckpt.all_steps() == [1]
@@ -210,9 +237,14 @@ def _cap_file_size():
 
 def _train_capped(recipe):
     """`covenant-jax train` with files capped at 100 kB (the kernel refuses larger writes: EFBIG)."""
-    return subprocess.run([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
-                          env={**os.environ, "PYTHONPATH": os.getcwd()}, preexec_fn=_cap_file_size,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        preexec_fn=_cap_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _one_error_line(proc) -> str:
@@ -228,14 +260,17 @@ def test_full_disk_while_preparing_data_is_one_line_and_leaves_no_shard(trained,
     """The data cache's ArrayRecord writer reports a failed write as a RuntimeError naming strerror."""
     _, model_dir, data, _ = trained
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data))))
+    recipe.write_text(
+        textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data)))
+    )
     cache = tmp_path / "run" / "data_cache"
     big = data.parent / "big.jsonl"  # Enough rows for a shard over the cap.
     big.write_text(data.read_text() * 40)
     recipe.write_text(recipe.read_text().replace(repr(str(data)), repr(str(big))))
     error = _one_error_line(_train_capped(recipe))
-    assert error.startswith("covenant-jax: error: storage: file too large for the file system or a size limit ("
-                            f"{cache}"), error
+    assert error.startswith(
+        f"covenant-jax: error: storage: file too large for the file system or a size limit ({cache}"
+    ), error
     assert not [p for p in cache.rglob("*") if "shard" in p.name], list(cache.rglob("*"))
 
 
@@ -247,9 +282,15 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(trained, tmp_path):
     shutil.rmtree(run_checkpoints / "6")
     shutil.copytree(checkpoints.parent / "data_cache", tmp_path / "run" / "data_cache")
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data))))
+    recipe.write_text(
+        textwrap.dedent(RECIPE.format(root=str(tmp_path), model=str(model_dir), data=str(data)))
+    )
     error = _one_error_line(_train_capped(recipe))
-    assert error.startswith(f"covenant-jax: error: could not write checkpoint step 6 to {run_checkpoints}: "
-                                "File too large; the last complete checkpoint, step 3, is intact")
+    assert error.startswith(
+        f"covenant-jax: error: could not write checkpoint step 6 to {run_checkpoints}: "
+        "File too large; the last complete checkpoint, step 3, is intact"
+    )
     assert sorted(p.name for p in run_checkpoints.iterdir()) == ["3"]  # no partial step left
-    _assert_same_state(RunCheckpointer(run_checkpoints).read_state(3), RunCheckpointer(checkpoints).read_state(3))
+    _assert_same_state(
+        RunCheckpointer(run_checkpoints).read_state(3), RunCheckpointer(checkpoints).read_state(3)
+    )

@@ -41,8 +41,19 @@ def _units(cfg, n):
 def _packed(units, rows, seq_len, pairs_per_row):
     """All ``units`` in one batch of ``rows`` rows (asserted)."""
     ds = pipeline._shard(grain.MapDataset.source(units), 0, 1)
-    batches = list(pairs.pack_pairs(ds, seq_len=seq_len, rows=rows, pad_id=0, bins=rows, seed=0,
-                                    shuffle_bins=False, pairs_per_row=pairs_per_row, fields=tuple(units[0])))
+    batches = list(
+        pairs.pack_pairs(
+            ds,
+            seq_len=seq_len,
+            rows=rows,
+            pad_id=0,
+            bins=rows,
+            seed=0,
+            shuffle_bins=False,
+            pairs_per_row=pairs_per_row,
+            fields=tuple(units[0]),
+        )
+    )
     assert len(batches) == 1
     return batches[0]
 
@@ -55,12 +66,18 @@ def _models(cfg, mesh):
 
 def _loss_and_grads(cfg, batch, pairs_per_row, mesh=None, precomputed=False):
     graphdef, rest, params, frozen = _models(cfg, mesh or helpers.one_device_mesh())
-    reference = (preference.precomputed_reference if precomputed
-                 else preference.frozen_model_reference(graphdef, rest, chunk_size=16))
-    objective = preference.dpo_objective(graphdef, rest, cfg.dpo, chunk_size=16, pairs_per_row=pairs_per_row,
-                                         reference=reference)
+    reference = (
+        preference.precomputed_reference
+        if precomputed
+        else preference.frozen_model_reference(graphdef, rest, chunk_size=16)
+    )
+    objective = preference.dpo_objective(
+        graphdef, rest, cfg.dpo, chunk_size=16, pairs_per_row=pairs_per_row, reference=reference
+    )
     totals = objective.totals(batch)
-    (loss, sums), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(params, frozen, batch, totals)
+    (loss, sums), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(
+        params, frozen, batch, totals
+    )
     return float(loss), objective.report(sums, totals), grads
 
 
@@ -91,8 +108,9 @@ def test_precomputed_reference_equals_in_step(setup):
     mesh = helpers.one_device_mesh()
     units = _units(cfg, 6)
     graphdef, rest, _, frozen = _models(cfg, mesh)
-    annotate = precompute.annotate_fn(cfg, graphdef, rest, frozen["ref_params"], mesh, rows=4, pad_id=0,
-                                      log=lambda _: None)
+    annotate = precompute.annotate_fn(
+        cfg, graphdef, rest, frozen["ref_params"], mesh, rows=4, pad_id=0, log=lambda _: None
+    )
     annotated = [dict(u) for u in units]
     annotate([annotated[:4], annotated[4:]])
     assert all(pairs.REF_FIELD in u and (u[pairs.REF_FIELD][~u["weights"]] == 0).all() for u in annotated)
@@ -101,7 +119,9 @@ def test_precomputed_reference_equals_in_step(setup):
     loss_p, report_p, grads_p = _loss_and_grads(cfg, with_ref, 4, precomputed=True)
     loss_i, report_i, grads_i = _loss_and_grads(cfg, without, 4)
     np.testing.assert_allclose(loss_p, loss_i, rtol=1e-6)
-    np.testing.assert_allclose(float(report_p["rewards/margins"]), float(report_i["rewards/margins"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(report_p["rewards/margins"]), float(report_i["rewards/margins"]), rtol=1e-5
+    )
     _assert_trees_close(grads_p, grads_i, atol=1e-6)
 
 
@@ -120,15 +140,22 @@ def _run_steps(cfg, batch, micro_batches, mesh, steps=2):
     graphdef, rest, params, frozen = _models(cfg, mesh)
     tx = optax.sgd(0.5)
     state, shardings = state_lib.create_state(params, tx, mesh, frozen)
-    fn = jax.jit(step_lib.make_train_step(program.make_objective(cfg, graphdef, rest), tx, optax.constant_schedule(0.5)),
-                 in_shardings=(shardings, NamedSharding(mesh, P(None, ("data", "fsdp")))),
-                 out_shardings=(shardings, None), donate_argnums=0)
+    fn = jax.jit(
+        step_lib.make_train_step(
+            program.make_objective(cfg, graphdef, rest), tx, optax.constant_schedule(0.5)
+        ),
+        in_shardings=(shardings, NamedSharding(mesh, P(None, ("data", "fsdp")))),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
     stacked = {k: v.reshape(micro_batches, -1, v.shape[-1]) for k, v in batch.items()}
     losses = []
     with activation_sharding(mesh):
         for _ in range(steps):
             state, metrics = fn(state, stacked)
-            losses.append({k: float(metrics[k]) for k in ("loss", "pairs", "rewards/accuracies", "grad_norm")})
+            losses.append(
+                {k: float(metrics[k]) for k in ("loss", "pairs", "rewards/accuracies", "grad_norm")}
+            )
     assert fn._cache_size() == 1
     return losses, jax.tree.map(np.asarray, state["params"]), jax.tree.map(np.asarray, state["frozen"])
 

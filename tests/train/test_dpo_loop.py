@@ -75,8 +75,12 @@ def test_resumed_equals_uninterrupted(tmp_path, setup_dirs, uninterrupted, preco
     part_rows = _metrics(tmp_path / "run")
     rtol = 2e-5 if precompute else 1e-6
     for key in ("loss", "rewards/margins", "logps/chosen", "eval_loss", "eval_rewards/accuracies"):
-        np.testing.assert_allclose([r[key] for r in part_rows if key in r], [r[key] for r in full_rows if key in r],
-                                   rtol=rtol, err_msg=key)
+        np.testing.assert_allclose(
+            [r[key] for r in part_rows if key in r],
+            [r[key] for r in full_rows if key in r],
+            rtol=rtol,
+            err_msg=key,
+        )
     part_params = _leaves(RunCheckpointer(tmp_path / "run" / "checkpoints").read_state(6)["params"])
     for x, y in zip(part_params, full_params):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 if precompute else 0)

@@ -43,15 +43,33 @@ def trl_run(tmp_path_factory):
     policy = helpers.hf_model(seed=0, vocab_size=len(tokenizer))
     reference = helpers.hf_model(seed=1, vocab_size=len(tokenizer))
     folders = {name: helpers.save_hf(m, root / name) for name, m in (("policy", policy), ("ref", reference))}
-    rows = [dict(prompt=data_common.words(i, 2 + i % 3), chosen=" " + data_common.words(i + 1, 1 + i % 4),
-                 rejected=" " + data_common.words(i + 5, 3 - i % 3)) for i in range(PAIRS)]
+    rows = [
+        dict(
+            prompt=data_common.words(i, 2 + i % 3),
+            chosen=" " + data_common.words(i + 1, 1 + i % 4),
+            rejected=" " + data_common.words(i + 5, 3 - i % 3),
+        )
+        for i in range(PAIRS)
+    ]
     # DPOConfig defaults to bf16=True, which runs the reference under bf16 autocast (accelerate
     # wraps its forward): float32 throughout, for a float32 comparison.
-    args = trl.DPOConfig(output_dir=str(root / "out"), per_device_train_batch_size=PAIRS, report_to="none",
-                         use_cpu=True, bf16=False, max_length=None, save_strategy="no",
-                         dataloader_num_workers=0)
-    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args,
-                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    args = trl.DPOConfig(
+        output_dir=str(root / "out"),
+        per_device_train_batch_size=PAIRS,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_length=None,
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    trainer = trl.DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     results = {}
@@ -77,8 +95,10 @@ def pack_pairs(batch: dict, pairs_per_row: int) -> dict[str, np.ndarray]:
     n = batch["input_ids"].shape[0] // 2
     width = 2 * pairs_per_row * batch["input_ids"].shape[1]
     rows = -(-n // pairs_per_row)
-    out = {k: np.zeros((rows, width), np.int32) for k in ("tokens", "targets", "segment_ids", "positions",
-                                                          "chosen")}
+    out = {
+        k: np.zeros((rows, width), np.int32)
+        for k in ("tokens", "targets", "segment_ids", "positions", "chosen")
+    }
     out["pair_slot"] = np.full((rows, width), -1, np.int32)
     out["loss_mask"] = np.zeros((rows, width), np.float32)
     at = np.zeros(rows, int)
@@ -119,10 +139,17 @@ def ours(models, packed, section, pairs_per_row):
     """(loss, reported metrics, policy gradients) of covenant_jax's DPO objective."""
     graphdef, rest, params, frozen = models
     objective = preference.dpo_objective(
-        graphdef, rest, section, chunk_size=16, pairs_per_row=pairs_per_row,
-        reference=preference.frozen_model_reference(graphdef, rest, chunk_size=16))
+        graphdef,
+        rest,
+        section,
+        chunk_size=16,
+        pairs_per_row=pairs_per_row,
+        reference=preference.frozen_model_reference(graphdef, rest, chunk_size=16),
+    )
     totals = objective.totals(packed)
-    (loss, sums), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(params, frozen, packed, totals)
+    (loss, sums), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(
+        params, frozen, packed, totals
+    )
     return float(loss), jax.tree.map(float, objective.report(sums, totals)), grads
 
 
@@ -138,8 +165,11 @@ def hf_grads_as_ours(folders, grads: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("case,pairs_per_row", [(c, 1) for c in CASES] + [("sigmoid+sft", 2)],
-                         ids=[f"{c}-pair_a_row" for c in CASES] + ["sigmoid+sft-two_pairs_a_row"])
+@pytest.mark.parametrize(
+    "case,pairs_per_row",
+    [(c, 1) for c in CASES] + [("sigmoid+sft", 2)],
+    ids=[f"{c}-pair_a_row" for c in CASES] + ["sigmoid+sft-two_pairs_a_row"],
+)
 def test_loss_metrics_and_gradients_equal_trl(trl_run, models, case, pairs_per_row):
     folders, batch, results = trl_run
     trl_loss, trl_metrics, trl_grads = results[case]

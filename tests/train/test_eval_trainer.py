@@ -35,17 +35,27 @@ def _trainer_eval_loss(export_dir, tokenizer, rows) -> float:
         ids, trained = templates.encode_chat(tpl, rows[i]["messages"])
         if len(ids) <= SEQ:
             labels = np.where(trained, ids, -100)
-            examples.append({"input_ids": ids.tolist(), "labels": labels.tolist(),
-                             "attention_mask": [1] * len(ids)})
+            examples.append(
+                {"input_ids": ids.tolist(), "labels": labels.tolist(), "attention_mask": [1] * len(ids)}
+            )
     assert 2 * EVAL_BATCH < len(examples) < EVAL_ROWS  # some dropped; a partial last batch
     model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
-    args = transformers.TrainingArguments(output_dir=str(export_dir.parent / "hf_eval"), report_to=[],
-                                          per_device_eval_batch_size=EVAL_BATCH, use_cpu=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(export_dir.parent / "hf_eval"),
+        report_to=[],
+        per_device_eval_batch_size=EVAL_BATCH,
+        use_cpu=True,
+    )
     trainer = transformers.Trainer(
-        model=model, args=args, eval_dataset=datasets.Dataset.from_list(examples),
-        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True))
-    losses = [model(**{k: torch.tensor([v]) for k, v in e.items()}, num_items_in_batch=1).loss.item()
-              for e in examples]  # per row: summed token loss
+        model=model,
+        args=args,
+        eval_dataset=datasets.Dataset.from_list(examples),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
+    )
+    losses = [
+        model(**{k: torch.tensor([v]) for k, v in e.items()}, num_items_in_batch=1).loss.item()
+        for e in examples
+    ]  # per row: summed token loss
     token_mean = sum(losses) / sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
     return trainer.evaluate()["eval_loss"], token_mean
 
@@ -57,8 +67,9 @@ def test_trainer_eval_mode_equals_trainer_evaluate_on_the_export(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     cfg = common.tiny_recipe(tmp_path, model_dir, data, steps=2, eval_every=2, export=True)
-    cfg.data.update(template="chatml", seq_len=SEQ, eval_count=EVAL_ROWS, eval_mode="trainer",
-                    eval_batch_size=EVAL_BATCH)
+    cfg.data.update(
+        template="chatml", seq_len=SEQ, eval_count=EVAL_ROWS, eval_mode="trainer", eval_batch_size=EVAL_BATCH
+    )
     ours = loop.train(cfg)  # evaluates the state of step 2, which it exports
     reference, token_mean = _trainer_eval_loss(ours.export_dir, data_common.word_tokenizer(), rows)
     np.testing.assert_allclose(ours.eval_loss, reference, rtol=2e-5)
@@ -68,8 +79,15 @@ def test_trainer_eval_mode_equals_trainer_evaluate_on_the_export(tmp_path):
 def test_trainer_eval_batches_are_the_same_rows_on_any_number_of_processes():
     """Every process packs each Trainer batch alike and feeds its slice: joined, the slices are
     the one-process batches, so the collective eval sees the same rows."""
-    cfg = dict(sources=[{"dataset": _rows()}], template="chatml", seq_len=SEQ, batch_size=4,
-               eval_count=EVAL_ROWS, eval_mode="trainer", eval_batch_size=EVAL_BATCH)
+    cfg = dict(
+        sources=[{"dataset": _rows()}],
+        template="chatml",
+        seq_len=SEQ,
+        batch_size=4,
+        eval_count=EVAL_ROWS,
+        eval_mode="trainer",
+        eval_batch_size=EVAL_BATCH,
+    )
     tok = data_common.word_tokenizer()
     one = pipeline.build_pipeline(cfg, tok, process_index=0, process_count=1)
     two = [pipeline.build_pipeline(cfg, tok, process_index=i, process_count=2) for i in (0, 1)]

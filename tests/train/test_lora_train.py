@@ -32,8 +32,16 @@ def setup_dirs(tmp_path_factory):
 
 def _lora_recipe(root, model_dir, data, **train):
     cfg = common.tiny_recipe(root, model_dir, data, **train)
-    cfg.model.lora.update(dict(enabled=True, rank=4, alpha=8.0, targets=("q", "v", "o", "down"),
-                               base_dtype="bfloat16", dropout=0.1))
+    cfg.model.lora.update(
+        dict(
+            enabled=True,
+            rank=4,
+            alpha=8.0,
+            targets=("q", "v", "o", "down"),
+            base_dtype="bfloat16",
+            dropout=0.1,
+        )
+    )
     return cfg
 
 
@@ -49,8 +57,12 @@ def _steps(model_dir, mesh, steps=3, lora=LORA, tx=None):
 
     loss_fn = step_lib.make_loss_fn(graphdef, rest, chunk_size=16)
     data_sharding = program.batch_sharding(mesh, 4, 32, micro_batched=True)
-    fn = jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(1e-2)),
-                 in_shardings=(shardings, data_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    fn = jax.jit(
+        step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(1e-2)),
+        in_shardings=(shardings, data_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
     batch, _ = _sample_batch([[30], [4], [20, 8], [3]], seq_len=32)
     batch = {k: jax.device_put(v[None], data_sharding) for k, v in batch.items()}
     losses = []
@@ -71,8 +83,11 @@ def test_only_adapters_change_and_optimizer_holds_adapter_shapes(setup_dirs):
         assert a.dtype == np.dtype("bfloat16") and np.array_equal(a.view(np.uint16), b.view(np.uint16))
     params = jax.tree.leaves(state["params"])
     assert len(params) == 2 * len(LORA.targets)  # A and B per target, stacked over layers
-    lora_b = [np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
-              if "lora_b" in jax.tree_util.keystr(path)]
+    lora_b = [
+        np.asarray(x)
+        for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
+        if "lora_b" in jax.tree_util.keystr(path)
+    ]
     assert all(np.abs(b).max() > 0 for b in lora_b)  # B left zero: the adapters did train
     adapter_shapes = {x.shape for x in params}
     moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
@@ -127,9 +142,15 @@ def test_resumed_equals_uninterrupted_and_exports_are_the_trained_model(tmp_path
 
     adapter = peft_adapter.read_adapter(summary.export_dir, 2)
     assert adapter.lora.targets == ("q", "v", "o", "down") and adapter.lora.rank == 4
-    exported = peft_adapter.load_weights(adapter, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        a["params"]))
+    exported = peft_adapter.load_weights(
+        adapter,
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            ),
+            a["params"],
+        ),
+    )
     for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(a["params"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -140,8 +161,12 @@ def test_resumed_equals_uninterrupted_and_exports_are_the_trained_model(tmp_path
     import transformers
     from peft import PeftModel
 
-    ours = load_lora_model(model_dir, ModelOptions(lora=dataclasses.replace(adapter.lora, dropout=0.0)),
-                           helpers.one_device_mesh(), adapter=adapter)
+    ours = load_lora_model(
+        model_dir,
+        ModelOptions(lora=dataclasses.replace(adapter.lora, dropout=0.0)),
+        helpers.one_device_mesh(),
+        adapter=adapter,
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokens = helpers.random_tokens(hf.config.vocab_size)
     base_logits = helpers.reference_logits(hf, tokens)
@@ -162,7 +187,9 @@ def test_resumed_equals_uninterrupted_and_exports_are_the_trained_model(tmp_path
     from safetensors.numpy import load_file
 
     base = load_file(model_dir / "model.safetensors")
-    merged = {k: v for k, v in load_file(tmp_path / "full" / "run" / "export_merged" / "model.safetensors").items()}
+    merged = {
+        k: v for k, v in load_file(tmp_path / "full" / "run" / "export_merged" / "model.safetensors").items()
+    }
     assert sorted(merged) == sorted(base) and {v.dtype for v in merged.values()} == {np.dtype("bfloat16")}
     adapted = ("q_proj", "v_proj", "o_proj", "down_proj")
     for key, value in merged.items():
@@ -182,8 +209,10 @@ def test_lora_flops_count_the_model_adapters():
     from covenant_jax.train.metrics import attention_flops_per_token, train_flops_per_token
 
     cfg = ModelConfig.from_hf_dict({**helpers.TINY, "model_type": "llama", "vocab_size": 96})
-    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg, ModelOptions(lora=LORA)),
-                                                             nnx.LoRAParam)))
+    adapters = sum(
+        x.size
+        for x in jax.tree.leaves(nnx.state(abstract_model(cfg, ModelOptions(lora=LORA)), nnx.LoRAParam))
+    )
     assert lora_lib.num_params(cfg, LORA) == adapters
     attention = attention_flops_per_token(cfg, 32)
     full = train_flops_per_token(cfg, 32) - attention

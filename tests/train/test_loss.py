@@ -74,7 +74,8 @@ def test_bfloat16_inputs_accumulate_in_float32():
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(loss, _plain(hidden, kernel, targets, mask)[0], rtol=1e-5)
     grads = jax.grad(lambda h, k: cross_entropy_sum(h, k, targets, mask, chunk_size=8)[0], argnums=(0, 1))(
-        hidden, kernel)
+        hidden, kernel
+    )
     assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
 
 
@@ -92,8 +93,12 @@ def test_llama_hidden_states_and_kernel_give_the_model_loss():
 def test_compiled_temp_memory_is_bounded_by_chunk():
     """1024 tokens x 32768 vocab: plain holds 128 MiB float32 logits; chunks of 128 hold 16 MiB."""
     m, d, v, chunk = 1024, 64, 32768, 128
-    args = (jax.ShapeDtypeStruct((1, m, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
-            jax.ShapeDtypeStruct((1, m), jnp.int32), jax.ShapeDtypeStruct((1, m), jnp.float32))
+    args = (
+        jax.ShapeDtypeStruct((1, m, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((1, m), jnp.int32),
+        jax.ShapeDtypeStruct((1, m), jnp.float32),
+    )
 
     def temp(f):
         return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes

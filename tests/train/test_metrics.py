@@ -28,7 +28,15 @@ def test_resume_replays_each_step_once(tmp_path):
         f.write('{"step": 6, "lo')  # killed mid-line
     _log(tmp_path, 3, range(4, 8), 0.5)  # resumed from step 3: 4 and 5 replayed, then 6, 7
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 4.5), (5, 5.5), (6, 6.5), (7, 7.5)]
+    assert [(r["step"], r["loss"]) for r in rows] == [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (4, 4.5),
+        (5, 5.5),
+        (6, 6.5),
+        (7, 7.5),
+    ]
     assert _tensorboard_losses(tmp_path) == [(1, 1), (2, 2), (3, 3), (4, 4.5), (5, 5.5), (6, 6.5), (7, 7.5)]
 
 

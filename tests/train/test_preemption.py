@@ -47,9 +47,13 @@ def _signal_mid_run(root, model_dir, data, signum) -> tuple[subprocess.Completed
     root.mkdir(exist_ok=True)
     recipe = root / "recipe.py"
     recipe.write_text(textwrap.dedent(RECIPE.format(root=str(root), model=str(model_dir), data=str(data))))
-    proc = subprocess.Popen([sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
-                            env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covenant_jax.cli", "train", str(recipe)],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = root / "run" / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and len(_losses(root / "run")) >= 3):
@@ -67,21 +71,25 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path, dirs):
 
     assert stopped.returncode == preemption.EXIT_PREEMPTED == 75, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
-    assert (f"covenant-jax: stopped by SIGTERM after step {step}: checkpoint saved in {checkpoints / str(step)}; "
-            "rerun the same command to resume (exit code 75)") in stopped.stderr.splitlines()
+    assert (
+        f"covenant-jax: stopped by SIGTERM after step {step}: checkpoint saved in {checkpoints / str(step)}; "
+        "rerun the same command to resume (exit code 75)"
+    ) in stopped.stderr.splitlines()
     assert 3 <= step < 400 and RunCheckpointer(checkpoints).all_steps() == [step]
 
     # Rerun (to 2 more steps) == one uninterrupted run of as many steps.
     recipe = str(tmp_path / "stopped" / "recipe.py")
     assert cli.main(["train", recipe, f"--config.train.steps={step + 2}"]) == 0
-    reference = common.tiny_recipe(tmp_path / "reference", model_dir, data, steps=step + 2,
-                                   checkpoint_every=1000, eval_every=0)
+    reference = common.tiny_recipe(
+        tmp_path / "reference", model_dir, data, steps=step + 2, checkpoint_every=1000, eval_every=0
+    )
     reference.optim.schedule = "constant"
     loop.train(reference)
     resumed, uninterrupted = _losses(tmp_path / "stopped" / "run"), _losses(tmp_path / "reference" / "run")
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, step + 3))
-    np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
-                               [uninterrupted[s] for s in sorted(uninterrupted)], rtol=1e-6)
+    np.testing.assert_allclose(
+        [resumed[s] for s in sorted(resumed)], [uninterrupted[s] for s in sorted(uninterrupted)], rtol=1e-6
+    )
     a = RunCheckpointer(checkpoints).read_state(step + 2)
     b = RunCheckpointer(tmp_path / "reference" / "run" / "checkpoints").read_state(step + 2)
     import jax

@@ -30,9 +30,12 @@ def test_changed_recipe_is_refused_naming_the_keys(tmp_path, trained):
     cfg.optim.lr = 1e-3
     cfg.train.seed = 7
     saved_config = (tmp_path / "run" / "config.json").read_text()
-    with pytest.raises(ResumeError, match=r"holds a run trained with a different recipe \(checkpoint step 3\).*"
-                                          r"data.seq_len 32 -> 64; optim.lr 0.003 -> 0.001; train.seed 0 -> 7\. "
-                                          r".*--config.train.allow_recipe_change=True"):
+    with pytest.raises(
+        ResumeError,
+        match=r"holds a run trained with a different recipe \(checkpoint step 3\).*"
+        r"data.seq_len 32 -> 64; optim.lr 0.003 -> 0.001; train.seed 0 -> 7\. "
+        r".*--config.train.allow_recipe_change=True",
+    ):
         loop.train(cfg)
     assert (tmp_path / "run" / "config.json").read_text() == saved_config  # not overwritten
 
@@ -46,13 +49,22 @@ def test_changed_recipe_resumes_with_the_override(tmp_path, trained):
 
 
 def test_what_may_change_is_not_refused():
-    saved = {"train": {"steps": 3, "eval_every": 3, "run_dir": "a", "seed": 0}, "mesh": {"fsdp": 2},
-             "model": {"attention": "naive", "dtype": "float32"}, "data": {"sources": [{"path": "x"}]}}
-    current = {"train": {"steps": 9, "eval_every": 0, "run_dir": "b", "seed": 0, "new_knob": 1},
-               "mesh": {"fsdp": 8}, "model": {"attention": "blockwise", "dtype": "bfloat16"},
-               "data": {"sources": ({"path": "y"},)}}
+    saved = {
+        "train": {"steps": 3, "eval_every": 3, "run_dir": "a", "seed": 0},
+        "mesh": {"fsdp": 2},
+        "model": {"attention": "naive", "dtype": "float32"},
+        "data": {"sources": [{"path": "x"}]},
+    }
+    current = {
+        "train": {"steps": 9, "eval_every": 0, "run_dir": "b", "seed": 0, "new_knob": 1},
+        "mesh": {"fsdp": 8},
+        "model": {"attention": "blockwise", "dtype": "bfloat16"},
+        "data": {"sources": ({"path": "y"},)},
+    }
     assert resume.recipe_changes(saved, current) == [
-        'data.sources [{"path": "x"}] -> [{"path": "y"}]', 'model.dtype "float32" -> "bfloat16"']
+        'data.sources [{"path": "x"}] -> [{"path": "y"}]',
+        'model.dtype "float32" -> "bfloat16"',
+    ]
 
 
 def test_where_and_how_data_is_prepared_may_change():

@@ -59,8 +59,8 @@ def test_packed_equals_unpacked(model_dir):
     single = {k: [] for k in packed}
     for s in samples:
         b, _ = _sample_batch([[len(s)]], seq_len=16)
-        b["tokens"][0, :len(s)] = s
-        b["targets"][0, :len(s) - 1] = s[1:]
+        b["tokens"][0, : len(s)] = s
+        b["targets"][0, : len(s) - 1] = s[1:]
         for k in single:
             single[k].append(b[k][0])
     unpacked = {k: np.stack(v) for k, v in single.items()}
@@ -79,9 +79,15 @@ def _run_steps(model_dir, batch, micro_batches, mesh, steps=2, unroll=False, rem
     state, shardings = state_lib.create_state(params, tx, mesh)
     loss_fn = step_lib.make_loss_fn(graphdef, rest, chunk_size=16, unroll=unroll)
     data_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), "context"))
-    fn = jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(0.5), unroll=unroll),
-                 in_shardings=(shardings, data_sharding), out_shardings=(shardings, None), donate_argnums=0)
-    stacked = {k: jax.device_put(v.reshape(micro_batches, -1, v.shape[-1]), data_sharding) for k, v in batch.items()}
+    fn = jax.jit(
+        step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(0.5), unroll=unroll),
+        in_shardings=(shardings, data_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    stacked = {
+        k: jax.device_put(v.reshape(micro_batches, -1, v.shape[-1]), data_sharding) for k, v in batch.items()
+    }
     losses = []
     with activation_sharding(mesh):
         for _ in range(steps):
