@@ -13,39 +13,28 @@ model. A pair's two sequences share a packed row: seq_len 2048 (the model's cont
 pair of two 1,024-token sequences, TRL's default max_length.
 """
 
-from covenant_jax.train.recipe import check_variant, default_config
+from pathlib import Path
+
+from covenant_jax.train.recipe import check_variant, default_config, from_file
 
 
 def get_config(variant: str = ""):
+    """covenant72b_sft.py's model, mesh and optimizer, with DPO's data, loss and schedule."""
     variant = check_variant(variant, "precompute")
-    cfg = default_config()
-    cfg.model.path = "configs/models/covenant-72b"
-    cfg.model.param_dtype = "float32"  # fp32 master weights and moments, sharded by fsdp
-    cfg.model.dtype = "bfloat16"
-    cfg.model.remat = "full"
-    cfg.model.attention = "splash"  # as covenant72b_sft.py
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor = 1, 16, 1, 8
+    cfg = from_file(Path(__file__).with_name("covenant72b_sft.py"))
     cfg.train.objective = "dpo"
     cfg.data.sources = [dict(path="data/preferences.jsonl", format="dpo")]
-    cfg.data.template = "gemma"  # Gemma-3 vocabulary: <start_of_turn>/<end_of_turn>
-    cfg.data.seq_len = 2048
+    cfg.data.loss_on = default_config().data.loss_on  # pairs score their answers only
     cfg.data.batch_size = 256  # rows; 256 or more pairs a step, by their length
     cfg.data.overlength = "truncate"  # the prompt, from the left
-    cfg.data.eval_fraction = 0.01
     cfg.dpo.beta = 0.1
     cfg.dpo.loss_type = ("sigmoid",)
     cfg.optim.lr = 5e-7
     cfg.optim.warmup_steps = 50
-    cfg.optim.schedule = "cosine"
-    cfg.optim.weight_decay = 0.0
-    cfg.optim.clip_norm = 1.0
     cfg.train.steps = 1000
-    cfg.train.micro_batches = 1
-    cfg.train.loss_chunk_size = 1024  # 1024 x 262144 fp32 logits = 1 GiB per chunk
     cfg.train.eval_every = 100
     cfg.train.checkpoint_every = 100
     cfg.train.run_dir = "runs/covenant72b_dpo"
-    cfg.train.export_dtype = "bfloat16"
     if variant == "precompute":
         cfg.dpo.precompute_ref_log_probs = True
         cfg.train.run_dir = "runs/covenant72b_dpo_precompute"
