@@ -155,6 +155,9 @@ class ModelConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
         path = storage.path(path)  # local or gs://
+        if not path.is_file():
+            where = "does not exist" if not path.parent.exists() else f"has no {path.name}"
+            raise ConfigError(f"{path.parent} {where}: expected a model folder (config.json and weights)")
         try:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as e:

@@ -185,6 +185,14 @@ CASES = {
         ["train", "{dpo}", "--config.dpo.ref_model_path={other_shape}"],
         "the reference disagrees with the policy (model.path) in num_hidden_layers 1 (the policy's: 2)",
     ),
+    "hf-to-jax: no such model folder": (
+        ["convert", "hf-to-jax", "{root}/missing", "{root}/out"],
+        "missing does not exist: expected a model folder (config.json and weights)",
+    ),
+    "lora-merge: no such base folder": (
+        ["convert", "lora-merge", "{root}/data_cache_none", "{dora}", "{root}/merged"],
+        "data_cache_none does not exist: expected a model folder",
+    ),
     "hf-to-jax: bad mesh": (
         ["convert", "hf-to-jax", "{model}", "{root}/out", "--mesh", "fsdp=0"],
         "mesh axis fsdp=0",
