@@ -120,18 +120,27 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 class _JoinedIterator:
     """Batches of several virtual processes' iterators, rows concatenated in process order."""
 
-    def __init__(self, iterators, padding):
-        self.iterators, self.padding = iterators, padding
+    def __init__(self, iterators, shape):
+        self.iterators, self.shape = iterators, shape
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batches = [next(it, None) for it in self.iterators]
-        if all(b is None for b in batches):
+        present = [b for b in batches if b is not None]
+        if not present:
             raise StopIteration
-        batches = [self.padding if b is None else b for b in batches]
+        padding = self._padding({k: v.dtype for k, v in present[0].items()})
+        batches = [padding if b is None else b for b in batches]
         return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def _padding(self, fields: dict) -> dict:
+        """What a virtual process whose share ended feeds: padding with the batch's fields (a
+        DPO batch has the pair fields)."""
+        from covenant_jax.train import program
+
+        return program.padding_batch(*self.shape, fields)
 
     def get_state(self) -> bytes:
         return json.dumps([it.get_state() for it in self.iterators]).encode()
@@ -145,29 +154,32 @@ class _JoinedIterator:
 
 
 class _Joined:
-    def __init__(self, datasets, padding):
-        self.datasets, self.padding = datasets, padding
+    def __init__(self, datasets, shape):
+        self.datasets, self.shape = datasets, shape
 
     def __iter__(self):
-        return _JoinedIterator([iter(d) for d in self.datasets], self.padding)
+        return _JoinedIterator([iter(d) for d in self.datasets], self.shape)
 
 
 def _two_virtual_processes(monkeypatch):
+    """The loop's pipeline, as two processes' shards joined; ``annotate`` (DPO's precomputed
+    reference) runs on each virtual process's pairs, in this one process."""
     from covenant_jax.data import pipeline
-    from covenant_jax.train import loop, program
+    from covenant_jax.train import loop
 
     real = pipeline.build_pipeline
 
-    def build(cfg, tokenizer, **_):
-        shards = [real(cfg, tokenizer, process_index=i, process_count=2) for i in range(2)]
-        pad = program.padding_batch(shards[0].rows_per_process, shards[0].seq_len, shards[0].pad_id)
+    def build(cfg, tokenizer, annotate=None, **_):
+        shards = [real(cfg, tokenizer, process_index=i, process_count=2, annotate=annotate) for i in range(2)]
+        shape = (shards[0].rows_per_process, shards[0].seq_len, shards[0].pad_id)
         return pipeline.DataPipeline(
-            _Joined([s.train for s in shards], pad),
-            _Joined([s.eval for s in shards], pad) if shards[0].eval is not None else None,
+            _Joined([s.train for s in shards], shape),
+            _Joined([s.eval for s in shards], shape) if shards[0].eval is not None else None,
             shards[0].report,
             2 * shards[0].rows_per_process,
             shards[0].seq_len,
             shards[0].pad_id,
+            pairs=shards[0].pairs,
         )
 
     monkeypatch.setattr(loop.data_pipeline, "build_pipeline", build)
@@ -176,7 +188,7 @@ def _two_virtual_processes(monkeypatch):
 RECIPE = """
 import sys
 sys.path.insert(0, {repo!r})
-from tests.parallel.common import recipe
+from tests.parallel.common import {maker} as recipe
 
 
 def get_config():
@@ -193,7 +205,9 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
     mp, ref = tmp_path / "mp", tmp_path / "ref"
     mp.mkdir()
     recipe = mp / "recipe.py"
-    recipe.write_text(RECIPE.format(repo=str(REPO), root=str(mp), model=str(mp / "conv"), data=str(data)))
+    recipe.write_text(
+        RECIPE.format(maker="recipe", repo=str(REPO), root=str(mp), model=str(mp / "conv"), data=str(data))
+    )
 
     # 2 processes: convert both ways, train 3 steps (checkpoint at 3), then a second `train`
     # resumes from that checkpoint (a new CheckpointManager reading the folder) to 6 steps and
@@ -253,6 +267,63 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
         loop.train(mp_common.recipe(mp, mp / "conv", data, steps=9))
 
 
+REFERENCES = {"in_step": [], "precomputed": ["--config.dpo.precompute_ref_log_probs=True"]}
+
+
+def _assert_dpo_metrics_close(got: dict, want: dict, prefix: str, where: str) -> None:
+    """One step's DPO metrics (``prefix`` "eval_": its eval's). rewards/accuracies counts pairs
+    whose chosen reward exceeds the rejected one: while the policy is still the reference both
+    rewards are 0 up to rounding (a precomputed reference's forward packs the pairs otherwise
+    than the step), so it is compared once the rewards have moved (TRL counts the same way)."""
+    from covenant_jax.train import preference
+
+    for key in ("loss", "grad_norm", *preference.METRICS):
+        key = prefix + key
+        if key not in want:
+            continue
+        if key.endswith("accuracies") and abs(want[prefix + "rewards/margins"]) < 1e-3:
+            continue
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=2e-6, err_msg=f"{key}: {where}")
+
+
+def test_two_processes_equal_one_dpo(tmp_path, monkeypatch):
+    """DPO, 4 steps, in the same two processes: with the reference in the step, then with its
+    log-probs precomputed (each process scores its share of the pairs; the shares all-gathered)
+    == one process on the same global batches: losses, rewards, eval metrics, exported weights."""
+    from covenant_jax.train import loop
+
+    model, data = common.tiny_model_dir(tmp_path), common.pairs_jsonl(tmp_path)
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    recipe = mp / "recipe.py"
+    recipe.write_text(
+        RECIPE.format(maker="dpo_recipe", repo=str(REPO), root=str(mp), model=str(model), data=str(data))
+    )
+    calls = [
+        ["train", str(recipe), f"--config.train.run_dir={mp / name}", "--config.train.export=True", *flags]
+        for name, flags in REFERENCES.items()
+    ]
+    _run_job(calls, tmp_path)
+
+    _two_virtual_processes(monkeypatch)
+    for name in REFERENCES:
+        cfg = mp_common.dpo_recipe(tmp_path, model, data, run_dir=str(tmp_path / name), export=True)
+        cfg.dpo.precompute_ref_log_probs = name == "precomputed"
+        loop.train(cfg)
+        got, want = _metrics(mp / name), _metrics(tmp_path / name)
+        assert sorted(got) == sorted(want) == list(range(5)), name  # eval at 0, train steps 1..4
+        for step in want:
+            for prefix in ("", "eval_"):
+                _assert_dpo_metrics_close(got[step], want[step], prefix, f"{name} at step {step}")
+        assert want[4]["eval_rewards/margins"] > 1e-3 and want[4]["rewards/margins"] > 1e-3, want[4]
+        exported, reference = _tensors(mp / name / "export"), _tensors(tmp_path / name / "export")
+        assert exported.keys() == reference.keys() and reference, name
+        for k in reference:
+            np.testing.assert_allclose(
+                exported[k], reference[k], rtol=1e-5, atol=2e-6, err_msg=f"{name}: {k}"
+            )
+
+
 def test_missing_peer_fails_within_timeout(tmp_path):
     """Process 0 of 2 alone: a clear error and exit code 2 at the timeout, not a hang."""
     env = _env(4)
@@ -295,7 +366,9 @@ def _train_pair_until_a_checkpoint(tmp_path, heartbeat_s: int, step: int) -> lis
     hf_to_jax(hf, tmp_path / "conv")
     recipe = tmp_path / "recipe.py"
     recipe.write_text(
-        RECIPE.format(repo=str(REPO), root=str(tmp_path), model=str(tmp_path / "conv"), data=str(data))
+        RECIPE.format(
+            maker="recipe", repo=str(REPO), root=str(tmp_path), model=str(tmp_path / "conv"), data=str(data)
+        )
     )
     env, port = _env(4), _free_port()
     procs = []

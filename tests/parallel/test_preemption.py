@@ -12,7 +12,9 @@ from tests.train import common
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     hf, data = common.tiny_model_dir(tmp_path), common.chat_jsonl(tmp_path)
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(RECIPE.format(repo=str(REPO), root=str(tmp_path), model=str(hf), data=str(data)))
+    recipe.write_text(
+        RECIPE.format(maker="recipe", repo=str(REPO), root=str(tmp_path), model=str(hf), data=str(data))
+    )
     env, port = _env(4), _free_port()
     procs, logs = [], []
     for i in range(2):
