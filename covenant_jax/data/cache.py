@@ -72,12 +72,45 @@ def file_identity(path: str) -> dict:
                 digest.update(block)
         return {"size": os.path.getsize(p), "sha256": digest.hexdigest()}
     fs, fs_path = storage._fs(p)  # pylint: disable=protected-access
-    info = fs.info(fs_path)
+    return _object_identity(fs.info(fs_path))
+
+
+def _object_identity(info: dict) -> dict:
+    """An object's size and the store's content checksum (else its generation / etag)."""
     content = [k for k in ("md5Hash", "crc32c", "ContentMD5") if info.get(k)]
     keep = content or [
         k for k in ("generation", "etag", "ETag", "mtime", "updated", "LastModified") if k in info
     ]
     return {"size": info.get("size"), **{k: str(info[k]) for k in keep}}
+
+
+# A model folder's files that its weights depend on: an HF folder's config and weights, a
+# converted folder's config, meta and Orbax checkpoint (not the tokenizer's files).
+MODEL_FILES = re.compile(
+    r"(config|covenant)\.json|[^/]*\.(safetensors|bin|safetensors\.index\.json)|params/.*"
+)
+
+
+def folder_identity(folder: str | os.PathLike) -> dict[str, dict]:
+    """{file: identity} of a model folder's config and weight files: a local file's size and
+    mtime (a content digest of a 72B model would read 144 GB on every start), an object's
+    checksum or generation (read from the listing, not the object). Rewritten weights get a new
+    mtime (or generation), so a new identity."""
+    folder = storage.path(folder)
+    if storage.is_remote(folder):
+        fs, root = storage._fs(folder)  # pylint: disable=protected-access
+        listing = {
+            name[len(root.rstrip("/")) + 1 :]: info for name, info in fs.find(root, detail=True).items()
+        }
+        return {k: _object_identity(info) for k, info in sorted(listing.items()) if MODEL_FILES.fullmatch(k)}
+    out = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(parent, name), folder)
+            if MODEL_FILES.fullmatch(rel):
+                st = os.stat(os.path.join(parent, name))
+                out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return dict(sorted(out.items()))
 
 
 def entry_name(source_path: str | None, spec_key: str) -> str:
@@ -106,7 +139,7 @@ class Entry:
         storage.makedirs(self.dir)
         stem = self.shard_stem(shard)
         _write_array_record(stem.with_suffix(".array_record"), samples_records)
-        _write_bytes(stem.with_suffix(".json"), json.dumps(meta).encode())
+        write_bytes(stem.with_suffix(".json"), json.dumps(meta).encode())
 
     def read_shard_meta(self, shard: int) -> dict:
         path = self.shard_stem(shard).with_suffix(".json")
@@ -122,8 +155,8 @@ class Entry:
         """Writes the joined index, then the manifest: from then on the entry is complete."""
         buf = io.BytesIO()
         np.savez(buf, **index)
-        _write_bytes(self.dir / INDEX, buf.getvalue())
-        _write_bytes(self.dir / MANIFEST, json.dumps({**manifest, "shards": shards}).encode())
+        write_bytes(self.dir / INDEX, buf.getvalue())
+        write_bytes(self.dir / MANIFEST, json.dumps({**manifest, "shards": shards}).encode())
 
     def read(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(manifest, index arrays) of a complete entry."""
@@ -188,7 +221,7 @@ def local_copy(entry: Entry, shards: int, local_root: str | None = None) -> list
     return [storage.Path(root) / f.name for f in files]
 
 
-def _write_bytes(path: storage.Path, data: bytes) -> None:
+def write_bytes(path: storage.Path, data: bytes) -> None:
     """Whole or absent: a local file is written beside and renamed; an object is one upload."""
     if storage.is_remote(path):
         path.write_bytes(data)

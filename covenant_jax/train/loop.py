@@ -284,13 +284,15 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
 
 def _annotate(cfg, graphdef, rest, weights: tuple[dict, dict], mesh, tokenizer):
     """The data pipeline's hook that stores precomputed reference log-probs (the reference run
-    on ``weights``: params and frozen arrays), or None."""
+    on ``weights``: params and frozen arrays; cached beside the prepared samples), or None."""
     if not (program.is_dpo(cfg) and cfg.dpo.precompute_ref_log_probs):
         return None
     pad_id = cfg.data.pad_id if cfg.data.pad_id >= 0 else (tokenizer.pad_token_id or 0)
     reference = program.reference_forward(cfg, graphdef, rest)
     rows = cfg.data.batch_size // jax.process_count()
-    return precompute.annotate_fn(cfg, reference, *weights, mesh, rows, pad_id, log=_print0)
+    return precompute.annotate_fn(
+        cfg, reference, *weights, mesh, rows, pad_id, log=_print0, cache_dir=data_cache_dir(cfg)
+    )
 
 
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

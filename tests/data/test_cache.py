@@ -299,3 +299,62 @@ def test_every_row_format_and_template_setting_goes_through_the_cache(tmp_path):
     assert report[0].located["invalid_csv"] == [f"{csv_path}:8: invalid_csv (4 cells, the header has 3)"]
     assert report[1].located["invalid_json"][0].startswith(f"{chats}:6: invalid_json (")
     assert report[1].trained_tokens != report[2].trained_tokens  # llama3 vs chatml markers
+
+
+def _model_folder(root, name="model"):
+    folder = root / name
+    (folder / "params" / "d").mkdir(parents=True)
+    for f, data in [
+        ("config.json", b"{}"),
+        ("model.safetensors", b"w" * 8),
+        ("tokenizer.json", b"{}"),
+        ("params/d/0", b"p"),
+    ]:
+        (folder / f).write_bytes(data)
+    return folder
+
+
+def _identity_with_gcs(folder):
+    """folder_identity of a copy of ``folder`` in an emulated bucket."""
+    from covenant_jax import storage
+    from tests import gcs_emulator
+
+    with gcs_emulator.gcs_server(("bucket",)) as url:
+        saved = dict(os.environ)
+        os.environ.update(gcs_emulator.client_env(url))
+        import fsspec
+
+        fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+        try:
+            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+                storage.copy_file(f, storage.path(f"gs://bucket/m/{f.relative_to(folder)}"))
+            return cache.folder_identity("gs://bucket/m")
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def test_a_model_folders_identity_follows_its_config_and_weights_not_its_tokenizer(tmp_path):
+    """What keys DPO's cached reference log-probs: rewritten weights or config (new mtime or
+    size), another folder's weights -> another identity; tokenizer files (their tokens are keyed
+    separately) -> the same; a converted folder's Orbax files count as weights."""
+    folder = _model_folder(tmp_path)
+    first = cache.folder_identity(folder)
+    assert sorted(first) == ["config.json", "model.safetensors", "params/d/0"]
+    os.utime(folder / "tokenizer.json", ns=(1, 1))
+    assert cache.folder_identity(folder) == first
+    for f in ("model.safetensors", "params/d/0", "config.json"):
+        stat = os.stat(folder / f)
+        os.utime(folder / f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        assert cache.folder_identity(folder) != first, f
+        first = cache.folder_identity(folder)
+    other = _model_folder(tmp_path, "other")
+    (other / "model.safetensors").write_bytes(b"v" * 9)
+    assert cache.folder_identity(other) != first
+
+    # In a bucket: the store's checksum or generation, read from the listing.
+    same_size = _model_folder(tmp_path, "same_size")
+    (same_size / "model.safetensors").write_bytes(b"v" * 8)
+    remote = _identity_with_gcs(folder)
+    assert sorted(remote) == sorted(first) and remote["model.safetensors"]["size"] == 8
+    assert remote["model.safetensors"] != _identity_with_gcs(same_size)["model.safetensors"]

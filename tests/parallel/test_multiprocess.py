@@ -289,7 +289,10 @@ def _assert_dpo_metrics_close(got: dict, want: dict, prefix: str, where: str) ->
 def test_two_processes_equal_one_dpo(tmp_path, monkeypatch):
     """DPO, 4 steps, in the same two processes: with the reference in the step, then with its
     log-probs precomputed (each process scores its share of the pairs; the shares all-gathered)
-    == one process on the same global batches: losses, rewards, eval metrics, exported weights."""
+    == one process on the same global batches: losses, rewards, eval metrics, exported weights.
+    The precomputed run started again (restored at its last step) reads the log-probs from the
+    cache process 0 wrote, in both processes (the pass is collective: either both run it or
+    neither)."""
     from covenant_jax.train import loop
 
     model, data = common.tiny_model_dir(tmp_path), common.pairs_jsonl(tmp_path)
@@ -303,7 +306,12 @@ def test_two_processes_equal_one_dpo(tmp_path, monkeypatch):
         ["train", str(recipe), f"--config.train.run_dir={mp / name}", "--config.train.export=True", *flags]
         for name, flags in REFERENCES.items()
     ]
-    _run_job(calls, tmp_path)
+    _run_job([*calls, calls[-1]], tmp_path)  # the precomputed run started again: read from the cache
+    cached = list((mp / "precomputed" / "data_cache").glob("ref_logp-*.npz"))
+    assert len(cached) == 1, cached  # process 0 wrote it
+    log = next(tmp_path.glob("proc0-*.log")).read_text()
+    assert log.count("reference log-probs precomputed for 48 pairs") == 1, log[-3000:]
+    assert f"reference log-probs read from cache {cached[0]} (48 pairs)" in log, log[-3000:]
 
     _two_virtual_processes(monkeypatch)
     for name in REFERENCES:

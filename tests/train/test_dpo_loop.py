@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from covenant_jax.train import loop, preference
+from covenant_jax.train import precompute as precompute_pass
 from covenant_jax.train.checkpoint import RunCheckpointer
 from tests.train import common
 
@@ -58,18 +59,29 @@ def uninterrupted(setup_dirs):
     return _metrics(root / "full" / "run"), _leaves(params)
 
 
+def _no_forward(*_):
+    raise AssertionError("the reference's forward ran: its log-probs were cached")
+
+
 @pytest.mark.parametrize("precompute", [False, True], ids=["in_step_reference", "precomputed_reference"])
-def test_resumed_equals_uninterrupted(tmp_path, setup_dirs, uninterrupted, precompute):
-    """Stopped after 3 steps and resumed (the reference comes from model.path again, or is
-    precomputed again) == 6 steps uninterrupted with the in-step reference: exactly for the
-    in-step reference, within float32 rounding for the precomputed one (same sums, other
-    packing of the reference's forward)."""
+def test_resumed_equals_uninterrupted(tmp_path, setup_dirs, uninterrupted, precompute, monkeypatch, capsys):
+    """Stopped after 3 steps and resumed (the reference comes from model.path again, or its
+    log-probs from the cache the first start wrote: no forward) == 6 steps uninterrupted with
+    the in-step reference: exactly for the in-step reference, within float32 rounding for the
+    precomputed one (same sums, other packing of the reference's forward)."""
     _, model_dir, data = setup_dirs
     part = common.tiny_dpo_recipe(tmp_path, model_dir, data, steps=3)
     part.dpo.precompute_ref_log_probs = precompute
     loop.train(part)
     part.train.steps = 6
+    if precompute:
+        assert "reference log-probs precomputed for 48 pairs" in capsys.readouterr().out
+        monkeypatch.setattr(precompute_pass, "_my_values", _no_forward)
     loop.train(part)
+    if precompute:
+        cached = list((tmp_path / "run" / "data_cache").glob("ref_logp-*.npz"))
+        assert f"reference log-probs read from cache {cached[0]} (48 pairs)" in capsys.readouterr().out
+        assert len(cached) == 1 and not list(cached[0].parent.glob(".*"))  # whole, no temp left
 
     full_rows, full_params = uninterrupted
     part_rows = _metrics(tmp_path / "run")
@@ -84,3 +96,18 @@ def test_resumed_equals_uninterrupted(tmp_path, setup_dirs, uninterrupted, preco
     part_params = _leaves(RunCheckpointer(tmp_path / "run" / "checkpoints").read_state(6)["params"])
     for x, y in zip(part_params, full_params):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 if precompute else 0)
+
+
+def test_another_reference_computes_its_log_probs_again(tmp_path, setup_dirs, capsys):
+    """The cached log-probs are keyed by the reference: with dpo.ref_model_path naming another
+    model's folder, a run sharing the data cache runs the pass again, into a second file."""
+    _, model_dir, data = setup_dirs
+    other = common.tiny_model_dir(tmp_path / "other", seed=1)
+    for name, reference in [("a", ""), ("b", str(other))]:
+        cfg = common.tiny_dpo_recipe(tmp_path / name, model_dir, data, steps=1, eval_every=0)
+        cfg.dpo.precompute_ref_log_probs = True
+        cfg.dpo.ref_model_path = reference
+        cfg.data.cache_dir = str(tmp_path / "cache")
+        loop.train(cfg)
+        assert "reference log-probs precomputed for 48 pairs" in capsys.readouterr().out, name
+    assert len(list((tmp_path / "cache").glob("ref_logp-*.npz"))) == 2
