@@ -5,8 +5,9 @@ install is complete before a long job starts; CI runs it in a torch-free environ
 temporary folder it builds a tiny random Llama (safetensors, numpy only) with a word-level
 tokenizer and a chat template, then runs the real ``covenant-jax`` entry point:
 
-  convert hf-to-jax -> train 3 steps (checkpoint, resume, HF export) -> convert jax-to-hf
-  (bit-identical to the source) -> plan on a small TPU topology (when libtpu is installed)
+  convert hf-to-jax -> train 3 steps (checkpoint, resume, HF export) -> DPO 3 steps on
+  preference pairs (TRL's metric names) -> convert jax-to-hf (bit-identical to the source)
+  -> plan on a small TPU topology (when libtpu is installed)
 
 and, when torch is absent, checks that the verbs that need it (``verify``, reading ``.bin``)
 say so in one line with exit 2. Exit 0 when everything passed.
@@ -66,8 +67,14 @@ def get_config():
     cfg.data.eval_count = 4
     cfg.train.update(dict(steps=3, run_dir={run!r}, log_every=1, eval_every=3, checkpoint_every=2,
                           progress=False, loss_chunk_size=32, async_checkpoint=False))
+    {dpo}
     return cfg
 """
+# What the DPO check adds to RECIPE: pairs, the objective (the reference in the step).
+DPO = "cfg.train.objective = 'dpo'; cfg.data.sources[0]['format'] = 'dpo'"
+# The metrics a DPO run logs under TRL's names (train, and eval_ + name at an eval step).
+TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")  # fmt: skip
 
 
 class CheckFailed(Exception):
@@ -148,19 +155,28 @@ def tiny_model(root: Path) -> tuple[Path, Path]:
     data = root / "chat.jsonl"
     with open(data, "w") as out:
         for i in range(48):
-            words = lambda n, s: " ".join(f"w{(i * 7 + s + k) % 119}" for k in range(n))  # noqa: E731
             out.write(
                 json.dumps(
                     {
                         "messages": [
-                            {"role": "user", "content": words(4, 0)},
-                            {"role": "assistant", "content": words(6, 3)},
+                            {"role": "user", "content": words(i * 7, 4)},
+                            {"role": "assistant", "content": words(i * 7 + 3, 6)},
                         ]
                     }
                 )
                 + "\n"
             )
     return folder, data
+
+
+def words(first: int, n: int) -> str:
+    """``n`` of the tokenizer's plain words, from the ``first``-th on (cyclically)."""
+    return " ".join(f"w{(first + k) % 119}" for k in range(n))
+
+
+def metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def d_head(c: dict) -> int:
@@ -189,16 +205,33 @@ def to_jax(hf: Path, root: Path) -> Path:
 def train(ckpt: Path, data: Path, root: Path) -> Path:
     recipe = root / "recipe.py"
     run = root / "run"
-    recipe.write_text(RECIPE.format(model=str(ckpt), data=str(data), run=str(run)))
+    recipe.write_text(RECIPE.format(model=str(ckpt), data=str(data), run=str(run), dpo=""))
     cli("train", str(recipe))
     cli("train", str(recipe), "--config.train.steps=4")
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    rows = metrics(run)
     steps = [r["step"] for r in rows if "loss" in r]
     if steps != [1, 2, 3, 4] or not all(np.isfinite(r["loss"]) for r in rows if "loss" in r):
         raise CheckFailed(f"metrics.jsonl: expected finite losses at steps 1-4, got {rows}")
     if not (run / "export" / "model.safetensors").is_file():
         raise CheckFailed(f"no HF export in {run / 'export'}")
     return run
+
+
+@step("DPO 3 steps on preference pairs (reference in the step, TRL's metric names)")
+def dpo(ckpt: Path, root: Path) -> None:
+    pairs, run, recipe = root / "pairs.jsonl", root / "dpo_run", root / "dpo_recipe.py"
+    rows = [
+        {"prompt": words(i * 5, 4), "chosen": words(i * 5 + 7, 3), "rejected": words(i * 5 + 60, 5)}
+        for i in range(24)
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe.write_text(RECIPE.format(model=str(ckpt), data=str(pairs), run=str(run), dpo=DPO))
+    cli("train", str(recipe))
+    rows = {r["step"]: r for r in metrics(run)}
+    want = {1: TRL_METRICS, 2: TRL_METRICS, 3: TRL_METRICS + tuple(f"eval_{k}" for k in TRL_METRICS)}
+    missing = {step: [k for k in keys if k not in rows.get(step, {})] for step, keys in want.items()}
+    if any(missing.values()) or not all(np.isfinite(v) for r in rows.values() for v in r.values()):
+        raise CheckFailed(f"DPO metrics.jsonl: missing {missing} or not finite, in {rows}")
 
 
 @step("convert jax-to-hf (bit-identical to the source)")
@@ -271,6 +304,7 @@ def main() -> int:
         hf, data = tiny_model(root)
         ckpt = to_jax(hf, root)
         train(ckpt, data, root)
+        dpo(ckpt, root)
         to_hf(ckpt, hf, root)
         if has_libtpu:
             plan(root)
