@@ -155,9 +155,9 @@ CASES = {
         ["train", "{recipe}", "--config.model.lora.enabled=True", "--config.model.lora.adapter={dora}"],
         "DoRA (use_dora)",
     ),
-    "train: lora with dpo": (
-        ["train", "{dpo}", "--config.model.lora.enabled=True"],
-        "model.lora with train.objective='dpo' is not supported yet",
+    "train: lora dpo with a reference folder": (
+        ["train", "{dpo}", "--config.model.lora.enabled=True", "--config.dpo.ref_model_path={model}"],
+        "with model.lora the reference is the base with the adapters off",
     ),
     "lora-merge: adapter of another base": (
         ["convert", "lora-merge", "{model}", "{narrow}", "{root}/out"],

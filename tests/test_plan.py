@@ -1,5 +1,6 @@
 """`plan`: the real TPU compiler (libtpu, no TPU) on a tiny model; analytic checks of its numbers."""
 
+import dataclasses
 import json
 import math
 import os
@@ -9,8 +10,9 @@ import pytest
 from covenant_jax import plan as plan_lib
 from covenant_jax.cli import load_recipe, main
 from covenant_jax.errors import UserError
-from covenant_jax.plan import compile as plan_compile, step_time
-from covenant_jax.train.metrics import train_flops_per_token
+from covenant_jax.plan import compile as plan_compile, planner, step_time
+from covenant_jax.train import program
+from covenant_jax.train.metrics import attention_flops_per_token, train_flops_per_token
 
 pytest.importorskip("libtpu", reason="plan needs libtpu: pip install -e '.[tpu]'")
 
@@ -151,6 +153,48 @@ def test_dpo_plan_holds_the_frozen_reference_and_the_pair_fields(tiny_cfg, compi
     rows, t = cfg.data.batch_size // 2, cfg.data.seq_len
     assert m.arguments == pytest.approx(4 * params + 7 * rows * t * 4, rel=0.01)
     assert m.aliased == pytest.approx(4 * params, rel=0.01)
+    assert m.frozen == params  # the reference, reported on its own
+
+
+def test_model_flops_count_what_the_step_runs(tiny_cfg):
+    """plan's and the MFU's FLOPs per token: DPO adds its in-step reference's forward (2·N and a
+    third of the attention), not a precomputed one; LoRA has no base weight gradient."""
+    model_cfg = plan_lib.model_config(tiny_cfg)
+    seq = tiny_cfg.data.seq_len
+    sft = train_flops_per_token(model_cfg, seq)
+    attention = attention_flops_per_token(model_cfg, seq)
+    matmul = (sft - attention) / 6
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.train.objective = "dpo"
+    assert program.flops_per_token(cfg, model_cfg) == pytest.approx(sft + 2 * matmul + attention / 3)
+    cfg.dpo.precompute_ref_log_probs = True
+    assert program.flops_per_token(cfg, model_cfg) == sft
+    cfg.model.lora.enabled = True
+    lora = program.lora_config(cfg)
+    assert program.flops_per_token(cfg, model_cfg) == train_flops_per_token(model_cfg, seq, lora)
+    cfg.dpo.precompute_ref_log_probs = False  # LoRA-DPO: the base runs again, adapters off
+    assert program.flops_per_token(cfg, model_cfg) == pytest.approx(
+        train_flops_per_token(model_cfg, seq, lora) + 2 * matmul + attention / 3
+    )
+
+
+def test_lora_plan_counts_the_frozen_base(tiny_cfg):
+    """A LoRA recipe's frozen base is held on every chip besides the adapters and their moments:
+    the estimate's arguments include it, and a slice that cannot hold it is ruled out before any
+    compile, naming it."""
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.model.lora.enabled = True
+    cfg.model.lora.base_dtype = "bfloat16"
+    m = plan_lib.plan(cfg, "h100:4").attempt.memory
+    base = 2 * _params_per_device(TINY, fsdp=2, tensor=2)  # bfloat16
+    assert m.frozen == base and m.params < base / 2
+    assert m.arguments > m.params + m.opt_state + m.frozen
+    held = m.params + m.opt_state
+    model_cfg, sizes = plan_lib.model_config(cfg), {"data": 1, "fsdp": 2, "context": 1, "tensor": 2}
+    small = dataclasses.replace(plan_lib.resolve_topology(TOPOLOGY), hbm_per_device=held + base // 2)
+    assert "frozen weights alone are" in planner.state_exceeds_hbm(cfg, model_cfg, sizes, small)
+    roomy = dataclasses.replace(small, hbm_per_device=held + base + 1)
+    assert planner.state_exceeds_hbm(cfg, model_cfg, sizes, roomy) == ""
 
 
 def test_not_fitting_is_detected_and_a_fix_is_suggested(tiny_plan, tiny_cfg, compiler):

@@ -12,26 +12,20 @@ from covenant_jax.train import program
 
 
 def estimate_memory(cfg, model_cfg: ModelConfig, sizes: dict[str, int]) -> Memory:
-    """Parameter, optimizer and float32 gradient bytes per device are exact (the training run's
-    shardings, on a mesh of ``sizes`` without devices); activations come from a formula (saved
+    """Parameter, optimizer, frozen-weight and float32 gradient bytes per device are exact (the
+    training run's shardings, on a mesh of ``sizes`` without devices); activations come from a formula (saved
     layer inputs / projections per remat policy, one layer's working set, the loss chunk)."""
     state = program.abstract_state(cfg, model_cfg, abstract_mesh(sizes)).state
     params, opt_state = device_bytes(state["params"]), device_bytes(state["opt_state"])
+    frozen = device_bytes(state.get("frozen", {}))
     grads = params // np.dtype(cfg.model.param_dtype).itemsize * 4  # float32 accumulation
     b = cfg.data.batch_size // cfg.train.micro_batches // (sizes["data"] * sizes["fsdp"])
     t = cfg.data.seq_len // sizes["context"]
     temporaries = int(_activation_bytes(cfg, model_cfg, b, t, sizes["tensor"]) + grads)
-    args = params + opt_state + 5 * 4 * b * t * cfg.train.micro_batches
+    held = params + opt_state + frozen
+    args = held + 5 * 4 * b * t * cfg.train.micro_batches
     return Memory(
-        args,
-        params + opt_state,
-        params + opt_state,
-        temporaries,
-        0,
-        args + temporaries,
-        params,
-        opt_state,
-        estimate=True,
+        args, held, held, temporaries, 0, args + temporaries, params, opt_state, frozen, estimate=True
     )
 
 

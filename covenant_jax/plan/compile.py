@@ -46,6 +46,7 @@ class Memory:
     peak: int  # what must fit: max(arguments + outputs - aliased + temporaries + code, XLA's peak)
     params: int  # of the arguments: parameters (analytic, from the shardings)
     opt_state: int  # of the arguments: optimizer state (analytic)
+    frozen: int = 0  # of the arguments: weights read, never trained (a LoRA base, DPO's reference)
     estimate: bool = False  # True: a formula, not a compile (GPU targets)
     note: str = ""  # e.g. the compiler's out-of-memory message (temporaries then come from it)
 
@@ -232,6 +233,7 @@ def _memory(compiled, state: dict) -> Memory:
         peak,
         device_bytes(state["params"]),
         device_bytes(state["opt_state"]),
+        device_bytes(state.get("frozen", {})),
     )
 
 
@@ -249,6 +251,7 @@ def _refused_memory(state: dict, batch: dict, found: re.Match) -> Memory:
         arguments + temporaries,
         device_bytes(state["params"]),
         device_bytes(state["opt_state"]),
+        device_bytes(state.get("frozen", {})),
         note=f"compiler: temporaries {found.group(1)}G exceed the available HBM "
         f"{found.group(2)}G (compile stopped there)",
     )

@@ -14,8 +14,7 @@ from covenant_jax.plan.compile import Memory, StepCompiler
 from covenant_jax.plan.search import candidates, with_changes
 from covenant_jax.plan.step_time import EstimateUnavailable, StepTimeEstimate, estimate_step_time
 from covenant_jax.plan.topology import Topology, resolve_topology
-from covenant_jax.train import recipe
-from covenant_jax.train.metrics import train_flops_per_token
+from covenant_jax.train import program, recipe
 
 
 @dataclasses.dataclass
@@ -120,7 +119,7 @@ def plan(
         _model_summary(model_cfg),
         _train_summary(cfg),
         _attempt(cfg, model_cfg, topo, {}, compiler, search=False),
-        train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens,
+        program.flops_per_token(cfg, model_cfg) * tokens,
         warnings,
     )
     fitting = cfg
@@ -139,20 +138,26 @@ def _attempt(
         memory = estimate_memory(cfg, model_cfg, sizes)
         return Attempt(changes, sizes, memory, _fits(memory, topo))
     if search:  # skip a compile the arguments alone rule out
-        memory = estimate_memory(cfg, model_cfg, sizes)
-        if memory.params + memory.opt_state > topo.hbm_per_device:
-            return Attempt(
-                changes,
-                sizes,
-                None,
-                False,
-                skipped=f"params + optimizer state alone are {memory.params + memory.opt_state:,} "
-                f"bytes per device > HBM {topo.hbm_per_device:,}",
-            )
+        too_large = state_exceeds_hbm(cfg, model_cfg, sizes, topo)
+        if too_large:
+            return Attempt(changes, sizes, None, False, skipped=too_large)
     step = compiler.compile(cfg, model_cfg, topo, sizes)
     flops = step.cost.get("flops", -1)
     return Attempt(
         changes, sizes, step.memory, _fits(step.memory, topo), step.seconds, flops if flops > 0 else None
+    )
+
+
+def state_exceeds_hbm(cfg, model_cfg: ModelConfig, sizes: dict[str, int], topo: Topology) -> str:
+    """Why the state alone cannot fit a device (params, optimizer state and frozen weights: exact
+    bytes from the shardings), or "" when it can."""
+    memory = estimate_memory(cfg, model_cfg, sizes)
+    state_bytes = memory.params + memory.opt_state + memory.frozen
+    if state_bytes <= topo.hbm_per_device:
+        return ""
+    return (
+        f"params, optimizer state and frozen weights alone are {state_bytes:,} bytes per device "
+        f"> HBM {topo.hbm_per_device:,}"
     )
 
 

@@ -62,7 +62,9 @@ def _gib(n: int | None) -> str:
 def _memory_lines(m: Memory, hbm: int) -> list[str]:
     return [
         f"  memory per device{' (ESTIMATE)' if m.estimate else ''}:",
-        f"    arguments      {_gib(m.arguments):>12}  (params {_gib(m.params)}, optimizer state {_gib(m.opt_state)}, batch)",
+        f"    arguments      {_gib(m.arguments):>12}  (params {_gib(m.params)}, optimizer state {_gib(m.opt_state)}"
+        + (f", frozen weights {_gib(m.frozen)}" if m.frozen else "")
+        + ", batch)",
         f"    outputs        {_gib(m.outputs):>12}  ({_gib(m.aliased)} of it written into the donated state)",
         f"    temporaries    {_gib(m.temporaries):>12}",
         f"    generated code {_gib(m.generated_code):>12}",

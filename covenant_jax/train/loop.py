@@ -11,7 +11,8 @@ SIGTERM / SIGINT save the step all processes agree on and exit with ``EXIT_PREEM
 For ``train.objective="dpo"`` the reference model (``dpo.ref_model_path``, else a copy of the
 starting model) either rides in the state as ``frozen`` (loaded from its folder on every start,
 never checkpointed) or, with ``dpo.precompute_ref_log_probs``, scores every pair once before
-training and is dropped. Evaluation reports the objective's metrics (the DPO eval loss, rewards
+training and is dropped. With LoRA the reference is the model's own frozen base with the
+adapters off: no copy. Evaluation reports the objective's metrics (the DPO eval loss, rewards
 and log-probs as TRL names them) over the whole held-out split.
 """
 
@@ -48,13 +49,18 @@ from covenant_jax.model.llama import Llama, with_rope
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
 from covenant_jax.train import (
     checkpoint,
-    metrics as metrics_lib,
     optimizer,
     precompute,
     preemption,
     preference,
+    program,
+    recipe,
+    resume,
 )
-from covenant_jax.train import program, recipe, resume, state as state_lib
+from covenant_jax.train import (
+    metrics as metrics_lib,
+)
+from covenant_jax.train import state as state_lib
 
 
 @dataclasses.dataclass
@@ -130,10 +136,12 @@ def _load(cfg, mesh, adapter: peft_adapter.Adapter | None = None, path: str | No
     return with_rope(model, target.rope, target.max_position_embeddings)
 
 
-def _reference_params(cfg, mesh, params: dict) -> dict | None:
+def _reference_copy(cfg, mesh, params: dict) -> dict | None:
     """DPO's reference weights on the mesh, sharded like ``params``: ``dpo.ref_model_path``'s, or
-    a copy of the starting model's (a copy: the step donates the params; None without DPO)."""
-    if not program.is_dpo(cfg):
+    a copy of the starting model's (a copy: the step donates the params; the params themselves
+    when the reference only runs before training). None without DPO, and with LoRA, whose
+    reference is its own frozen base with the adapters off."""
+    if not program.is_dpo(cfg) or program.lora_config(cfg) is not None:
         return None
     if cfg.dpo.ref_model_path:
         return state_lib.split_model(_load(cfg, mesh, path=cfg.dpo.ref_model_path))[1]
@@ -223,18 +231,22 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     tokenizer = load_tokenizer(cfg.model.path)
     _check_vocab(tokenizer, model)
     graphdef, params, frozen, rest = state_lib.split_trained(model)
-    reference = _reference_params(cfg, mesh, params)
+    reference = _reference_copy(cfg, mesh, params)
+    if reference is not None:
+        frozen_with_reference = {**(frozen or {}), "ref_params": reference}
+    else:
+        frozen_with_reference = frozen or {}
     data = data_pipeline.build_pipeline(
         cfg.data,
         tokenizer,
         cache_dir=data_cache_dir(cfg),
-        annotate=_annotate(cfg, graphdef, rest, reference, mesh, tokenizer),
+        annotate=_annotate(cfg, graphdef, rest, (params, frozen_with_reference), mesh, tokenizer),
     )
     if jax.process_index() == 0:
         print(data.report)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    if program.in_step_reference(cfg):
-        frozen = {**(frozen or {}), "ref_params": reference}
+    if program.holds_reference_copy(cfg):
+        frozen = frozen_with_reference
     state, shardings = state_lib.create_state(params, tx, mesh, frozen)
     steps = program.make_steps(cfg, graphdef, rest, tx, schedule, shardings, mesh)
     train_step, eval_step, batch_sharding = steps.train_step, steps.eval_step, steps.batch_sharding
@@ -247,7 +259,7 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     train_iter = iter(data.train)
     start, state = _restore(cfg, ckpt, state, shardings, train_iter)
     writer = metrics_lib.MetricsWriter(run_dir, start, enabled=jax.process_index() == 0)
-    flops = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, program.lora_config(cfg))
+    flops = program.flops_per_token(cfg, model.config)
     return Run(
         cfg,
         mesh,
@@ -270,14 +282,15 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     )
 
 
-def _annotate(cfg, graphdef, rest, reference, mesh, tokenizer):
-    """The data pipeline's hook that stores precomputed reference log-probs, or None."""
+def _annotate(cfg, graphdef, rest, weights: tuple[dict, dict], mesh, tokenizer):
+    """The data pipeline's hook that stores precomputed reference log-probs (the reference run
+    on ``weights``: params and frozen arrays), or None."""
     if not (program.is_dpo(cfg) and cfg.dpo.precompute_ref_log_probs):
         return None
     pad_id = cfg.data.pad_id if cfg.data.pad_id >= 0 else (tokenizer.pad_token_id or 0)
-    return precompute.annotate_fn(
-        cfg, graphdef, rest, reference, mesh, cfg.data.batch_size // jax.process_count(), pad_id, log=_print0
-    )
+    reference = program.reference_forward(cfg, graphdef, rest)
+    rows = cfg.data.batch_size // jax.process_count()
+    return precompute.annotate_fn(cfg, reference, *weights, mesh, rows, pad_id, log=_print0)
 
 
 def _host_layout(run: "Run", batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

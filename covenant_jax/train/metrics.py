@@ -25,14 +25,19 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
     return chip.peak_flops if chip else None
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, lora: lora_lib.LoraConfig | None = None) -> float:
+def train_flops_per_token(
+    cfg: ModelConfig, seq_len: int, lora: lora_lib.LoraConfig | None = None, reference_forward: bool = False
+) -> float:
     """6·N (matmul params, lm_head included, embedding lookup not) + 12·L·N_heads·H·T (attention).
     With ``lora``: 4·N (forward and input gradients; a frozen weight has no weight gradient) +
-    6·N_adapters + attention."""
+    6·N_adapters + attention. ``reference_forward``: DPO's reference model also runs forward in
+    the step, 2·N + the attention's forward third."""
     matmul_params = cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attention = attention_flops_per_token(cfg, seq_len)
+    reference = 2 * matmul_params + attention / 3 if reference_forward else 0
     if lora is None:
-        return 6 * matmul_params + attention_flops_per_token(cfg, seq_len)
-    return 4 * matmul_params + 6 * lora_lib.num_params(cfg, lora) + attention_flops_per_token(cfg, seq_len)
+        return 6 * matmul_params + attention + reference
+    return 4 * matmul_params + 6 * lora_lib.num_params(cfg, lora) + attention + reference
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

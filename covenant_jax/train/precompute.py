@@ -20,21 +20,10 @@ from typing import Callable, Sequence
 import grain
 import jax
 import numpy as np
-from flax import nnx
 
 from covenant_jax.data import pairs
 from covenant_jax.parallel.sharding import activation_sharding
 from covenant_jax.train import preference, program
-
-
-def target_logps_fn(graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int) -> Callable:
-    """(params, batch) -> [B, T] float32: the log-prob of each scored target (0 elsewhere)."""
-
-    def target_logps(params, batch):
-        model = nnx.merge(graphdef, params, rest)
-        return -preference.policy_token_nll(model, batch, chunk_size) * batch["loss_mask"]
-
-    return target_logps
 
 
 def _at_tokens(per_target_BT: np.ndarray) -> np.ndarray:
@@ -43,20 +32,30 @@ def _at_tokens(per_target_BT: np.ndarray) -> np.ndarray:
 
 
 def annotate_fn(
-    cfg, graphdef, rest, params: dict, mesh, rows: int, pad_id: int, log: Callable[[str], None] = print
+    cfg,
+    reference: preference.Reference,
+    params: dict,
+    frozen: dict,
+    mesh,
+    rows: int,
+    pad_id: int,
+    log: Callable[[str], None] = print,
 ) -> Callable[[Sequence[list]], None]:
     """``annotate(example_lists)`` for ``build_pipeline``: adds ``ref_logp`` to every pair, from
-    the reference ``params`` (on ``mesh``)."""
+    ``reference`` (:func:`program.reference_forward`) on ``params`` and ``frozen`` (on ``mesh``)."""
     eval_sharding = program.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len, micro_batched=False)
+    shardings = jax.tree.map(lambda x: x.sharding, (params, frozen))
     fn = jax.jit(
-        target_logps_fn(graphdef, rest, cfg.train.loss_chunk_size),
-        in_shardings=(jax.tree.map(lambda x: x.sharding, params), eval_sharding),
+        lambda params, frozen, batch: reference(params, frozen, batch) * batch["loss_mask"],
+        in_shardings=(*shardings, eval_sharding),
     )
 
     def annotate(example_lists: Sequence[list]) -> None:
         started = time.time()
         units = [u for examples in example_lists for u in examples]
-        values = _all_processes(units, _my_values(units, fn, params, mesh, eval_sharding, cfg, rows, pad_id))
+        values = _all_processes(
+            units, _my_values(units, fn, (params, frozen), mesh, eval_sharding, cfg, rows, pad_id)
+        )
         for unit, v in zip(units, values, strict=True):
             unit[pairs.REF_FIELD] = v
         log(f"reference log-probs precomputed for {len(units)} pairs in {time.time() - started:.1f}s")
@@ -65,7 +64,7 @@ def annotate_fn(
 
 
 def _my_values(
-    units: list[dict], fn, params, mesh, sharding, cfg, rows: int, pad_id: int
+    units: list[dict], fn, weights: tuple, mesh, sharding, cfg, rows: int, pad_id: int
 ) -> dict[int, np.ndarray]:
     """{index: per-token values} of this process's share of ``units`` (indices p, p + n, ...)."""
     mine = range(jax.process_index(), len(units), jax.process_count())
@@ -101,7 +100,7 @@ def _my_values(
             }
         host = program.host_layout(cfg, mesh, {k: batch[k] for k in program.BATCH_FIELDS})
         with activation_sharding(mesh):
-            out = fn(params, program.device_batch(host, sharding, None))
+            out = fn(*weights, program.device_batch(host, sharding, None))
         local = _at_tokens(program.token_order(cfg, mesh, _local_rows(out, mesh, sharding)))
         for row_units, row_values in zip(batch["unit"], local):
             for u in np.unique(row_units[row_units >= 0]):

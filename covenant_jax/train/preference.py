@@ -34,7 +34,7 @@ Axes: B rows, T sequence, K pairs per row, P pairs (B*K).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,9 @@ from flax import nnx
 from covenant_jax import fields, storage
 from covenant_jax.config import ModelConfig
 from covenant_jax.errors import RecipeError
+from covenant_jax.train import state as state_lib
 from covenant_jax.train.loss import token_nll
-from covenant_jax.train.step import Batch, Objective, Sums, mean
+from covenant_jax.train.step import DROPOUT_KEY, Batch, Objective, Sums, mean
 
 PAIR_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair")
 LOSS_TYPES = PAIR_LOSSES + ("sft",)
@@ -253,14 +254,37 @@ def frozen_model_reference(
     return reference
 
 
+def adapters_off_reference(
+    graphdef: nnx.GraphDef, rest: nnx.State, chunk_size: int, unroll: bool = False
+) -> Reference:
+    """A LoRA model's own frozen base with the adapters switched off (TRL and PEFT's
+    ``disable_adapter``): the reference costs no second copy of the weights."""
+
+    def reference(params, frozen, batch):
+        model = state_lib.merge_trained(graphdef, jax.lax.stop_gradient(params), frozen, rest)
+        return -policy_token_nll(model, batch, chunk_size, unroll, adapters=False)
+
+    return reference
+
+
 def precomputed_reference(params, frozen, batch) -> jnp.ndarray:
     """Stored with the data before training (``dpo.precompute_ref_log_probs``)."""
     del params, frozen
     return batch["ref_logp"]
 
 
-def policy_token_nll(model, batch: Batch, chunk_size: int, unroll: bool = False) -> jnp.ndarray:
-    hidden_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+def policy_token_nll(
+    model, batch: Batch, chunk_size: int, unroll: bool = False, adapters: bool = True
+) -> jnp.ndarray:
+    """Per-target NLL [B, T] of ``model`` (``adapters`` False: a LoRA model's base alone; a batch
+    field ``dropout_key`` turns adapter dropout on)."""
+    hidden_BTD = model.hidden_states(
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        adapters=adapters,
+        dropout_key=batch.get(DROPOUT_KEY) if adapters else None,
+    )
     return token_nll(
         hidden_BTD, model.output_kernel(), batch["targets"], chunk_size=chunk_size, unroll=unroll
     )
@@ -293,7 +317,7 @@ def dpo_objective(
         return pair_totals(batch, pairs_per_row)
 
     def loss(params, frozen, batch, totals):
-        model = nnx.merge(graphdef, params, rest)
+        model = state_lib.merge_trained(graphdef, params, frozen, rest)
         nll_BT = policy_token_nll(model, batch, chunk_size, unroll)
         ref_BT = jax.lax.stop_gradient(reference(params, frozen, batch))
         logps_c, logps_r = sequence_sums(-nll_BT, batch, pairs_per_row)

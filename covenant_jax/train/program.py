@@ -13,7 +13,8 @@ log-probs are precomputed): see :mod:`covenant_jax.train.preference`.
 
 ``train.objective`` picks what the step minimises (:class:`step.Objective`): ``sft`` (token
 cross-entropy) or ``dpo``. DPO's in-step reference is a frozen copy of the starting model in the
-state (``state["frozen"]["ref_params"]``), sharded like the params.
+state (``state["frozen"]["ref_params"]``), sharded like the params; with LoRA it is the model's
+own frozen base with the adapters off (no copy).
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from covenant_jax.config import ModelConfig
 from covenant_jax.data import pairs
+from covenant_jax.model import lora as lora_lib
 from covenant_jax.model.llama import ModelOptions, abstract_model
 from covenant_jax.parallel.sharding import logical_to_spec, state_shardings
-from covenant_jax.model import lora as lora_lib
-from covenant_jax.train import optimizer, preference, state as state_lib, step as step_lib
+from covenant_jax.train import metrics as metrics_lib
+from covenant_jax.train import optimizer, preference
+from covenant_jax.train import state as state_lib
+from covenant_jax.train import step as step_lib
 
 OBJECTIVES = ("sft", "dpo")  # train.objective
 BATCH_FIELDS = {
@@ -67,6 +72,14 @@ def batch_fields(cfg) -> dict[str, type]:
 def pairs_per_row(cfg) -> int:
     """K, the most pairs a packed row holds (the packer's bound; :func:`pairs.pairs_per_row`)."""
     return pairs.pairs_per_row(cfg.data.seq_len, cfg.data.max_samples_per_row)
+
+
+def flops_per_token(cfg, model_cfg: ModelConfig) -> float:
+    """The model FLOPs of one trained token (MFU's numerator, plan's step time at 100% MFU): with
+    the recipe's adapters, and DPO's reference forward when it runs in the step."""
+    return metrics_lib.train_flops_per_token(
+        model_cfg, cfg.data.seq_len, lora_config(cfg), reference_forward=in_step_reference(cfg)
+    )
 
 
 def lora_config(cfg) -> lora_lib.LoraConfig | None:
@@ -177,7 +190,7 @@ def abstract_state(
     graphdef, params, frozen, rest = state_lib.split_trained(model)
     params, frozen = _placed(model, params, frozen, mesh)
     tx, schedule = optimizer.make_optimizer(cfg.optim, cfg.train.steps)
-    if in_step_reference(cfg):  # DPO's reference: a frozen copy of the starting weights
+    if holds_reference_copy(cfg):  # DPO's reference: a frozen copy of the starting weights
         frozen = {**(frozen or {}), "ref_params": params}
     shardings = state_lib.state_shardings(params, tx, mesh, frozen)
     state = {
@@ -221,6 +234,21 @@ class Steps:
     fields: dict  # the batch's fields and dtypes
 
 
+def reference_forward(cfg, graphdef, rest, unroll: bool = False) -> preference.Reference:
+    """DPO's reference model, run in the step or in the pass before training: a LoRA model's own
+    base with the adapters off, else the frozen copy ``frozen["ref_params"]``."""
+    chunk = cfg.train.loss_chunk_size
+    if lora_config(cfg) is not None:
+        return preference.adapters_off_reference(graphdef, rest, chunk, unroll)
+    return preference.frozen_model_reference(graphdef, rest, chunk, unroll)
+
+
+def holds_reference_copy(cfg) -> bool:
+    """The state holds a frozen copy of the reference's weights (``frozen["ref_params"]``): DPO
+    with the reference in the step, without LoRA (whose reference is its own base)."""
+    return in_step_reference(cfg) and lora_config(cfg) is None
+
+
 def make_objective(cfg, graphdef, rest, unroll: bool = False) -> step_lib.Objective:
     """The recipe's ``train.objective``, with DPO's reference strategy (``unroll``: the loss
     chunks' loops unrolled)."""
@@ -228,7 +256,7 @@ def make_objective(cfg, graphdef, rest, unroll: bool = False) -> step_lib.Object
     if not is_dpo(cfg):
         return step_lib.sft_objective(step_lib.make_loss_fn(graphdef, rest, chunk, unroll))
     reference = (
-        preference.frozen_model_reference(graphdef, rest, chunk, unroll)
+        reference_forward(cfg, graphdef, rest, unroll)
         if in_step_reference(cfg)
         else preference.precomputed_reference
     )

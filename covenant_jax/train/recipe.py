@@ -174,11 +174,6 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
         raise RecipeError("model.path is empty: point it at an HF folder or a converted checkpoint")
     for section, rules in RULES.items():
         fields.check(section, cfg[section], rules)
-    if program.lora_config(cfg) is not None and cfg.train.objective == "dpo":
-        raise RecipeError(
-            "model.lora with train.objective='dpo' is not supported yet (its reference, the "
-            "base with the adapters off, is not wired in): train DPO without LoRA"
-        )
     check_objective(cfg)
 
 
@@ -188,6 +183,11 @@ def check_objective(cfg: ml_collections.ConfigDict) -> None:
     dpo = cfg.train.objective == "dpo"
     if dpo:
         preference.check(cfg.dpo)
+        if cfg.dpo.ref_model_path and program.lora_config(cfg) is not None:
+            raise RecipeError(
+                f"dpo.ref_model_path={cfg.dpo.ref_model_path}: with model.lora the reference is the "
+                "base with the adapters off (as TRL with a PEFT model); leave dpo.ref_model_path empty"
+            )
     sources = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in cfg.data.sources]
     if sources and pairs.is_pair_data(sources) != dpo:
         raise RecipeError(

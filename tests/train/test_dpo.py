@@ -107,9 +107,10 @@ def test_precomputed_reference_equals_in_step(setup):
     cfg = setup[0]
     mesh = helpers.one_device_mesh()
     units = _units(cfg, 6)
-    graphdef, rest, _, frozen = _models(cfg, mesh)
+    graphdef, rest, params, frozen = _models(cfg, mesh)
+    reference = preference.frozen_model_reference(graphdef, rest, cfg.train.loss_chunk_size)
     annotate = precompute.annotate_fn(
-        cfg, graphdef, rest, frozen["ref_params"], mesh, rows=4, pad_id=0, log=lambda _: None
+        cfg, reference, params, frozen, mesh, rows=4, pad_id=0, log=lambda _: None
     )
     annotated = [dict(u) for u in units]
     annotate([annotated[:4], annotated[4:]])

@@ -178,7 +178,10 @@ def test_loss_metrics_and_gradients_equal_trl(trl_run, models, case, pairs_per_r
     np.testing.assert_allclose(loss, trl_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["loss"], trl_loss, rtol=1e-5, atol=1e-6)
     for name in METRICS:
-        np.testing.assert_allclose(metrics[name], trl_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        # rewards are beta x (policy - reference), two float32 sums over whole answers whose
+        # roundings (~2e-6 measured) survive the difference
+        atol = 1e-5 if name.startswith("rewards/") else 1e-6
+        np.testing.assert_allclose(metrics[name], trl_metrics[name], rtol=1e-5, atol=atol, err_msg=name)
     assert metrics["pairs"] == PAIRS
     want = hf_grads_as_ours(folders, trl_grads)
     got = _flat(grads)
