@@ -212,25 +212,32 @@ def _worker():
 
 def test_this_process_prepares_every_task_until_helpers_pay_off(monkeypatch):
     """A source cheaper than SPAWN_AFTER_S starts no process (each costs seconds of start-up);
-    once helpers run, this process still prepares every `processes`-th task itself."""
+    once helpers run, this process still prepares every `processes`-th task itself, its
+    tokenizer on one thread as theirs."""
     worker = _worker()
     how = prepare.reading({"format": "text"}, {"template": "chatml", "role_order": "any"})
     tasks = [(i, how, [(f"t:{i}", {"text": common.words(i, 9)})]) for i in range(7)]
-    local = []
+    local, threads = [], set()  # Tasks prepared here; TOKENIZERS_PARALLELISM meanwhile.
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     monkeypatch.setattr(
         prepare.Worker,
         "samples",
-        lambda self, h, rows, real=prepare.Worker.samples: local.append(rows[0][0]) or real(self, h, rows),
+        lambda self, h, rows, real=prepare.Worker.samples: (
+            local.append(rows[0][0])
+            or threads.add(os.environ.get("TOKENIZERS_PARALLELISM"))
+            or real(self, h, rows)
+        ),
     )
     with prepare.Pool(worker, processes=3) as pool:
         assert [m for m, _ in pool.map(tasks)] == list(range(7))
-        assert pool._executor is None and len(local) == 7
+        assert pool._executor is None and len(local) == 7 and threads == {None}
     monkeypatch.setattr(prepare, "SPAWN_AFTER_S", 0.0)
-    local.clear()
+    local.clear(), threads.clear()
     with prepare.Pool(worker, processes=2) as pool:
         got = [(m, s.tokens.tolist()) for m, s in pool.map(tasks)]
         assert pool._executor._max_workers == 1
     assert local == ["t:0", "t:2", "t:4", "t:6"]
+    assert threads == {"false"} and "TOKENIZERS_PARALLELISM" not in os.environ  # One thread, restored.
     assert got == [(m, s.tokens.tolist()) for m, s in prepare.Pool(worker, 1).map(tasks)]
 
 
