@@ -220,6 +220,20 @@ def cmd_train(args) -> int:
     return EXIT_PREEMPTED if summary.preempted else 0
 
 
+def cmd_export(args) -> int:
+    from covenant_jax.train.model_io import export_checkpoint
+
+    export_checkpoint(
+        args.run_dir,
+        step=args.step,
+        out=args.out,
+        merged_out=args.merged_out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from covenant_jax.data import pipeline
     from covenant_jax.data.tokenizer import load_tokenizer
@@ -505,6 +519,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="recipe file, optionally FILE:ARG (e.g. configs/x.py:runlocal)")
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.key=value ...")
     tr.set_defaults(fn=cmd_train)
+
+    ex = verbs.add_parser(
+        "export",
+        help="export a run's checkpoint step: HF folder, or PEFT adapter (+ merged weights)",
+        description="Export checkpoint step N of RUN_DIR (default: the newest) as the run's own "
+        "export would be: an HF safetensors folder, or for a LoRA run a PEFT adapter folder "
+        "(--merged-out: also the merged weights). Reads the step's own recipe and checks the "
+        "restored weights against the digests saved with it.",
+    )
+    ex.add_argument("run_dir", help="a train run's folder (train.run_dir)")
+    ex.add_argument("--step", type=positive_int, help="checkpoint step (default: the newest)")
+    ex.add_argument("--out", help="output folder (default: RUN_DIR/export-stepN)")
+    ex.add_argument("--merged-out", help="LoRA runs: also write the merged weights (an HF folder) here")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the recipe's")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    ex.set_defaults(fn=cmd_export)
 
     data = verbs.add_parser("data", help="prepare a recipe's data ahead of a job")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)

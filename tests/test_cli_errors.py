@@ -164,6 +164,8 @@ CASES = {
         "the adapter was trained on another base model",
     ),
     "lora-merge: DoRA": (["convert", "lora-merge", "{model}", "{dora}", "{root}/out"], "DoRA (use_dora)"),
+    "export: not a run dir": (["export", "{model}"], "no checkpoints folder"),
+    "export: step 0": (["export", "{root}", "--step", "0"], "--step: '0' is not a positive integer"),
     "train: unknown objective": (
         ["train", "{recipe}", "--config.train.objective=ppo"],
         "train.objective='ppo': must be one of",

@@ -14,7 +14,8 @@ material/long_text.jsonl (format text, overlength "split").
 
 Side by side, per case, in this process: `baseline` is BASELINE's `build_pipeline` (loaded from
 git; one process renders and tokenises every row); `cold` is today's with an empty cache
-(data.workers processes prepare and write the cache); `warm` reads that cache. Setup = the
+(up to data.workers processes prepare and write the cache: this one, and helpers once it has
+prepared for prepare.SPAWN_AFTER_S; the table's `processes`); `warm` reads that cache. Setup = the
 build_pipeline call; rows/s = rows / setup; CPU s = this process and its preparation processes
 (rows / CPU s is the rate per core). Their first 20 batches are checked bit for bit equal; steady
 state = the next --batches batches, in tokens/s (every slot of the [batch, seq_len] arrays).
@@ -125,7 +126,7 @@ def same_batches(a: list, b: list) -> bool:
 
 
 def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict]:
-    from covenant_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from covenant_jax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
 
     old = baseline_pipeline()
     rows = []
@@ -137,6 +138,7 @@ def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict
         ]
         reference = None
         for name, build, cfg, kw in contenders:
+            processes = prepare.auto_workers(workers) if name == "cold" else 1
             data, setup_s, cpu_s = timed_build(build, cfg, tokenizer, **kw)
             rep = data.report.sources[0]
             s = steady(data, batches)
@@ -146,6 +148,7 @@ def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict
                     case=case["name"],
                     seq_len=case["seq_len"],
                     path=name,
+                    processes=processes,
                     rows=rep.rows,
                     samples=rep.train,
                     tokens=rep.tokens,
@@ -159,7 +162,7 @@ def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict
                 )
             )
             print(
-                f"  {case['name']} {name}: setup {setup_s:.1f} s ({cpu_s:.1f} cpu s), "
+                f"  {case['name']} {name}: {processes} process(es), setup {setup_s:.1f} s ({cpu_s:.1f} cpu s), "
                 f"{rows[-1]['rows_per_s']:,.0f} rows/s, {s['tokens_per_s']:,.0f} tokens/s steady, "
                 f"same batches: {rows[-1]['same_batches']}",
                 flush=True,
@@ -169,7 +172,7 @@ def side_by_side(case: dict, tokenizer, batches: int, workers: int) -> list[dict
 
 def table(results: list[dict]) -> str:
     head = (
-        "| case | path | rows | samples | setup s | CPU s | rows/s | rows / CPU s | vs baseline "
+        "| case | path | processes | rows | samples | setup s | CPU s | rows/s | rows / CPU s | vs baseline "
         "| steady tokens/s | fill | same batches |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -177,7 +180,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         speedup = r["rows_per_s"] / base[r["case"]]["rows_per_s"]
         lines.append(
-            f"| {r['case']} ({r['seq_len']}) | {r['path']} | {r['rows']:,} | {r['samples']:,} "
+            f"| {r['case']} ({r['seq_len']}) | {r['path']} | {r['processes']} | {r['rows']:,} | {r['samples']:,} "
             f"| {r['setup_s']:.2f} | {r['cpu_s']:.1f} | {r['rows_per_s']:,.0f} "
             f"| {r['rows_per_cpu_s']:,.0f} | {speedup:,.1f}x | {r['tokens_per_s']:,.0f} "
             f"| {r['fill']:.2f} | {r['same_batches']} |"
@@ -366,7 +369,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=3000, help="ShareGPT rows (max_rows)")
     ap.add_argument("--batches", type=int, default=200, help="steady-state batches per case")
-    ap.add_argument("--workers", type=int, default=0, help="data.workers (0: one per core)")
+    ap.add_argument("--workers", type=int, default=0, help="data.workers (0: one per idle core)")
     ap.add_argument(
         "--only",
         choices=["sharegpt", "long_text", "none"],

@@ -24,14 +24,16 @@ step's per-row sums are sized by.
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import grain
 import numpy as np
 
 from covenant_jax.data import formats, templates
 from covenant_jax.data.formats import Completion, InvalidRow, Pair
 from covenant_jax.errors import UserError
+
+if TYPE_CHECKING:  # Imported where used: the preparation processes load this module, not Grain.
+    import grain
 
 UNIT_FIELDS = ("tokens", "weights", "sub", "pos")
 REF_FIELD = "ref_logp"  # per token (its log-prob under the reference), with precomputed references
@@ -145,6 +147,8 @@ def pack_pairs(
 ) -> grain.IterDataset:
     """Grain first-fit packing of whole units (at most `pairs_per_row` a row), then batching;
     `fields`: the units' per-token fields (with `ref_logp` once precomputed)."""
+    import grain  # pylint: disable=g-import-not-at-top
+
     packed = grain.experimental.FirstFitPackIterDataset(
         ds,
         length_struct={k: seq_len for k in fields},

@@ -42,7 +42,9 @@ Build it with `build_pipeline(cfg, tokenizer)` where `cfg` is the `data` ConfigD
   pad_id         -1 = tokenizer.pad_token_id (or 0 when it has none)
   cache_dir      where file sources' prepared samples are cached ("": nowhere, in memory;
                  training uses RUN_DIR/data_cache unless set; local or gs://)
-  workers        processes that render and tokenise (0: one per core, at most 32; 1: this one)
+  workers        processes that render and tokenise (0: one per core the load average leaves
+                 idle, at most 32; 1: this one); helpers start once this process has
+                 prepared for a few seconds (prepare.SPAWN_AFTER_S)
   shard_rows     rows per cache shard: the unit the hosts of a job divide (part of the key)
   eval_mode      "token_mean" (default): eval loss = summed token loss / trained tokens over
                  all eval rows | "trainer": what transformers' Trainer.evaluate() reports (the

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 from concurrent.futures.process import BrokenProcessPool
 import dataclasses
 import functools
 import hashlib
-import itertools
 import multiprocessing
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -45,7 +46,9 @@ from covenant_jax.errors import CacheError, UserError
 TASK_ROWS = 64  # Rows a process renders and tokenises at once.
 CHECK_ROWS = 1024  # Rows a source's columns are checked on before any work.
 SHOW_SKIPPED = 3  # Skipped rows located in the report, per reason.
-MAX_AUTO_WORKERS = 32  # `data.workers = 0`: one per core, at most this many.
+MAX_AUTO_WORKERS = 32  # `data.workers = 0`: one per idle core, at most this many.
+# CPU seconds this process prepares before starting helper processes (Pool._helpers).
+SPAWN_AFTER_S = 4.0
 # `data` keys that do not change a source's samples, so not in its cache key (a new key is in
 # it by default: at worst an entry is prepared again).
 NOT_IN_KEY = frozenset({
@@ -329,21 +332,54 @@ def _run_task(task: tuple[Reading, list]) -> Samples:
     return _PROCESS_WORKER.samples(*task)
 
 
+@contextlib.contextmanager
+def _one_thread(helpers_running: bool):
+    """While helpers run, this process's tokenizer calls use one thread too (the variable is
+    read at each call), as the helpers' do; the setting is restored after."""
+    if not helpers_running:
+        yield
+        return
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def auto_workers(workers: int) -> int:
-    """`data.workers`: 0 = one process per usable core (at most MAX_AUTO_WORKERS)."""
+    """`data.workers`: 0 = one process per usable core that the 1-minute load average leaves idle
+    (this process's own core counts as idle; at least 1, at most MAX_AUTO_WORKERS). On a busy
+    machine another process gains no speed and costs its start-up and contention (measured:
+    README, Data pipeline)."""
     if workers > 0:
         return workers
+    cores = _usable_cores()
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1.0)  # The load counts this process too.
+    except OSError:  # No load average on this platform.
+        busy = 0.0
+    return max(1, min(cores - int(busy + 0.5), MAX_AUTO_WORKERS))
+
+
+def _usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, MAX_AUTO_WORKERS))
+    return cores or 1
 
 
 class Pool:
-    """Runs `Worker.samples` over tasks in spawned processes (here when `processes` is 1 or
-    there is a single task), yielding results in task order with a bounded number in flight."""
+    """Runs `Worker.samples` over tasks with `processes` processes: this one, and `processes - 1`
+    spawned helpers once this one has prepared for SPAWN_AFTER_S (CPU) seconds. Results come
+    in task order with a bounded number in flight; this process prepares every `processes`-th
+    task itself while the helpers work on the others."""
 
     def __init__(self, worker: Worker, processes: int):
         self.worker, self.processes = worker, processes
         self._executor = None
+        self._spent = 0.0  # CPU seconds this process has prepared for.
 
     def __enter__(self) -> Pool:
         return self
@@ -355,22 +391,41 @@ class Pool:
 
     def map(self, tasks: Iterable[tuple[Any, Reading, list]]) -> Iterator[tuple]:
         """(meta, how, rows) tasks -> (meta, Samples), in order."""
-        tasks = iter(tasks)
-        head = list(itertools.islice(tasks, 2))
-        if self.processes <= 1 or (len(head) < 2 and self._executor is None):
-            for meta, how, rows in itertools.chain(head, tasks):
-                yield meta, self.worker.samples(how, rows)
-            return
-        executor = self._start()
-        pending = collections.deque()
-        for meta, how, rows in itertools.chain(head, tasks):
-            pending.append((meta, executor.submit(_run_task, (how, rows))))
-            if len(pending) >= 2 * self.processes:
-                meta0, done = pending.popleft()
-                yield meta0, self._result(done)
+        pending = collections.deque()  # (meta, a helper's future | (how, rows) to do here)
+        for i, (meta, how, rows) in enumerate(tasks):
+            executor = self._helpers()
+            if executor is not None and i % self.processes:
+                pending.append((meta, executor.submit(_run_task, (how, rows))))
+            else:
+                pending.append((meta, (how, rows)))
+            while len(pending) > (2 * self.processes if executor is not None else 0):
+                yield self._next(pending)
         while pending:
-            meta0, done = pending.popleft()
-            yield meta0, self._result(done)
+            yield self._next(pending)
+
+    def _next(self, pending: collections.deque) -> tuple:
+        meta, job = pending.popleft()
+        if isinstance(job, concurrent.futures.Future):
+            return meta, self._result(job)
+        started = time.process_time()
+        with _one_thread(self._executor is not None):
+            samples = self.worker.samples(*job)
+        self._spent += time.process_time() - started
+        return meta, samples
+
+    def _helpers(self):
+        """The helpers' executor, started once preparing here has cost SPAWN_AFTER_S: a helper
+        costs about 2 CPU seconds to start (interpreter, transformers, the tokenizer), which a
+        small source would not win back."""
+        if self._executor is None and self.processes > 1 and self._spent >= SPAWN_AFTER_S:
+            self._start()
+        return self._executor
+
+    def _start(self) -> None:
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            self.processes - 1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_process, initargs=(pickle.dumps(self.worker),),
+        )  # fmt: skip
 
     def _result(self, future):
         try:
@@ -381,14 +436,6 @@ class Pool:
                 "program's main script starts work without `if __name__ == '__main__':` (the "
                 "processes are spawned and import it)"
             ) from e
-
-    def _start(self):
-        if self._executor is None:
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_process, initargs=(pickle.dumps(self.worker),),
-            )  # fmt: skip
-        return self._executor
 
 
 # --- sources: plan, check, prepare, load -------------------------------------------------------

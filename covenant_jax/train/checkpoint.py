@@ -284,11 +284,8 @@ class RunCheckpointer:
     def _read_integrity(self, step: int) -> dict | None:
         """The digests saved with ``step`` (None before they were recorded), once its files are there."""
         self._check_files(step)
-        if not (self.directory / str(step) / "integrity").exists():
-            return None
         try:
-            item = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
-            return dict(item.integrity)
+            return self._saved_digests(step)
         except Exception as e:
             raise _Damaged(f"its digests cannot be read ({_root_cause(e)})") from e
 
@@ -339,6 +336,54 @@ class RunCheckpointer:
 
         distributed.barrier(f"covenant_jax:set_aside:{max(steps)}")
         self.manager.reload()
+
+    def config_of(self, step: int) -> dict:
+        """The recipe ``step`` was trained with (saved with it)."""
+        try:
+            item = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: its recipe cannot be read ({_root_cause(e)})"
+            ) from e
+        return dict(item.config)
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """The trained params of ``step`` alone (no optimizer state, no data iterator: what an
+        export needs), checked against the digests saved with the step. Ask it of a checkpointer
+        that has restored nothing else (Orbax binds an item to the first kind of restore)."""
+        target = {"params": abstract_params}
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                ),
+            ).state
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be read ({_root_cause(e)})"
+            ) from e
+        saved = self._saved_digests(step)
+        if saved is not None:
+            now = integrity.state_digests(restored)
+            bad = [path for path, digest in now.items() if saved["state"].get(path) != digest]
+            if bad:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} is damaged: content digests differ "
+                    f"from those saved for {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
+                    "export another step (--step)"
+                )
+        return restored["params"]
+
+    def _saved_digests(self, step: int) -> dict | None:
+        if not (self.directory / str(step) / "integrity").exists():
+            return None
+        item = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
+        return dict(item.integrity)
 
     def read_state(self, step: int) -> Any:
         """The saved state as stored (no target shardings): for inspection and tests."""

@@ -33,22 +33,14 @@ from jax.sharding import NamedSharding
 
 from covenant_jax import storage
 from covenant_jax.convert import peft_adapter
-from covenant_jax.convert.api import (
-    check_adapter_shapes,
-    export_adapter,
-    export_merged,
-    export_model,
-    folder_config,
-    load_lora_model,
-    load_model,
-)
 from covenant_jax.data import pipeline as data_pipeline
 from covenant_jax.data.tokenizer import load_tokenizer
 from covenant_jax.errors import NonFiniteLoss, UserError
-from covenant_jax.model.llama import Llama, with_rope
+from covenant_jax.model.llama import Llama
 from covenant_jax.parallel.sharding import activation_sharding, make_mesh
 from covenant_jax.train import (
     checkpoint,
+    model_io,
     optimizer,
     precompute,
     preemption,
@@ -111,31 +103,6 @@ class Run:
     adapter: peft_adapter.Adapter | None = None  # the PEFT adapter the run continues
 
 
-def _adapter(cfg) -> peft_adapter.Adapter | None:
-    """The PEFT adapter folder ``model.lora.adapter``, checked against the recipe and the model's
-    shapes (from the configs alone) before any weight is read."""
-    lora = program.lora_config(cfg)
-    if lora is None or not cfg.model.lora.adapter:
-        return None
-    model_cfg, _ = folder_config(cfg.model.path)
-    adapter = peft_adapter.read_adapter(cfg.model.lora.adapter, model_cfg.num_hidden_layers, lora.dropout)
-    peft_adapter.check_matches(adapter, lora)
-    check_adapter_shapes(adapter, model_cfg, program.model_options(cfg))
-    return adapter
-
-
-def _load(cfg, mesh, adapter: peft_adapter.Adapter | None = None, path: str | None = None) -> Llama:
-    """The recipe's model (``path``: another folder's weights, as DPO's reference), with its
-    LoRA adapters when it has them."""
-    opts = program.model_options(cfg)
-    if opts.lora is None:
-        model = load_model(path or cfg.model.path, opts, mesh)
-    else:
-        model = load_lora_model(cfg.model.path, opts, mesh, seed=cfg.train.seed, adapter=adapter)
-    target = recipe.rope_override(model.config, cfg.model)  # the recipe's RoPE, if it sets one
-    return with_rope(model, target.rope, target.max_position_embeddings)
-
-
 def _reference_copy(cfg, mesh, params: dict) -> dict | None:
     """DPO's reference weights on the mesh, sharded like ``params``: ``dpo.ref_model_path``'s, or
     a copy of the starting model's (a copy: the step donates the params; the params themselves
@@ -144,7 +111,7 @@ def _reference_copy(cfg, mesh, params: dict) -> dict | None:
     if not program.is_dpo(cfg) or program.lora_config(cfg) is not None:
         return None
     if cfg.dpo.ref_model_path:
-        return state_lib.split_model(_load(cfg, mesh, path=cfg.dpo.ref_model_path))[1]
+        return state_lib.split_model(model_io.load_recipe_model(cfg, mesh, path=cfg.dpo.ref_model_path))[1]
     return state_lib.copy_tree(params) if program.in_step_reference(cfg) else params
 
 
@@ -166,9 +133,9 @@ def check_outputs(cfg: ml_collections.ConfigDict) -> storage.Path:
     run_dir = storage.path(cfg.train.run_dir)
     storage.check_writable(run_dir)
     if cfg.train.export:
-        storage.check_separate(cfg.model.path, export_dir(cfg), "the export folder")
+        storage.check_separate(cfg.model.path, model_io.export_dir(cfg), "the export folder")
         if cfg.model.lora.enabled and cfg.model.lora.export_merged:
-            storage.check_separate(cfg.model.path, merged_dir(cfg), "the merged export folder")
+            storage.check_separate(cfg.model.path, model_io.merged_dir(cfg), "the merged export folder")
     return run_dir
 
 
@@ -203,16 +170,6 @@ def _restore(
     return step, state_lib.attach_frozen(restored, state)
 
 
-def export_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
-    """The HF folder, or with LoRA the PEFT adapter folder."""
-    return storage.path(cfg.train.run_dir) / "export"
-
-
-def merged_dir(cfg: ml_collections.ConfigDict) -> storage.Path:
-    """With LoRA and ``model.lora.export_merged``: the base with the adapters merged, as an HF folder."""
-    return storage.path(cfg.train.run_dir) / "export_merged"
-
-
 def data_cache_dir(cfg: ml_collections.ConfigDict) -> str:
     """Where prepared samples are cached: data.cache_dir, else beside the run (RUN_DIR/data_cache)."""
     return cfg.data.cache_dir or os.fspath(storage.path(cfg.train.run_dir) / "data_cache")
@@ -223,10 +180,10 @@ def setup(cfg: ml_collections.ConfigDict) -> Run:
     recipe.bound_samples_per_row(cfg)
     run_dir = check_outputs(cfg)
     _check_resume(cfg)
-    adapter = _adapter(cfg)
+    adapter = model_io.recipe_adapter(cfg)
     _check_reference(cfg)
     mesh = make_mesh({k: v for k, v in cfg.mesh.to_dict().items()})
-    model = _load(cfg, mesh, adapter)
+    model = model_io.load_recipe_model(cfg, mesh, adapter)
     recipe.validate(cfg, model.config, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"])
     tokenizer = load_tokenizer(cfg.model.path)
     _check_vocab(tokenizer, model)
@@ -564,27 +521,6 @@ def _export(run: Run, state: dict) -> Path:
     cfg = run.cfg
     graphdef, _, _, rest = state_lib.split_trained(run.model)
     model = state_lib.merge_trained(graphdef, state["params"], state.get("frozen"), rest)
-    if model.options.lora is None:
-        return export_model(
-            model,
-            export_dir(cfg),
-            dtype=cfg.train.export_dtype or None,
-            aux_dir=cfg.model.path,
-            overwrite=True,
-        )
-    if cfg.model.lora.export_merged:
-        export_merged(
-            model,
-            merged_dir(cfg),
-            dtype=cfg.train.export_dtype or None,
-            aux_dir=cfg.model.path,
-            overwrite=True,
-        )
-    return export_adapter(
-        model,
-        export_dir(cfg),
-        base=str(cfg.model.path),
-        aux_dir=cfg.model.path,
-        source_config=run.adapter.raw_config if run.adapter else None,
-        overwrite=True,
-    )
+    merged = model_io.merged_dir(cfg) if cfg.model.lora.enabled and cfg.model.lora.export_merged else None
+    source = run.adapter.raw_config if run.adapter else None
+    return model_io.write_exports(cfg, model, model_io.export_dir(cfg), merged, source_config=source)

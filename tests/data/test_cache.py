@@ -5,6 +5,9 @@ import collections
 import itertools
 import json
 import os
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -192,10 +195,75 @@ def test_processes_prepare_like_one(tmp_path, monkeypatch):
         "_start",
         lambda self, real=prepare.Pool._start: started.append(self.processes) or real(self),
     )
+    monkeypatch.setattr(prepare, "SPAWN_AFTER_S", 0.0)  # Helpers from the first task on.
     two = _build(dict(cfg, workers=2))
     assert started and started[0] == 2
     _assert_same_batches(one.train, two.train)
     assert str(one.report) == str(two.report)
+
+
+def _worker():
+    """A Worker for plain text and chatml rows (word tokenizer, seq_len SEQ)."""
+    return prepare.Worker.create(
+        common.word_tokenizer(), [{}], dict(template="chatml", loss_on="assistant",
+        roles_to_train=["assistant"], train_on_eos="turn", seq_len=SEQ, overlength="split"),
+    )  # fmt: skip
+
+
+def test_this_process_prepares_every_task_until_helpers_pay_off(monkeypatch):
+    """A source cheaper than SPAWN_AFTER_S starts no process (each costs seconds of start-up);
+    once helpers run, this process still prepares every `processes`-th task itself, its
+    tokenizer on one thread as theirs."""
+    worker = _worker()
+    how = prepare.reading({"format": "text"}, {"template": "chatml", "role_order": "any"})
+    tasks = [(i, how, [(f"t:{i}", {"text": common.words(i, 9)})]) for i in range(7)]
+    local, threads = [], set()  # Tasks prepared here; TOKENIZERS_PARALLELISM meanwhile.
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setattr(
+        prepare.Worker,
+        "samples",
+        lambda self, h, rows, real=prepare.Worker.samples: (
+            local.append(rows[0][0])
+            or threads.add(os.environ.get("TOKENIZERS_PARALLELISM"))
+            or real(self, h, rows)
+        ),
+    )
+    with prepare.Pool(worker, processes=3) as pool:
+        assert [m for m, _ in pool.map(tasks)] == list(range(7))
+        assert pool._executor is None and len(local) == 7 and threads == {None}
+    monkeypatch.setattr(prepare, "SPAWN_AFTER_S", 0.0)
+    local.clear(), threads.clear()
+    with prepare.Pool(worker, processes=2) as pool:
+        got = [(m, s.tokens.tolist()) for m, s in pool.map(tasks)]
+        assert pool._executor._max_workers == 1
+    assert local == ["t:0", "t:2", "t:4", "t:6"]
+    assert threads == {"false"} and "TOKENIZERS_PARALLELISM" not in os.environ  # One thread, restored.
+    assert got == [(m, s.tokens.tolist()) for m, s in prepare.Pool(worker, 1).map(tasks)]
+
+
+def test_auto_workers_leaves_busy_cores_alone(monkeypatch):
+    """data.workers=0: one process per core that the 1-minute load average leaves idle (this
+    process's own core counted idle), at least one; an explicit count is kept."""
+    monkeypatch.setattr(prepare, "_usable_cores", lambda: 8)
+    for load, want in ((0.0, 8), (1.0, 8), (4.2, 5), (8.0, 1), (30.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert prepare.auto_workers(0) == want, load
+    assert prepare.auto_workers(3) == 3
+
+
+def test_preparation_processes_import_neither_jax_nor_grain():
+    """What a spawned process loads to get its Worker: the tokenizer side, not JAX or Grain
+    (seconds of imports in each process, for nothing)."""
+    worker = _worker()
+    code = (
+        "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+        "print(sorted(m for m in ('jax', 'grain', 'flax', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(worker), capture_output=True, check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )  # fmt: skip
+    assert out.stdout.decode().strip() == "[]"
 
 
 def test_data_prepare_verb_fills_the_cache_training_reads(tmp_path, capsys, monkeypatch):

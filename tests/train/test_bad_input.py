@@ -66,9 +66,14 @@ def test_bad_override_is_named(capsys):
     assert "no_such" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, dirs):
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, dirs, objective):
     _, model_dir, data = dirs
-    cfg = common.tiny_recipe(tmp_path, model_dir, data, steps=6, checkpoint_every=1, eval_every=0)
+    settings = dict(steps=6, checkpoint_every=1, eval_every=0)
+    if objective == "dpo":
+        cfg = common.tiny_dpo_recipe(tmp_path, model_dir, common.pairs_jsonl(tmp_path), **settings)
+    else:
+        cfg = common.tiny_recipe(tmp_path, model_dir, data, **settings)
     cfg.optim.lr = 1e30
     cfg.optim.clip_norm = 0.0
     cfg.optim.warmup_steps = 0

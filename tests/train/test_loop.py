@@ -1,6 +1,7 @@
 """End to end on a tiny model: loss falls, resume == uninterrupted, export loads in transformers."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
-def test_train_eval_loss_falls_and_export_loads(tmp_path, setup_dirs):
+def test_train_eval_loss_falls_and_export_loads(tmp_path, setup_dirs, capsys):
     import torch
     import transformers
 
@@ -41,6 +42,21 @@ def test_train_eval_loss_falls_and_export_loads(tmp_path, setup_dirs):
     original = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert not torch.equal(trained.model.norm.weight, original.model.norm.weight)
     assert (summary.export_dir / "tokenizer.json").exists()
+
+    # `covenant-jax export` of the last step == the run's own export, bit for bit; a damaged step
+    # (another step's state under its name) is named, not exported
+    from covenant_jax.cli import main
+
+    assert main(["export", str(tmp_path / "run")]) == 0  # the newest step, 12
+    for f in summary.export_dir.iterdir():
+        assert (tmp_path / "run" / "export-step12" / f.name).read_bytes() == f.read_bytes(), f.name
+    steps = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(steps / "12" / "state")
+    shutil.copytree(steps / "9" / "state", steps / "12" / "state")
+    assert main(["export", str(tmp_path / "run"), "--step", "12", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step 12 in" in err and "is damaged: content digests differ" in err, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_resumed_equals_uninterrupted(tmp_path, setup_dirs):

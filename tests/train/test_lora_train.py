@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from covenant_jax.cli import main
 from covenant_jax.convert import peft_adapter
 from covenant_jax.convert.api import load_lora_model, load_model
 from covenant_jax.model.llama import ModelOptions
@@ -130,6 +131,19 @@ def test_resumed_equals_uninterrupted_and_exports_are_the_trained_model(tmp_path
     assert set(a) == {"step", "params", "opt_state"}
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # a checkpoint step exported after the run (the resumed run exported nothing) == the
+    # uninterrupted run's own exports, bit for bit; an earlier step is another adapter
+    part_run = tmp_path / "part" / "run"
+    args = ["export", str(part_run), "--step", "6", "--merged-out", str(tmp_path / "merged6")]
+    assert main(args) == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (part_run / "export-step6" / name).read_bytes() == (summary.export_dir / name).read_bytes()
+    merged_full = (tmp_path / "full" / "run" / "export_merged" / "model.safetensors").read_bytes()
+    assert (tmp_path / "merged6" / "model.safetensors").read_bytes() == merged_full
+    assert main(["export", str(part_run), "--step", "3", "--out", str(tmp_path / "a3")]) == 0
+    step3 = (tmp_path / "a3" / "adapter_model.safetensors").read_bytes()
+    assert step3 != (summary.export_dir / "adapter_model.safetensors").read_bytes()
 
     # no-dropout losses differ from the dropout run's: the dropout really ran (step 1: B is zero;
     # step 2: Adam's first update is about lr·sign(g) whatever the mask, so from step 3 on)
