@@ -201,7 +201,7 @@ def _code_digest() -> str:
     """The modules that load and run the reference: the model, the converters, this pass."""
     root = Path(__file__).parents[1]
     files = [*sorted((root / "model").glob("*.py")), *sorted((root / "convert").glob("*.py"))]
-    files += [root / "train" / f for f in ("precompute.py", "preference.py", "program.py")]
+    files += [root / "train" / f for f in ("model_io.py", "precompute.py", "preference.py", "program.py")]
     h = hashlib.sha256()
     for f in [*files, root / "data" / "pairs.py"]:
         h.update(f.name.encode() + f.read_bytes())
