@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -35,9 +36,8 @@ from covenant_jax.train import integrity
 ITEMS = ("state", "data", "config", "integrity")
 DAMAGED_SUFFIX = ".damaged"
 # OS errors that mean "the storage refused the write", not a bug: reported in one line.
-_WRITE_FAILURES = tuple(
-    os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
-)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+_WRITE_FAILURES = tuple(os.strerror(code) for code in _WRITE_ERRNOS)
 
 
 class _Damaged(Exception):
@@ -61,6 +61,13 @@ def _write_failure(e: BaseException) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         message = str(e)
+        # The errno where the error carries one (an OSError whose text is TensorStore's own, or
+        # TensorStore's os_error_code), else the OS's words in the text.
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and (found := re.search(r"os_error_code='?(\d+)", message)):
+            code = int(found.group(1))
+        if code in _WRITE_ERRNOS:
+            return os.strerror(code)
         found = next((reason for reason in _WRITE_FAILURES if reason in message), None)
         if found:
             return found
@@ -163,9 +170,16 @@ class RunCheckpointer:
         self._saving = None
 
     def close(self) -> None:
+        """Waits for the last save, then closes; a refused write surfacing in either is one line
+        (the first one: closing after a failed wait must not replace its error)."""
+        step = self._saving
         try:
             self.wait()
-        finally:
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            raise
+        with self._write_errors_as_one_line(step):
             self.manager.close()
 
     @contextlib.contextmanager

@@ -294,3 +294,20 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(trained, tmp_path):
     _assert_same_state(
         RunCheckpointer(run_checkpoints).read_state(3), RunCheckpointer(checkpoints).read_state(3)
     )
+
+
+def test_a_refused_write_is_known_by_its_errno_whatever_its_text():
+    """TensorStore raises OSErrors whose text is its own, and other errors carry os_error_code:
+    both are a refused write (one line), read by the errno, not by the OS's words."""
+    import errno
+
+    from covenant_jax.train.checkpoint import _write_failure
+
+    assert _write_failure(OSError(errno.EFBIG, "Error writing local file")) == "File too large"
+    wrapped = ValueError("write failed [os_error_code='28'] at /x")
+    assert _write_failure(RuntimeError("save failed").with_traceback(None)) is None
+    try:
+        raise RuntimeError("save failed") from wrapped
+    except RuntimeError as e:
+        assert _write_failure(e) == "No space left on device"
+    assert _write_failure(ValueError("shape mismatch")) is None
