@@ -63,6 +63,21 @@ def _fs(p: Path):
     return fsspec.core.url_to_fs(os.fspath(p))
 
 
+def object_info(p: Path) -> dict:
+    """A remote object's metadata as its store reports it (size, checksums, generation), without
+    reading the object."""
+    fs, fs_path = _fs(p)
+    return fs.info(fs_path)
+
+
+def list_objects(folder: Path) -> dict[str, dict]:
+    """{name relative to ``folder``: metadata} of every object under a remote folder, from one
+    listing (no object is read)."""
+    fs, root = _fs(folder)
+    root = root.rstrip("/")
+    return {name[len(root) + 1 :]: info for name, info in fs.find(root, detail=True).items()}
+
+
 def read_range(p: Path, offset: int, size: int) -> bytes:
     """``size`` bytes at ``offset`` of a remote file, in one ranged request (fewer at its end)."""
     fs, fs_path = _fs(p)

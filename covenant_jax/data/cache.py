@@ -71,8 +71,7 @@ def file_identity(path: str) -> dict:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return {"size": os.path.getsize(p), "sha256": digest.hexdigest()}
-    fs, fs_path = storage._fs(p)  # pylint: disable=protected-access
-    return _object_identity(fs.info(fs_path))
+    return _object_identity(storage.object_info(p))
 
 
 def _object_identity(info: dict) -> dict:
@@ -98,10 +97,7 @@ def folder_identity(folder: str | os.PathLike) -> dict[str, dict]:
     mtime (or generation), so a new identity."""
     folder = storage.path(folder)
     if storage.is_remote(folder):
-        fs, root = storage._fs(folder)  # pylint: disable=protected-access
-        listing = {
-            name[len(root.rstrip("/")) + 1 :]: info for name, info in fs.find(root, detail=True).items()
-        }
+        listing = storage.list_objects(folder)
         return {k: _object_identity(info) for k, info in sorted(listing.items()) if MODEL_FILES.fullmatch(k)}
     out = {}
     for parent, _, names in os.walk(folder):
